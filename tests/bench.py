@@ -1,0 +1,256 @@
+"""Benchmark: python3 tests/bench.py
+
+Each figure is a ratio against a baseline measured in the same run, on the same
+machine, so that a loaded machine moves both sides. Run it on a quiet machine;
+the README shows the latest figures.
+"""
+
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import ota_promoter  # noqa: E402
+
+
+def median_time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_tree(root, count):
+    """count small files in folders of 50, saved long ago (not racy)."""
+    for i in range(count):
+        folder = os.path.join(root, "pkg%03d" % (i // 50))
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "module_%05d.py" % i)
+        with open(path, "w") as f:
+            f.write("VALUE = %d\n" % i * 20)
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    for folder in os.listdir(root):
+        os.utime(os.path.join(root, folder), (1_000_000_000, 1_000_000_000))
+
+
+def bare_walk(folder):
+    """The least a poll must do: scandir every folder and stat every file."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            bare_walk(entry.path)
+        else:
+            entry.stat(follow_symlinks=False)
+
+
+def rehash_all(root):
+    for path, _ in ota_promoter.scan(root):
+        with open(os.path.join(root, path), "rb") as f:
+            ota_promoter.file_checksum(f.read(), path)
+
+
+def bench_poll(work):
+    rows = []
+    for count in (1000, 10000):
+        root = os.path.join(work, "tree%d" % count)
+        make_tree(root, count)
+        promoter = ota_promoter.Promoter(root)
+        repeat = 30 if count == 1000 else 10
+        bare_walk(root)  # warm the cache for all three
+        poll = median_time(promoter.poll_once, repeat)
+        bare = median_time(lambda: bare_walk(root), repeat)
+        full = median_time(lambda: rehash_all(root), max(3, repeat // 3))
+        rows.append((count, poll, bare, full))
+    return rows
+
+
+# -- HTTP: our server against python3 -m http.server ---------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, port):
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("server did not start: %r" % args)
+
+
+def ours(folder):
+    port = free_port()
+    return start([sys.executable, os.path.join(ROOT, "ota_promoter.py"), folder, "--host", "127.0.0.1",
+                  "--port", str(port), "-q"], port), port
+
+
+def theirs(folder):
+    port = free_port()
+    return start([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                  "--directory", folder], port), port
+
+
+def get(port, path, buffer):
+    """One GET on a new connection, as a board makes it; returns the body size."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+        size = 0
+        while True:
+            n = s.recv_into(buffer)
+            if not n:
+                return size
+            size += n
+
+
+def requests_per_second(port, path, connections=4, seconds=1.0):
+    counts = [0] * connections
+    stop = time.monotonic() + seconds
+
+    def client(i):
+        buffer = bytearray(65536)
+        while time.monotonic() < stop:
+            get(port, path, buffer)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def bench_http(work, rounds=7):
+    """Both servers run at once and are measured in turns, so that a change in
+    the machine's load between turns moves both; the figures are medians."""
+    folder = os.path.join(work, "http")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "version.json"), "w") as f:
+        f.write('{"version":"%s"}' % ("0" * 40))
+    big = os.urandom(20 * 1024 * 1024)
+    with open(os.path.join(folder, "big.bin"), "wb") as f:
+        f.write(big)
+    checksum = ota_promoter.file_checksum(big, "big.bin")
+    servers = {"ours": ours(folder), "http.server": theirs(folder)}
+    paths = {"ours": ("/files/version", "/files/" + checksum), "http.server": ("/version.json", "/big.bin")}
+    rps = {name: [] for name in servers}
+    download = {name: [] for name in servers}
+    buffer = bytearray(1024 * 1024)
+    try:
+        for name, (_, port) in servers.items():
+            assert get(port, paths[name][1], buffer) > len(big)  # the body and the headers
+        for _ in range(rounds):
+            for name, (_, port) in servers.items():
+                small, large = paths[name]
+                rps[name].append(requests_per_second(port, small))
+                for _ in range(3):
+                    start = time.perf_counter()
+                    get(port, large, buffer)
+                    download[name].append(time.perf_counter() - start)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(10)
+    return {name: (statistics.median(rps[name]), download[name]) for name in servers}
+
+
+# -- From a save to a board's wake-up --------------------------------------------------
+
+
+def bench_wakeup(work, interval=ota_promoter.DEFAULT_INTERVAL, rounds=8):
+    import http.client
+
+    folder = os.path.join(work, "wake")
+    os.makedirs(folder)
+    target = os.path.join(folder, "main.py")
+    with open(target, "w") as f:
+        f.write("n = 0\n")
+    promoter = ota_promoter.Promoter(folder, interval=interval)
+    published = {}
+    publish = promoter._publish
+
+    def timed_publish(version, first):
+        published[version.id] = time.perf_counter()
+        publish(version, first)
+
+    promoter._publish = timed_publish
+    server = promoter.serve("127.0.0.1", 0).start()
+    save_to_wake, publish_to_wake = [], []
+    try:
+        for n in range(1, rounds + 1):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": promoter.current.etag})
+            while not promoter._changed._waiters:  # the long-poll is waiting
+                time.sleep(0.001)
+            time.sleep(interval * (n % 4) / 4)  # saves land anywhere in the poll cycle
+            saved = time.perf_counter()
+            with open(target, "w") as f:
+                f.write("n = %d\n" % n)
+            response = conn.getresponse()
+            woke = time.perf_counter()
+            version = response.read().decode().split('"')[3]
+            conn.close()
+            save_to_wake.append(woke - saved)
+            publish_to_wake.append(woke - published[version])
+    finally:
+        server.close()
+    return interval, save_to_wake, publish_to_wake
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="ota-bench-")
+    try:
+        print("ota_promoter %s, Python %s, %d CPUs" % (
+            ota_promoter.__version__, sys.version.split()[0], os.cpu_count()))
+        print()
+        print("1-2. poll of an unchanged tree (median)")
+        for count, poll, bare, full in bench_poll(work):
+            print("  %5d files: poll %7.2f ms | bare scandir+stat %7.2f ms -> %.2fx (target <= 1.5x)"
+                  % (count, poll * 1e3, bare * 1e3, poll / bare))
+            print("               rehash every file %7.2f ms -> the stat cache is %.1fx faster"
+                  % (full * 1e3, full / poll))
+        results = bench_http(work)
+        ours_rps, ours_big = results["ours"]
+        their_rps, their_big = results["http.server"]
+        print()
+        print("3. /files/version, new connection per request, 4 clients (median of 7 turns of 1 s)")
+        print("  ours %.0f req/s | http.server small file %.0f req/s -> %.2fx (target >= 1.2x)"
+              % (ours_rps, their_rps, ours_rps / their_rps))
+        print()
+        print("4. 20 MB download, %d each, in turns (target >= 1.5x)" % len(ours_big))
+        for label, pick in (("best", min), ("median", statistics.median)):
+            print("  %-6s ours %.1f ms | http.server %.1f ms -> %.2fx faster"
+                  % (label, pick(ours_big) * 1e3, pick(their_big) * 1e3, pick(their_big) / pick(ours_big)))
+        interval, save_to_wake, publish_to_wake = bench_wakeup(work)
+        print()
+        print("5. save -> long-poll wake-up, interval %.2f s (%d saves)" % (interval, len(save_to_wake)))
+        print("  median %.0f ms, worst %.0f ms = %.2f intervals (target <= 2 intervals + 100 ms = %.0f ms)"
+              % (statistics.median(save_to_wake) * 1e3, max(save_to_wake) * 1e3,
+                 max(save_to_wake) / interval, (2 * interval + 0.1) * 1e3))
+        print("  publish -> wake-up: median %.1f ms, worst %.1f ms (target <= 50 ms)"
+              % (statistics.median(publish_to_wake) * 1e3, max(publish_to_wake) * 1e3))
+    finally:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

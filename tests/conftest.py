@@ -1,0 +1,107 @@
+"""Fixtures: a promoted folder, a real server on 127.0.0.1, and an HTTP helper."""
+
+import hashlib
+import http.client
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "micropython"))
+
+import ota_promoter  # noqa: E402
+
+TIMEOUT = 10  # seconds; the bound on every wait in the tests
+
+
+def write(root, path, data):
+    """Create or overwrite root/path (folders made as needed); returns the full path."""
+    full = os.path.join(str(root), *path.split("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return full
+
+
+def checksum(data, path):
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.sha1(data + path.encode()).hexdigest()
+
+
+def settle(promoter):
+    """Poll until the tree has been stable for one poll (two polls for one change)."""
+    changed = promoter.poll_once()
+    return promoter.poll_once() or changed
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def request(url, path, method="GET", headers=None, timeout=TIMEOUT):
+    """One HTTP request with http.client; returns a Response."""
+    host, port = url[len("http://"):].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, r.headers, r.read())
+    finally:
+        conn.close()
+
+
+def raw_request(url, data, timeout=TIMEOUT):
+    """Send raw bytes to the server and return everything it answers until it closes."""
+    import socket
+
+    host, port = url[len("http://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """An empty folder to promote."""
+    root = tmp_path / "app"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def serve():
+    """Start a real server for a Promoter on 127.0.0.1, port 0; closed at teardown."""
+    servers = []
+
+    def start(promoter, **options):
+        server = promoter.serve("127.0.0.1", 0, **options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def server(tree, serve):
+    """A server promoting `tree`, polled by hand (the watcher waits an hour)."""
+    write(tree, "README.txt", "hello\n")
+    promoter = ota_promoter.Promoter(str(tree), interval=3600)
+    return serve(promoter)

@@ -1,0 +1,435 @@
+"""The pure core and the watcher: hashing, walk order, skip rules, change detection."""
+
+import hashlib
+import logging
+import os
+import socket
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import ota_promoter
+from ota_promoter import Promoter, PromoterError
+from conftest import checksum, settle, write
+
+README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
+README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"
+EMPTY_VERSION = hashlib.sha1(b"").hexdigest()
+
+
+def paths(promoter):
+    return [f["path"] for f in promoter.manifest()]
+
+
+# -- Checksums and versions, compatible with the original ------------------------------
+
+
+def test_golden_checksum_and_version_of_the_original(tree):
+    write(tree, "README.txt", "hello\n")
+    p = Promoter(str(tree))
+    assert p.manifest() == [{"path": "README.txt", "checksum": README_CHECKSUM}]
+    assert p.version == README_VERSION
+
+
+def test_golden_vectors_of_a_nested_tree(tree):
+    write(tree, "main.py", "print('hi')\n")
+    write(tree, "lib/util.py", "")
+    write(tree, "lib/__init__.py", "")
+    p = Promoter(str(tree))
+    expected = [
+        ("lib/__init__.py", checksum(b"", "lib/__init__.py")),
+        ("lib/util.py", checksum(b"", "lib/util.py")),
+        ("main.py", checksum("print('hi')\n", "main.py")),
+    ]
+    assert [(f["path"], f["checksum"]) for f in p.manifest()] == expected
+    assert p.version == hashlib.sha1("".join(c for _, c in expected).encode()).hexdigest()
+
+
+def test_identical_files_have_distinct_checksums(tree):
+    write(tree, "a/__init__.py", "")
+    write(tree, "b/__init__.py", "")
+    p = Promoter(str(tree))
+    a, b = p.manifest()
+    assert a["checksum"] == checksum(b"", "a/__init__.py")
+    assert b["checksum"] == checksum(b"", "b/__init__.py")
+    assert a["checksum"] != b["checksum"]
+    assert p.blob(a["checksum"]).path == "a/__init__.py"
+
+
+def test_empty_folder_has_no_files_and_the_empty_version(tree):
+    p = Promoter(str(tree))
+    assert p.manifest() == []
+    assert p.version == EMPTY_VERSION
+
+
+def test_walk_order_sorts_by_path_components(tree):
+    for path in ["a.py", "a/b.py", "a/c/d.py", "a-b.py", "B.py", "b.py", "a/a.py", "z/y.py"]:
+        write(tree, path, path)
+    p = Promoter(str(tree))
+    # Go's filepath.Walk: each folder's entries sorted by name, folders entered in
+    # place, so "a/..." (name "a") comes before "a-b.py" and "a.py".
+    assert paths(p) == ["B.py", "a/a.py", "a/b.py", "a/c/d.py", "a-b.py", "a.py", "b.py", "z/y.py"]
+
+
+def test_unicode_paths_are_hashed_as_utf8(tree):
+    write(tree, "données/été.py", "x")
+    p = Promoter(str(tree))
+    assert p.manifest() == [{"path": "données/été.py", "checksum": checksum("x", "données/été.py")}]
+
+
+def test_diff_names_added_changed_and_removed():
+    old = {"a": "1", "b": "2", "c": "3"}
+    new = {"a": "1", "b": "9", "d": "4"}
+    assert ota_promoter.diff(old, new) == (["d"], ["b"], ["c"])
+
+
+# -- What is promoted --------------------------------------------------------------------
+
+
+def test_skip_rules(tree):
+    write(tree, "main.py", "x")
+    for skipped in [
+        ".git/config", ".env", ".promoterignore", "__pycache__/m.cpython-311.pyc", "lib/__pycache__/x.pyc",
+        "old.pyc", "main.py~", ".main.py.swp", "main.py.swp", "main.py.swx", ".#main.py", "4913",
+        ".hidden/inside.py",
+    ]:
+        write(tree, skipped, "secret")
+    os.mkfifo(os.path.join(str(tree), "fifo"))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.path.join(str(tree), "sock"))
+    try:
+        assert paths(Promoter(str(tree))) == ["main.py"]
+    finally:
+        sock.close()
+
+
+def test_bad_names_are_skipped_with_one_warning_each(tree, caplog):
+    write(tree, "ok.py", "x")
+    write(tree, "back\\slash.py", "x")
+    write(tree, "tab\there.py", "x")
+    with open(os.path.join(os.fsencode(str(tree)), b"latin1-\xe9.py"), "wb") as f:
+        f.write(b"x")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        p.poll_once()
+        p.poll_once()
+    assert paths(p) == ["ok.py"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3
+    assert all("not valid UTF-8 or has a control character or backslash" in w for w in warnings)
+
+
+def test_promoterignore_regexes_are_anchored_and_live(tree, caplog):
+    for path in ["main.py", "test_main.py", "tests/t.py", "lib/test_x.py", "data.bin", "lib/x.py"]:
+        os.utime(write(tree, path, path), (1_000_000_000, 1_000_000_000))  # saved long ago
+    write(tree, ".promoterignore", "# comment\n\ntest.*\n.*\\.bin\n")
+    p = Promoter(str(tree))
+    assert paths(p) == ["lib/test_x.py", "lib/x.py", "main.py"]
+    write(tree, ".promoterignore", "lib/.*\n")
+    p.poll_once()
+    assert paths(p) == ["data.bin", "main.py", "test_main.py", "tests/t.py"]
+    write(tree, ".promoterignore", "main\n")  # anchored: does not match main.py
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p.poll_once()
+    assert paths(p) == ["data.bin", "lib/test_x.py", "lib/x.py", "main.py", "test_main.py", "tests/t.py"]
+    assert caplog.records == []
+
+
+def test_invalid_promoterignore_line_is_reported_and_the_rest_applies(tree, caplog):
+    write(tree, "main.py", "x")
+    write(tree, "secret.py", "x")
+    write(tree, ".promoterignore", "secret\\.py\n(unclosed\n")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        p.poll_once()
+    assert paths(p) == ["main.py"]
+    [record] = caplog.records
+    assert record.getMessage().startswith(".promoterignore line 2 ignored: not a regular expression: '(unclosed'")
+
+
+def test_ignore_globs_match_path_and_basename(tree):
+    for path in ["main.py", "notes.md", "docs/a.md", "build/out.py", "lib/x.py"]:
+        write(tree, path, path)
+    p = Promoter(str(tree), ignore=["*.md", "build/*"])
+    assert paths(p) == ["lib/x.py", "main.py"]
+
+
+def test_symlink_inside_is_followed_and_outside_is_skipped_once(tree, tmp_path, caplog):
+    write(tree, "lib/real.py", "inside")
+    outside = write(tmp_path, "outside/secret.py", "outside")
+    os.symlink(os.path.join(str(tree), "lib/real.py"), os.path.join(str(tree), "alias.py"))
+    os.symlink(outside, os.path.join(str(tree), "escape.py"))
+    os.symlink(os.path.dirname(outside), os.path.join(str(tree), "escape_dir"))
+    os.symlink("../../..", os.path.join(str(tree), "lib/up"))
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        for _ in range(3):
+            p.poll_once()
+    assert p.manifest() == [
+        {"path": "alias.py", "checksum": checksum("inside", "alias.py")},
+        {"path": "lib/real.py", "checksum": checksum("inside", "lib/real.py")},
+    ]
+    warnings = sorted(r.getMessage() for r in caplog.records)
+    assert len(warnings) == 3
+    assert warnings[0].startswith("skipping escape.py: symlink points outside the folder")
+    assert warnings[1].startswith("skipping escape_dir: symlink points outside the folder")
+    assert warnings[2].startswith("skipping lib/up: symlink points outside the folder")
+
+
+def test_symlink_loop_inside_the_folder_is_skipped(tree, caplog):
+    write(tree, "lib/x.py", "x")
+    os.symlink("..", os.path.join(str(tree), "lib/loop"))
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+    assert paths(p) == ["lib/x.py"]
+    assert [r.getMessage() for r in caplog.records] == ["skipping lib/loop: symlink loops back to a folder above it"]
+
+
+def test_unreadable_file_is_skipped_with_one_warning():
+    # Root reads any file, so the scan runs in a forked child that gives up root,
+    # on a folder that user can reach.
+    tree = tempfile.mkdtemp(prefix="ota-unreadable-")
+    os.chmod(tree, 0o755)
+    write(tree, "ok.py", "x")
+    os.chmod(write(tree, "locked.py", "x"), 0)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read_end)
+            out = os.fdopen(write_end, "w")
+            if os.geteuid() == 0:
+                os.setuid(65534)
+            handler = logging.StreamHandler(out)
+            logging.getLogger("ota_promoter").addHandler(handler)
+            p = Promoter(str(tree))
+            p.poll_once()
+            p.poll_once()
+            out.write("manifest: %s\n" % paths(p))
+            out.close()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        output = f.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(tree)
+    assert output == "skipping locked.py: cannot read: Permission denied\nmanifest: ['ok.py']\n"
+
+
+# -- The watcher -------------------------------------------------------------------------
+
+
+def test_added_file_is_published_after_one_stable_interval(tree):
+    write(tree, "main.py", "a")
+    p = Promoter(str(tree))
+    write(tree, "new.py", "n")
+    assert p.poll_once() is False  # seen once: may still be being written
+    assert paths(p) == ["main.py"]
+    assert p.poll_once() is True
+    assert paths(p) == ["main.py", "new.py"]
+
+
+def test_modified_file_is_rehashed(tree):
+    write(tree, "main.py", "a")
+    p = Promoter(str(tree))
+    write(tree, "main.py", "bb")
+    assert settle(p)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("bb", "main.py")}]
+
+
+def test_deleted_file_and_folder_are_unpublished(tree):
+    write(tree, "main.py", "a")
+    write(tree, "lib/x.py", "x")
+    write(tree, "lib/sub/y.py", "y")
+    p = Promoter(str(tree))
+    os.remove(os.path.join(str(tree), "main.py"))
+    assert p.poll_once() is True
+    assert paths(p) == ["lib/sub/y.py", "lib/x.py"]
+    subprocess.run(["rm", "-r", os.path.join(str(tree), "lib/sub")], check=True)
+    assert p.poll_once() is True
+    assert paths(p) == ["lib/x.py"]
+
+
+def test_renamed_file_and_new_folder_are_picked_up(tree):
+    write(tree, "main.py", "a")
+    p = Promoter(str(tree))
+    os.rename(os.path.join(str(tree), "main.py"), os.path.join(str(tree), "app.py"))
+    write(tree, "drivers/new/sensor.py", "s")
+    assert settle(p)
+    assert p.manifest() == [
+        {"path": "app.py", "checksum": checksum("a", "app.py")},
+        {"path": "drivers/new/sensor.py", "checksum": checksum("s", "drivers/new/sensor.py")},
+    ]
+
+
+def test_rename_is_published_as_one_version(tree):
+    write(tree, "main.py", "a")
+    p = Promoter(str(tree))
+    before = p.version
+    os.rename(os.path.join(str(tree), "main.py"), os.path.join(str(tree), "app.py"))
+    p.poll_once()
+    assert p.version == before  # the deletion waits for the new name to settle
+    p.poll_once()
+    assert paths(p) == ["app.py"]
+
+
+def test_same_size_edit_within_one_mtime_tick_is_seen(tree):
+    full = write(tree, "main.py", "aaaa")
+    p = Promoter(str(tree))
+    st = os.stat(full)
+    with open(full, "r+b") as f:  # same inode, same size
+        f.write(b"bbbb")
+    os.utime(full, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    new = os.stat(full)
+    assert (new.st_size, new.st_mtime_ns, new.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert settle(p)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("bbbb", "main.py")}]
+
+
+def test_unchanged_old_file_is_not_reread(tree, monkeypatch):
+    full = write(tree, "main.py", "a")
+    os.utime(full, (1_000_000_000, 1_000_000_000))  # long ago: not racy
+    p = Promoter(str(tree))
+    reads = []
+    monkeypatch.setattr(p, "_hash", lambda *args: reads.append(args))
+    assert p.poll_once() is False
+    assert reads == []
+
+
+def test_half_written_file_is_not_published(tree):
+    full = write(tree, "main.py", "old")
+    p = Promoter(str(tree))
+    old = p.manifest()
+    with open(full, "wb") as f:
+        f.write(b"first half,")
+        f.flush()
+        p.poll_once()
+        assert p.manifest() == old
+        f.write(b" second half")
+        f.flush()
+        p.poll_once()
+        assert p.manifest() == old
+    p.poll_once()
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("first half, second half", "main.py")}]
+
+
+def test_save_of_several_files_is_published_as_one_version(tree):
+    write(tree, "a.py", "1")
+    write(tree, "b.py", "1")
+    p = Promoter(str(tree))
+    write(tree, "a.py", "2")
+    assert p.poll_once() is False
+    write(tree, "b.py", "2")
+    assert p.poll_once() is False  # a.py settled, but b.py is still changing
+    assert p.poll_once() is True
+    assert p.manifest() == [
+        {"path": "a.py", "checksum": checksum("2", "a.py")},
+        {"path": "b.py", "checksum": checksum("2", "b.py")},
+    ]
+
+
+def test_a_file_that_never_settles_does_not_block_the_others(tree, caplog):
+    write(tree, "main.py", "1")
+    write(tree, "log.txt", "")
+    p = Promoter(str(tree))
+    write(tree, "main.py", "2")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        for n in range(ota_promoter.SETTLE_POLLS):
+            write(tree, "log.txt", "x" * (n + 1))
+            p.poll_once()
+    assert p.manifest() == [
+        {"path": "log.txt", "checksum": checksum("", "log.txt")},
+        {"path": "main.py", "checksum": checksum("2", "main.py")},
+    ]
+    assert [r.getMessage() for r in caplog.records] == ["still changing: log.txt; publishing the rest"]
+
+
+def test_vanished_folder_keeps_the_last_version_and_recovers(tree, caplog):
+    write(tree, "main.py", "a")
+    p = Promoter(str(tree))
+    version = p.version
+    moved = str(tree) + ".away"
+    os.rename(str(tree), moved)
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        assert p.poll_once() is False
+        assert p.poll_once() is False
+        assert p.version == version
+        assert p.read(p.blob(checksum("a", "main.py"))) == b"a"
+        os.rename(moved, str(tree))
+        write(tree, "main.py", "b")
+        assert settle(p)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("b", "main.py")}]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert messages[0].startswith("cannot read folder %s (No such file or directory); still serving version %s" % (tree, version[:7]))
+    assert messages[1] == "folder %s is readable again" % tree
+    assert messages[2].startswith("version ")
+
+
+def test_each_version_is_logged_once_with_what_changed(tree, caplog):
+    write(tree, "keep.py", "k")
+    write(tree, "gone.py", "g")
+    write(tree, "main.py", "1")
+    p = Promoter(str(tree))
+    write(tree, "main.py", "2")
+    write(tree, "new.py", "n")
+    os.remove(os.path.join(str(tree), "gone.py"))
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        settle(p)
+        p.poll_once()
+    assert [r.getMessage() for r in caplog.records] == [
+        "version %s: +1 ~1 -1, 3 files: new.py, main.py, gone.py" % p.version[:7]
+    ]
+
+
+# -- Integrity: the bytes served always hash to the checksum ------------------------------
+
+
+def test_previous_version_stays_downloadable_and_older_ones_go(tree):
+    write(tree, "main.py", "v1")
+    p = Promoter(str(tree))
+    c1 = checksum("v1", "main.py")
+    write(tree, "main.py", "v2")
+    settle(p)
+    assert p.read(p.blob(c1)) == b"v1"  # a board that fetched the manifest before the save
+    write(tree, "main.py", "v3")
+    settle(p)
+    assert p.blob(c1) is None
+
+
+def test_past_the_store_limit_a_changed_file_is_refused_not_served(tree):
+    write(tree, "big.bin", b"A" * 1000)
+    p = Promoter(str(tree), store_limit=100)
+    blob = p.blob(checksum(b"A" * 1000, "big.bin"))
+    assert blob.data is None  # over the limit: re-read from disk per download
+    assert p.read(blob) == b"A" * 1000
+    write(tree, "big.bin", b"B" * 1000)  # changed, not yet polled
+    assert p.read(blob) is None
+
+
+def test_store_limit_counts_each_held_file_once(tree):
+    write(tree, "a.py", b"a" * 60)
+    write(tree, "b.py", b"b" * 60)
+    p = Promoter(str(tree), store_limit=100)
+    held = [f["path"] for f in p.manifest() if p.blob(f["checksum"]).data is not None]
+    assert held == ["a.py"]
+    for _ in range(4):  # racy rehashing must not leak into the count
+        p.poll_once()
+    assert p._held == 60
+
+
+# -- Construction errors ---------------------------------------------------------------
+
+
+def test_missing_folder_is_a_promoter_error(tmp_path):
+    with pytest.raises(PromoterError, match="folder '.*nope' does not exist"):
+        Promoter(str(tmp_path / "nope"))
+
+
+def test_file_instead_of_folder_is_a_promoter_error(tmp_path):
+    f = write(tmp_path, "x.py", "x")
+    with pytest.raises(PromoterError, match="is a file, not a folder"):
+        Promoter(f)
