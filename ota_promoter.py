@@ -761,7 +761,7 @@ class Handler(BaseHTTPRequestHandler):
         if code == 405:
             headers.append(("Allow", "GET, HEAD"))
             self.close_connection = True  # a body we do not read may follow
-        log.debug("%s %s %r: %d %s", self.client_address[0], self.command, self.path, code, message)
+        log.debug("%s %r: %d %s", self.client_address[0], self.requestline[:200], code, message)
         self._send_body(code, _json({"error": message}), "application/json", headers)
 
     def send_error(self, code, message=None, explain=None):
@@ -877,6 +877,7 @@ class PromoterServer(ThreadingHTTPServer):
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
+            self._thread = None
         self.server_close()
 
     def __enter__(self):

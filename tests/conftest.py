@@ -62,18 +62,27 @@ def request(url, path, method="GET", headers=None, timeout=TIMEOUT):
 
 
 def raw_request(url, data, timeout=TIMEOUT):
-    """Send raw bytes to the server and return everything it answers until it closes."""
+    """Send raw bytes to the server and return everything it answers until it closes.
+
+    Our side of the connection is closed after the bytes are sent, so a server
+    keeping the connection alive sees the end of it and closes too.
+    """
     import socket
 
     host, port = url[len("http://"):].rsplit(":", 1)
+    chunks = []
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server answered and closed before reading it all
+        try:
+            for chunk in iter(lambda: s.recv(65536), b""):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
 
 
 @pytest.fixture
