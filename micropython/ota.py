@@ -26,7 +26,7 @@ except ImportError:
 
 
 _BUF = const(1024)  # the one download buffer
-_LINE = const(512)  # longest header or manifest line
+_LINE = const(256)  # longest header or manifest line: paths up to about 200 bytes
 _EEXIST = const(17)
 _STATE = ".ota"
 _JOURNAL = ".ota-journal"
@@ -300,6 +300,8 @@ def _plan(f, length, root, stage, delete, block):
                 break
             got += len(line)
             if line[-1:] != b"\n":
+                if len(line) == _LINE:
+                    raise OTAError("manifest line too long: %r..." % line[:60])
                 raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
             checksum, size, path = line[:-1].decode().split(" ", 2)
             size = int(size)

@@ -474,6 +474,13 @@ def test_a_folder_where_a_file_goes_or_the_reverse_refuses_the_update(installed,
         device.update(proxy.url)
 
 
+def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, proxy, device):
+    publish(promoter, promoter.root, {"lib/" + "x" * 220 + ".py": "long"})
+    with pytest.raises(ota.OTAError, match=r"manifest line too long: b?'[0-9a-f]{40} 4 lib/xxx"):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+
+
 def test_bad_url(device):
     with pytest.raises(ota.OTAError, match="url must start with http://, not 'https://x'"):
         device.update("https://x")
