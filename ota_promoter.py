@@ -739,15 +739,19 @@ class Handler(BaseHTTPRequestHandler):
     # Responses.
 
     def _send(self, code, headers, content_length=None):
+        # The status line and headers as one string: http.server's send_header
+        # costs more per header than the rest of a /files/version answer.
         self._responded = True
-        self.send_response(code)
-        for name, value in headers:
-            self.send_header(name, value)
+        self.log_request(code)
+        head = ["HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
+            code, HTTPStatus(code).phrase, self.version_string(), self.date_time_string())]
+        head += ["%s: %s\r\n" % header for header in headers]
         if content_length is not None:
-            self.send_header("Content-Length", str(content_length))
+            head.append("Content-Length: %d\r\n" % content_length)
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        self.wfile.write("".join(head).encode("latin-1"))
 
     def _send_body(self, code, body, content_type, headers):
         self._send(code, [("Content-Type", content_type)] + headers, len(body))
@@ -767,8 +771,6 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, 414, 431), as JSON."""
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            return
         message = message or HTTPStatus(code).phrase
         self._error(code, message)
 
