@@ -545,7 +545,7 @@ class Flash:
         return File()
 
 
-def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, tmp_path, monkeypatch):
+def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, tmp_path, monkeypatch, capsys):
     template = CPythonBoard(tmp_path / "template")
     write(template.root, "secrets.py", "mine")
     template.update(promoter.url)
@@ -582,6 +582,9 @@ def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, t
         ota.update(promoter.url, root=str(board), reset=False)
         assert files(board) == new
         shutil.rmtree(str(board))
+    with capsys.disabled():
+        print("\n  power cut at each of the update's %d file-system operations: old tree %d times, new tree %d times"
+              % (cut_at - 1, outcomes.count("old"), outcomes.count("new") - 1))
     assert cut_at > 40  # every staging write, rename, deletion and the state were cut
     assert outcomes[0] == "old" and outcomes[-1] == "new"
     first_new = outcomes.index("new")
@@ -675,6 +678,26 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
         watcher.wait(TIMEOUT)
         if server.process.poll() is None:
             server.stop()
+
+
+def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch, capsys):
+    from test_cli import free_port
+
+    delays = []
+
+    def sleep(seconds):
+        delays.append(seconds)
+        if len(delays) == 7:
+            raise KeyboardInterrupt  # the user stops watch()
+
+    monkeypatch.setattr(ota, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
+    url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
+    with pytest.raises(KeyboardInterrupt):
+        ota.watch(url, root=str(tmp_path), reset=False)
+    assert delays == [1, 2, 4, 8, 10, 10, 10]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7
+    assert all(re.match(r"ota: no answer from 127.0.0.1:\d+: .*; retrying in \d+ s$", line) for line in lines)
 
 
 # -- Memory, under CPython as a stand-in for the board --------------------------------
