@@ -57,9 +57,15 @@ class _Server:
         except ValueError:
             raise OTAError("bad port in %r" % url)
         self.timeout = timeout
+        try:
+            import machine
+
+            device = binascii.hexlify(machine.unique_id()).decode()
+        except (ImportError, AttributeError):
+            device = "unknown"
         self.head = "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
             self.where,
-            _device(),
+            device,
             version or "none",
             "Authorization: Bearer %s\r\n" % token if token else "",
         )
@@ -67,24 +73,17 @@ class _Server:
     def get(self, path, extra=""):
         # Returns (socket, stream, status, length, target) with the headers read;
         # the caller closes it with _close. Only 200 and 304 come back.
-        try:
-            ai = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
-            s = socket.socket(ai[0], socket.SOCK_STREAM)
-        except OSError as e:
-            raise OTAError("cannot find %s: %s" % (self.host, e))
-        f = s
+        s = f = socket.socket()
         try:
             s.settimeout(self.timeout)
-            s.connect(ai[-1])
+            s.connect(socket.getaddrinfo(self.host, self.port, socket.AF_INET)[0][-1])
             s.sendall(("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode())
             if not hasattr(s, "readinto"):
                 f = s.makefile("rb")  # CPython; MicroPython sockets are streams
             line = f.readline(_LINE)
             if not line:
                 raise OSError("connection closed")
-            if line[:5] != b"HTTP/":
-                raise OTAError("%s is not an ota-promoter server" % self.where)
-            status = int(line[9:12])
+            status = int(line[9:12])  # ValueError if this is not HTTP
             length = -1
             target = where = None
             while True:
@@ -119,7 +118,7 @@ class _Server:
         if 300 <= status < 400:
             raise OTAError("%s redirects to %s: use that url" % (self.where, where))
         if status == 401:
-            raise OTAError("%s wants a token, or another one: pass token=" % self.where)
+            raise OTAError("%s: wrong or missing token" % self.where)
         raise OTAError("HTTP %d for %s: %s" % (status, path, message))
 
     def version(self, since=None, wait=0):
@@ -145,15 +144,6 @@ def _close(s, f):
     if f is not s:
         f.close()
     s.close()
-
-
-def _device():
-    try:
-        import machine
-
-        return binascii.hexlify(machine.unique_id()).decode()
-    except (ImportError, AttributeError):
-        return "unknown"
 
 
 def _hex(checksum):
@@ -300,9 +290,7 @@ def _plan(f, length, root, stage, delete, block):
                 break
             got += len(line)
             if line[-1:] != b"\n":
-                if len(line) == _LINE:
-                    raise OTAError("manifest line too long: %r..." % line[:60])
-                raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
+                raise OTAError("manifest line cut off or too long: %r" % line[:60])
             checksum, size, path = line[:-1].decode().split(" ", 2)
             size = int(size)
             if not _safe(path) or path <= last or size < 0:
@@ -340,11 +328,11 @@ def _plan(f, length, root, stage, delete, block):
 def _check_target(root, path):
     # Refuse now what the journal could not do later.
     if _kind(root + "/" + path) == 2:
-        raise OTAError("%s is a folder on the device; remove it to install the file" % path)
+        raise OTAError("%s: remove the folder in the way" % path)
     i = path.find("/")
     while i > 0:
         if _kind(root + "/" + path[:i]) == 1:
-            raise OTAError("%s is a file on the device; remove it to install %s" % (path[:i], path))
+            raise OTAError("%s: remove the file in the way of %s" % (path[:i], path))
         i = path.find("/", i + 1)
 
 
@@ -445,6 +433,13 @@ def recover(root="/"):
         _clean(root + "/" + _STAGE)
 
 
+def _finish(root):
+    try:
+        recover(root)
+    except OSError as e:
+        raise OTAError("cannot finish the update, the next call retries: %s" % e)
+
+
 def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
     """Install the files that changed on the server; True if any did.
 
@@ -453,7 +448,7 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
     Raises OTAError, with the board's files as they were, if anything fails.
     """
     root = root.rstrip("/")
-    recover(root)
+    _finish(root)
     installed = _installed(root)
     server = _Server(url, token, timeout, installed)
     version = server.version()
@@ -473,12 +468,10 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
         os.rename(stage + "/plan", root + "/" + _JOURNAL)  # the commit point
     except BaseException as e:
         _clean(stage)
-        if isinstance(e, OSError):
-            raise OTAError("update failed, nothing changed: %s" % e)
-        if isinstance(e, (ValueError, IndexError)):
-            raise OTAError("bad manifest from %s: %s" % (server.where, e))
+        if isinstance(e, (OSError, ValueError, IndexError)):  # the file system, or a bad manifest
+            raise OTAError("update failed, nothing changed: %r" % e)
         raise
-    _commit(root)
+    _finish(root)
     print("ota: version %s installed, %d change%s" % (version[:7], changes, "" if changes == 1 else "s"))
     if changes and reset:
         _reset()
@@ -491,7 +484,7 @@ def _reset():
 
         machine.reset()
     except (ImportError, AttributeError):
-        print("ota: reset the board to run the new version")
+        pass  # not a board: CPython or the unix port
 
 
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10):
