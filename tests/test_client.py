@@ -4,7 +4,6 @@ It runs under CPython here; with MICROPYTHON naming a MicroPython unix
 interpreter, the end-to-end tests also run it there with a 38 KB heap.
 """
 
-import hashlib
 import json
 import os
 import queue

@@ -5,14 +5,16 @@ import logging
 import os
 import socket
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, PromoterError
-from conftest import checksum, settle, write
+from conftest import TIMEOUT, checksum, settle, write
 
 README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
 README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"
@@ -212,9 +214,15 @@ def test_unreadable_file_is_skipped_with_one_warning():
         finally:
             os._exit(0)
     os.close(write_end)
+    deadline = time.monotonic() + TIMEOUT
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the scan in the child did not finish")
+        time.sleep(0.01)
     with os.fdopen(read_end) as f:
         output = f.read()
-    os.waitpid(pid, 0)
     shutil.rmtree(tree)
     assert output == "skipping locked.py: cannot read: Permission denied\nmanifest: ['ok.py']\n"
 

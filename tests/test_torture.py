@@ -3,7 +3,6 @@
 Figures (requests, errors, latencies, memory) are printed to the test log.
 """
 
-import hashlib
 import http.client
 import json
 import os
