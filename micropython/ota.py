@@ -286,22 +286,26 @@ def _plan(f, length, root, stage, delete, block):
         changes = need = 0
         while True:
             line = f.readline(_LINE)
-            if not line:
-                break
-            got += len(line)
-            if line[-1:] != b"\n":
-                raise OTAError("manifest line cut off or too long: %r" % line[:60])
-            checksum, size, path = line[:-1].decode().split(" ", 2)
-            size = int(size)
-            if not _safe(path) or path <= last or size < 0:
-                raise OTAError("refusing unsafe or unsorted path %r" % path)
-            _hex(checksum)
-            last = path
-            while o and o[2] < path:
+            path = None  # at the manifest's end: every installed file left is gone
+            if line:
+                got += len(line)
+                if line[-1:] != b"\n":
+                    raise OTAError("manifest line cut off or too long: %r" % line[:60])
+                checksum, size, path = line[:-1].decode().split(" ", 2)
+                size = int(size)
+                if not _safe(path) or path <= last or size < 0:
+                    raise OTAError("refusing unsafe or unsorted path %r" % path)
+                _hex(checksum)
+                last = path
+            elif got != length:
+                raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
+            while o and (path is None or o[2] < path):
                 if delete:
                     plan.write(b"d " + o[2].encode() + b"\n")
                     changes += 1
                 o = _entry(old)
+            if path is None:
+                break
             if not (o and o[2] == path and o[0] == checksum):
                 _check_target(root, path)
                 plan.write(("g %s %d %s\n" % (checksum, size, path)).encode())
@@ -310,13 +314,6 @@ def _plan(f, length, root, stage, delete, block):
             if o and o[2] == path:
                 o = _entry(old)
             state.write(line)
-        if got != length:
-            raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
-        while o:
-            if delete:
-                plan.write(b"d " + o[2].encode() + b"\n")
-                changes += 1
-            o = _entry(old)
     finally:
         state.close()
         plan.close()
