@@ -26,15 +26,20 @@ import hmac
 import io
 import json
 import logging
+import logging.handlers
 import os
+import queue as _queue
 import re
+import shutil
 import socket
 import socketserver
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -46,9 +51,11 @@ DEFAULT_PORT = 9090
 DEFAULT_INTERVAL = 0.5
 DEFAULT_IDLE_TIMEOUT = 10.0  # seconds a connection may take to send a request
 MAX_WAIT = 60.0  # longest long-poll, in seconds
+MAX_SECONDS = 86400.0  # longest --interval and --idle-timeout: a day
 
 # Bytes of file content kept in memory, so that a download serves exactly the bytes
-# that were hashed. Past it, files are re-read from disk and re-checked per download.
+# that were hashed. Past it, files are copied while they are hashed into a private
+# folder, and served from there.
 STORE_LIMIT = 64 * 1024 * 1024
 
 # A file modified this close to a scan may change again within the same mtime tick
@@ -60,13 +67,23 @@ RACY_NS = 2 * 10**9
 # as one version; after this many polls the settled files are published anyway.
 SETTLE_POLLS = 20
 
+# The walk holds one descriptor per level; deeper folders are skipped with a warning.
+MAX_DEPTH = 100
+
+# Connections served at once, at most: past it the oldest idle one is closed.
+# Each may hold two descriptors (its socket, a file it sends), so the open-file
+# limit may lower it.
+MAX_CONNECTIONS = 512
+MAX_BODY = 64 * 1024  # a request body up to this size is read and discarded
+LOG_QUEUE = 1000  # log lines waiting for a blocked terminal; past it they are dropped
+
 IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
 SKIP_SUFFIXES = (".pyc", "~", ".swp", ".swx")
 _BAD_NAME = re.compile("[\x00-\x1f\x7f\\\\\ud800-\udfff]")  # control, backslash, not UTF-8
 _CHECKSUM = re.compile("[0-9a-fA-F]{40}")
+_DIGITS = re.compile("[0-9]+")
 _HASH_CHUNK = 1024 * 1024
-_STAT_DIR_FD = os.stat in os.supports_dir_fd and os.stat in os.supports_follow_symlinks
 _SNIFF = 1024
 
 
@@ -74,7 +91,7 @@ class PromoterError(Exception):
     """A problem the user can fix: a missing folder, a port in use, a bad option."""
 
 
-# -- The pure core: hashing, walking, diffing -------------------------------------
+# -- Checksums ---------------------------------------------------------------------
 
 
 def file_checksum(data, path):
@@ -101,6 +118,90 @@ def looks_like_text(head):
     except UnicodeDecodeError:
         return False
     return True
+
+
+# -- Reaching files inside DIR, and nothing else -----------------------------------
+#
+# Anyone who can write in DIR can swap a file or folder for a symlink at any
+# moment, between any two system calls. So nothing is opened by its full path:
+# each folder is opened relative to its parent's descriptor without following a
+# symlink, and each file likewise, then checked on its descriptor (fstat) to be
+# the regular file the scan saw. Where the system cannot open relative to a
+# descriptor (Windows), paths are used, with the same checks but a small window.
+
+_AT = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd
+       and os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY"))
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: a fifo swapped in must not hold the open for ever.
+_FILE_FLAGS = (os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def _open_root(root):
+    """A handle on the promoted folder itself (a symlink to it is fine)."""
+    if _AT:
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    if not os.path.isdir(root):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", root)
+    return root
+
+
+def _open_folder(parent, name):
+    """A handle on folder name in parent; fails if it is a symlink or not a folder."""
+    if _AT:
+        return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+    path = os.path.join(parent, name)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+    return path
+
+
+def _close(handle):
+    if _AT:
+        os.close(handle)
+
+
+def _stat_handle(handle):
+    return os.fstat(handle) if _AT else os.stat(handle)
+
+
+def _lstat_in(folder, name):
+    if _AT:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
+    return os.lstat(os.path.join(folder, name))
+
+
+def _open_regular(root, real, st):
+    """Open the file at real (a path inside root) if it is still the regular file
+    of stat st; None if it changed since (a symlink, a fifo, another file)."""
+    parts = real.split("/")
+    folder = root
+    try:
+        for name in parts[:-1]:
+            inner = _open_folder(folder, name)
+            if folder is not root:
+                _close(folder)
+            folder = inner
+        if _AT:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder)
+        else:
+            fd = os.open(os.path.join(folder, parts[-1]), _FILE_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EMLINK):
+            return None  # swapped or removed since the scan: the next scan sees it
+        raise
+    finally:
+        if folder is not root:
+            _close(folder)
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+# -- Scanning the folder ------------------------------------------------------------
 
 
 def compile_ignore(text, globs=()):
@@ -139,99 +240,182 @@ def scan(root, ignored=None, problems=None):
     path -> reason) when a dict is given. A folder that vanishes mid-walk is
     treated as empty; if root itself cannot be read, OSError is raised.
     """
-    return Scanner(root).scan(ignored, problems)
+    handle = _open_root(root)
+    try:
+        return [(path, st) for path, st, _ in Scanner(root).scan(handle, ignored, problems)]
+    finally:
+        _close(handle)
+
+
+class _Walk:
+    """What one scan gathers: files, folders entered, listings, symlinks to follow."""
+
+    def __init__(self, ignored, problems, racy):
+        self.ignored = ignored
+        self.problems = problems
+        self.racy = racy
+        self.files = []  # (promoted path, stat, real path inside DIR)
+        self.entered = {}  # (st_dev, st_ino) of each folder entered -> its promoted prefix
+        self.listings = {}
+        self.stale = set()  # folders whose cached listing no longer matches them
+        self.links = []  # (promoted path, name in its folder) of symlinks met
 
 
 class Scanner:
     """scan() for a watcher: re-reads only the folders whose listing changed.
 
     A folder's names change only when its mtime does, so an unchanged folder
-    costs one stat, plus one per file in it. Folders modified within RACY_NS of
-    a scan are re-read anyway, as racy files are rehashed.
+    costs one open and stat, plus one stat per file in it. Folders modified within
+    RACY_NS of a scan are re-read anyway, as racy files are rehashed. Real folders
+    are walked first, then symlinks; each folder is entered once per scan, so a
+    symlink to a folder already promoted (or to a folder above it) is skipped.
     """
 
     def __init__(self, root):
         self.root = root
-        self._listings = {}  # folder -> (stat key, files, folders, symlinks, problems)
+        self._listings = {}  # promoted prefix -> (stat key, files, folders, symlinks, problems)
 
     def forget(self):
         """Re-read every folder on the next scan (the ignore rules changed)."""
         self._listings = {}
 
-    def scan(self, ignored=None, problems=None):
-        files, listings = [], {}
-        real_root = os.path.realpath(self.root)
-        racy = time.time_ns() - RACY_NS
-        self._walk(self.root, "", real_root, real_root, ignored, problems, files, set(), listings, racy)
-        self._listings = listings
-        return files
+    def scan(self, root, ignored=None, problems=None):
+        """(promoted path, stat, real path) of each file under root, a handle from _open_root."""
+        walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS)
+        self._walk(root, _stat_handle(root), "", "", walk, own=False)
+        while walk.links:  # in walk order, so that the same link wins each time
+            links, walk.links = sorted(walk.links, key=_walk_key_of_link), []
+            for path, real in links:
+                self._follow(root, path, real, walk)
+        self._listings = {k: v for k, v in walk.listings.items() if k not in walk.stale}
+        return walk.files
 
-    def _walk(self, folder, prefix, real_folder, real_root, ignored, problems, files, active, listings, racy):
-        try:
-            st = os.stat(folder)
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            listing = self._listings.get(folder)
-            if listing is None or listing[0] != key or st.st_mtime_ns >= racy:
-                listing = _list_folder(folder, prefix, key, ignored)
-        except OSError as e:
-            if not prefix:
-                raise  # the root itself: the caller keeps the last good version
-            if problems is not None and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
-                problems[prefix[:-1]] = "cannot read folder: %s" % (e.strerror or e)
+    def _walk(self, handle, st, prefix, real, walk, own=True):
+        """Walk the real folders under handle with an explicit stack, one
+        descriptor per level; closes handle if own."""
+        folders = self._visit(handle, st, prefix, real, walk)
+        if folders is None:
+            if own:
+                _close(handle)
             return
-        listings[folder] = listing
-        _, names, folders, links, found = listing
-        if problems is not None:
-            problems.update(found)
-        if names:
-            _stat_files(folder, names, files, problems)
-        active.add(real_folder)
-        for path, full, name in folders:
-            self._walk(full, path + "/", real_folder + os.sep + name, real_root,
-                       ignored, problems, files, active, listings, racy)
-        for path, full in links:
-            real = os.path.realpath(full)
-            if not (real + os.sep).startswith(real_root + os.sep):
-                if problems is not None:
-                    problems[path] = "symlink points outside the folder, to %r" % real
-                continue
-            try:
-                st = os.stat(full)
-            except OSError:
-                continue  # a dangling symlink
-            if stat.S_ISREG(st.st_mode):
-                files.append((path, st))
-            elif stat.S_ISDIR(st.st_mode):
-                if real in active:
-                    if problems is not None:
-                        problems[path] = "symlink loops back to a folder above it"
+        stack = [(handle, prefix, real, iter(folders), own)]
+        try:
+            while stack:
+                handle, prefix, real, folders, own = stack[-1]
+                name = next(folders, None)
+                if name is None:
+                    stack.pop()
+                    if own:
+                        _close(handle)
                     continue
-                self._walk(full, path + "/", real, real_root, ignored, problems, files, active, listings, racy)
-        active.discard(real_folder)
+                path = prefix + name
+                if len(stack) >= MAX_DEPTH:
+                    walk.problems[path] = "folder nested deeper than %d levels" % MAX_DEPTH
+                    continue
+                try:
+                    inner = _open_folder(handle, name)
+                except OSError as e:
+                    # Listed as a folder, now a symlink, a file, or gone: the
+                    # listing is re-read on the next scan, never trusted now.
+                    walk.stale.add(prefix)
+                    if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        walk.problems[path] = "cannot read folder: %s" % (e.strerror or e)
+                    continue
+                try:
+                    inner_st = _stat_handle(inner)
+                    inner_folders = self._visit(inner, inner_st, path + "/", real + name + "/", walk)
+                except OSError as e:
+                    _close(inner)
+                    walk.problems[path] = "cannot read folder: %s" % (e.strerror or e)
+                    continue
+                if inner_folders is None:
+                    _close(inner)
+                    continue
+                stack.append((inner, path + "/", real + name + "/", iter(inner_folders), True))
+        finally:
+            for handle, _, _, _, own in stack:
+                if own:
+                    _close(handle)
+
+    def _visit(self, handle, st, prefix, real, walk):
+        """List one folder and stat its files; its subfolders' names, or None if
+        it was entered already."""
+        identity = (st.st_dev, st.st_ino)
+        if identity in walk.entered:
+            if prefix:
+                where = walk.entered[identity]
+                if prefix.startswith(where):
+                    walk.problems[prefix[:-1]] = "symlink loops back to a folder above it"
+                else:
+                    walk.problems[prefix[:-1]] = "symlink to a folder promoted already, as %s" % (where[:-1] or ".")
+            return None
+        walk.entered[identity] = prefix
+        key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        listing = self._listings.get(prefix)
+        if listing is None or listing[0] != key or st.st_mtime_ns >= walk.racy:
+            listing = _list_folder(handle, prefix, key, walk.ignored)
+        walk.listings[prefix] = listing
+        _, names, folders, links, found = listing
+        walk.problems.update(found)
+        if names:
+            _stat_files(handle, prefix, real, names, walk)
+        walk.links += links
+        return folders
+
+    def _follow(self, root, path, name, walk):
+        """Follow the symlink at promoted path, if it resolves inside DIR."""
+        real_root = os.path.realpath(self.root)
+        target = os.path.realpath(os.path.join(self.root, path))
+        if not (target + os.sep).startswith(real_root + os.sep):
+            walk.problems[path] = "symlink points outside the folder, to %r" % target
+            return
+        if target == real_root:
+            walk.problems[path] = "symlink loops back to a folder above it"
+            return
+        # Reach the target from DIR without following anything: the names
+        # realpath gave may have been swapped since.
+        real = os.path.relpath(target, real_root).replace(os.sep, "/")
+        parts = real.split("/")
+        folder = root
+        try:
+            for part in parts[:-1]:
+                inner = _open_folder(folder, part)
+                if folder is not root:
+                    _close(folder)
+                folder = inner
+            st = _lstat_in(folder, parts[-1])
+            if stat.S_ISREG(st.st_mode):
+                walk.files.append((path, st, real))
+            elif stat.S_ISDIR(st.st_mode):
+                inner = _open_folder(folder, parts[-1])
+                self._walk(inner, _stat_handle(inner), path + "/", real + "/", walk)
+        except OSError:
+            return  # dangling, or changed while we looked: the next scan sees it
+        finally:
+            if folder is not root:
+                _close(folder)
 
 
-def _stat_files(folder, names, files, problems):
+def _walk_key_of_link(link):
+    return walk_key(link[0])
+
+
+def _stat_files(folder, prefix, real, names, walk):
     # Relative to the folder's descriptor, as os.scandir does: a stat by full
     # path would look up every folder above again, for every file.
-    fd = os.open(folder, os.O_RDONLY) if _STAT_DIR_FD else None
-    try:
-        for path, name in names:
-            try:
-                if fd is None:
-                    st = os.stat(os.path.join(folder, name), follow_symlinks=False)
-                else:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # removed since the folder was read
-            except OSError as e:
-                if problems is not None:
-                    problems[path] = "cannot stat: %s" % (e.strerror or e)
-                continue
-            if stat.S_ISREG(st.st_mode):
-                files.append((path, st))
-    finally:
-        if fd is not None:
-            os.close(fd)
+    files, same = walk.files, real == prefix
+    for path, name in names:
+        try:
+            st = _lstat_in(folder, name)
+        except FileNotFoundError:
+            continue  # removed since the folder was read
+        except OSError as e:
+            walk.problems[path] = "cannot stat: %s" % (e.strerror or e)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files.append((path, st, path if same else real + name))
+        else:
+            walk.stale.add(prefix)  # swapped for a symlink or a fifo: list it again
 
 
 def _list_folder(folder, prefix, key, ignored):
@@ -246,15 +430,19 @@ def _list_folder(folder, prefix, key, ignored):
             if "\\" in name or not name.isprintable() and _BAD_NAME.search(name):
                 problems[path] = "name is not valid UTF-8 or has a control character or backslash"
                 continue
+            if name[0] == " " or name[-1] == " ":
+                # HTTP drops them from X-Target-Path, so no board could install it.
+                problems[path] = "name starts or ends with a space"
+                continue
             if ignored is not None and ignored(path, name):
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):
                     names.append((path, name))
                 elif entry.is_dir(follow_symlinks=False):
-                    folders.append((path, entry.path, name))
+                    folders.append(name)
                 elif entry.is_symlink():
-                    links.append((path, entry.path))
+                    links.append((path, name))
                 # Sockets, fifos and devices are not files a board can use.
             except OSError:
                 continue  # removed while we looked
@@ -275,11 +463,20 @@ def diff(old, new):
     return added, changed, removed
 
 
+def case_clashes(paths):
+    """Groups of paths equal but for case: one file on a board's FAT file system."""
+    groups = {}
+    for path in paths:
+        groups.setdefault(path.casefold(), []).append(path)
+    return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+
+
 # -- Published versions --------------------------------------------------------------
 
 
 class Blob:
-    """One hashed file: the bytes /files/<checksum> serves, or None past STORE_LIMIT."""
+    """One hashed file: its bytes in memory (data), or None if the ContentStore
+    keeps them in a private copy."""
 
     __slots__ = ("path", "checksum", "size", "data", "text")
 
@@ -323,6 +520,115 @@ def _json(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+# -- The content store ----------------------------------------------------------------
+
+
+class ContentStore:
+    """The bytes of hashed files, as they were hashed: in memory up to limit bytes,
+    past it in private copies named by checksum, made while hashing.
+
+    A download is then served from bytes nobody else can change, in bounded memory
+    (a copy is sent with sendfile), and never by opening a promoted path again.
+    The private folder is made on first need and removed by close().
+    """
+
+    def __init__(self, limit=STORE_LIMIT):
+        self.limit = limit
+        self.held = 0  # bytes in memory
+        self._folder = None
+        self._cleanup = None
+        self._copies = set()  # checksums with a private copy
+
+    def hash(self, fd, path, st):
+        """Hash the open file fd, promoted as path and of stat st, into a Blob;
+        None if it grows by more than a chunk while being read (still changing)."""
+        limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
+        with open(fd, "rb", closefd=False) as f:
+            if self.held + st.st_size <= self.limit:
+                data = f.read(limit + 1)
+                if len(data) > limit:
+                    return None
+                checksum = file_checksum(data, path)
+                self.held += len(data)
+                return Blob(path, checksum, len(data), data, looks_like_text(data[:_SNIFF]))
+            return self._copy(f, path, limit)
+
+    def _copy(self, f, path, limit):
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="ota-promoter-")  # mode 0700
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        h, size, head = hashlib.sha1(), 0, None
+        part = tempfile.NamedTemporaryFile(dir=self._folder, suffix=".part", delete=False)
+        try:
+            with part:
+                buffer = bytearray(_HASH_CHUNK)
+                while True:
+                    n = f.readinto(buffer)
+                    if not n:
+                        break
+                    size += n
+                    if size > limit:
+                        raise _StillGrowing
+                    chunk = memoryview(buffer)[:n]
+                    if head is None:
+                        head = bytes(chunk[:_SNIFF])
+                    h.update(chunk)
+                    part.write(chunk)
+            h.update(path.encode("utf-8"))
+            checksum = h.hexdigest()
+            os.replace(part.name, os.path.join(self._folder, checksum))
+            self._copies.add(checksum)
+        except _StillGrowing:
+            return None
+        finally:
+            if os.path.exists(part.name):
+                os.remove(part.name)
+        return Blob(path, checksum, size, None, looks_like_text(head or b""))
+
+    def open(self, blob):
+        """The private copy of blob, open for reading; None if it is gone."""
+        try:
+            return open(os.path.join(self._folder, blob.checksum), "rb")
+        except (OSError, TypeError):
+            return None
+
+    def read(self, blob):
+        """The bytes of blob, or None if they are no longer kept."""
+        if blob.data is not None:
+            return blob.data
+        f = self.open(blob)
+        if f is None:
+            return None
+        with f:
+            return f.read()
+
+    def keep(self, blobs):
+        """Let go of everything but blobs: the held count drops, copies are removed."""
+        live = {}
+        for b in blobs:
+            live[id(b)] = b
+        self.held = sum(b.size for b in live.values() if b.data is not None)
+        wanted = {b.checksum for b in live.values() if b.data is None}
+        for checksum in self._copies - wanted:
+            try:
+                os.remove(os.path.join(self._folder, checksum))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # open for a download on Windows: try again next time
+            self._copies.discard(checksum)
+
+    def close(self):
+        """Remove the private copies."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self._copies = set()
+
+
+class _StillGrowing(Exception):
+    """A file read for hashing is longer than its stat said, by more than a chunk."""
+
+
 # -- The watcher ---------------------------------------------------------------------
 
 
@@ -340,14 +646,14 @@ class Promoter:
         except OSError as e:
             raise PromoterError("cannot read folder %r: %s" % (root, e.strerror or e))
         self.interval = interval
-        self.store_limit = store_limit
+        self.store = ContentStore(store_limit)
         self._globs = list(ignore)
         self._ignore_text = None
         self._ignored = None
         self._scanner = Scanner(self.root)
         self._seen = {}  # promoted path -> (stat key, Blob) at the last poll
-        self._held = 0  # bytes of file content in memory
         self._warned = {}  # path -> problem already logged, while it persists
+        self._clashes = []  # groups of paths equal but for case, already logged
         self._unsettled = 0  # consecutive polls that found a file still changing
         self._held_back = False  # the last poll left changes unpublished
         self._root_lost = False
@@ -377,15 +683,8 @@ class Promoter:
         return blob
 
     def read(self, blob):
-        """The bytes of blob, or None if they are no longer available unchanged."""
-        if blob.data is not None:
-            return blob.data
-        try:
-            with open(os.path.join(self.root, blob.path), "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        return data if file_checksum(data, blob.path) == blob.checksum else None
+        """The bytes of blob, or None if they are no longer available."""
+        return self.store.read(blob)
 
     def wait_for_change(self, since, timeout):
         """Block until the published version is not `since`, or timeout seconds pass."""
@@ -407,36 +706,55 @@ class Promoter:
             return self._poll(first)
 
     def _poll(self, first):
-        now = time.time_ns()
         problems = {}
         try:
-            listing = self._scanner.scan(self._load_ignore(), problems)
+            ignored = self._load_ignore()
+            root = _open_root(self.root)
         except OSError as e:
-            if not self._root_lost:
-                log.error(
-                    "cannot read folder %s (%s); still serving version %s",
-                    self.root, e.strerror or e, self.version[:7],
-                )
-                self._root_lost = True
-            return False
+            return self._lost(e)
+        try:
+            try:
+                listing = self._scanner.scan(root, ignored, problems)
+            except OSError as e:
+                return self._lost(e)
+            return self._hash_and_publish(root, listing, problems, first)
+        finally:
+            _close(root)
+
+    def _lost(self, e):
+        if not self._root_lost:
+            log.error(
+                "cannot read folder %s (%s); still serving version %s",
+                self.root, e.strerror or e, self.version[:7],
+            )
+            self._root_lost = True
+        return False
+
+    def _hash_and_publish(self, root, listing, problems, first):
         if self._root_lost:
             log.info("folder %s is readable again", self.root)
             self._root_lost = False
-        racy = now - RACY_NS  # files modified after this are rehashed
+        racy = time.time_ns() - RACY_NS  # files modified after this are rehashed
         seen, unsettled, hashed = {}, set(), False
         old_seen = self._seen
-        for path, st in listing:
+        for path, st, real in listing:
             key = (st.st_size, st.st_mtime_ns, st.st_ino)
             prev = old_seen.get(path)
             if prev is not None and prev[0] == key and st.st_mtime_ns < racy:
                 seen[path] = prev
                 continue
             try:
-                blob = self._hash(path, st.st_size)
+                blob = self._hash(root, path, real, st)
             except OSError as e:
                 problems[path] = "cannot read: %s" % (e.strerror or e)
                 continue
             hashed = True
+            if blob is None:
+                # Swapped or still growing since the scan: a later poll takes it.
+                seen[path] = (None, prev and prev[1])
+                if not first:
+                    unsettled.add(path)
+                continue
             if prev is None:
                 # A file first seen (new, or no longer ignored) that was not written
                 # in the last moments is not being written.
@@ -452,7 +770,7 @@ class Promoter:
         self._seen = seen
         self._report(problems)
         if hashed:
-            self._count_held()
+            self._keep()
         held_back, self._held_back = self._held_back, bool(unsettled)
         if not (hashed or held_back or len(seen) != len(old_seen)):
             return False  # an unchanged tree costs stats only
@@ -474,34 +792,23 @@ class Promoter:
         self._publish(version, first)
         return True
 
-    def _hash(self, path, size):
-        full = os.path.join(self.root, path)
-        h = hashlib.sha1()
-        with open(full, "rb") as f:
-            if self._held + size <= self.store_limit:
-                data = f.read()
-                h.update(data)
-                head = data[:_SNIFF]
-                self._held += len(data)
-            else:
-                data = None
-                head = chunk = f.read(_HASH_CHUNK)
-                size = 0
-                while chunk:
-                    h.update(chunk)
-                    size += len(chunk)
-                    chunk = f.read(_HASH_CHUNK)
-        h.update(path.encode("utf-8"))
-        if data is not None:
-            size = len(data)
-        return Blob(path, h.hexdigest(), size, data, looks_like_text(head[:_SNIFF]))
+    def _hash(self, root, path, real, st):
+        """A Blob of the file the scan saw at path, or None if it changed since."""
+        fd = _open_regular(root, real, st)
+        if fd is None:
+            return None
+        try:
+            return self.store.hash(fd, path, st)
+        finally:
+            os.close(fd)
 
     def _publish(self, version, first):
         old = self.current
         with self._changed:
             self.previous, self.current = old, version
             self._changed.notify_all()
-        self._count_held()  # the version before the previous one is let go
+        self._keep()  # the version before the previous one is let go
+        self._warn_of_clashes(version)
         if first:
             return
         added, changed, removed = diff(
@@ -514,19 +821,23 @@ class Promoter:
             ", ".join(names[:5]), ", ..." if len(names) > 5 else "",
         )
 
-    def _count_held(self):
-        blobs = {id(b): b for _, b in self._seen.values()}
+    def _keep(self):
+        blobs = [b for _, b in self._seen.values() if b is not None]
         for v in (self.current, self.previous):
             if v is not None:
-                blobs.update((id(b), b) for b in v.blobs)
-        self._held = sum(b.size for b in blobs.values() if b.data is not None)
+                blobs += v.blobs
+        self.store.keep(blobs)
+
+    def _warn_of_clashes(self, version):
+        clashes = case_clashes(version.by_path)
+        for group in clashes:
+            if group not in self._clashes:
+                log.warning("%s differ only in case: they are one file on a board's FAT file system",
+                            " and ".join(group))
+        self._clashes = clashes
 
     def _load_ignore(self):
-        try:
-            with open(os.path.join(self.root, IGNORE_FILE), encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            text = ""
+        text = self._read_ignore()
         if text != self._ignore_text:
             self._ignored, errors = compile_ignore(text, self._globs)
             self._ignore_text = text
@@ -534,6 +845,17 @@ class Promoter:
             for number, message in errors:
                 log.warning("%s line %d ignored: not a regular expression: %s", IGNORE_FILE, number, message)
         return self._ignored
+
+    def _read_ignore(self):
+        # Not blocking on a fifo, nor reading a device without end.
+        try:
+            fd = os.open(os.path.join(self.root, IGNORE_FILE), _FILE_FLAGS & ~_NOFOLLOW)
+        except OSError:
+            return ""
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
+            return f.read(_HASH_CHUNK).decode("utf-8", "replace")
 
     def _report(self, problems):
         """Log each problem once, while it persists."""
@@ -558,13 +880,14 @@ class Promoter:
                 log.exception("poll failed; will try again")
 
     def stop(self):
-        """Stop the watcher and release any waiting long-polls."""
+        """Stop the watcher, release any waiting long-polls, remove private copies."""
         self._stop.set()
         with self._changed:
             self._closed = True
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self.store.close()
 
     def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
         """Listen on host:port and start watching; returns the PromoterServer.
@@ -574,6 +897,91 @@ class Promoter:
         server = PromoterServer(self, (host, port), token=token, idle_timeout=idle_timeout)
         self.start()
         return server
+
+
+# -- Connections -------------------------------------------------------------------
+
+
+class Connections:
+    """The connections a server holds, at most limit: a new one closes the oldest
+    idle one (waiting for a request) to make room, or is refused if none is idle."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._idle = {}  # socket -> None, oldest first
+        self._busy = set()
+
+    def __len__(self):
+        return len(self._idle) + len(self._busy)
+
+    def open(self, sock):
+        """Count a new connection in; False if there is no room for it."""
+        with self._lock:
+            if len(self) >= self.limit and not self._shed():
+                return False
+            self._idle[sock] = None
+            return True
+
+    def shed(self):
+        """Close the oldest idle connection, if any: the descriptors ran out."""
+        with self._lock:
+            return self._shed()
+
+    def _shed(self):
+        if not self._idle:
+            return False
+        sock = next(iter(self._idle))
+        del self._idle[sock]
+        try:
+            # Its thread, waiting in recv, sees the end and closes the socket: a
+            # close() from here could close a descriptor reused meanwhile.
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+
+    def idle(self, sock):
+        """The connection waits for its next request."""
+        with self._lock:
+            if sock in self._busy:
+                self._busy.discard(sock)
+                self._idle[sock] = None
+
+    def busy(self, sock):
+        """A request arrived; False if the connection was closed to make room."""
+        with self._lock:
+            if sock not in self._idle:
+                return sock in self._busy
+            del self._idle[sock]
+            self._busy.add(sock)
+            return True
+
+    def close(self, sock):
+        with self._lock:
+            self._idle.pop(sock, None)
+            self._busy.discard(sock)
+
+
+def raise_open_file_limit():
+    """Raise the soft limit on open files to the hard one; the soft limit now, or
+    None where there is no such limit."""
+    try:
+        import resource
+    except ImportError:
+        return None  # Windows
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft if soft != resource.RLIM_INFINITY else None
+    for wanted in (hard, 10240):  # macOS refuses more than OPEN_MAX (10240)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        except (ValueError, OSError):
+            continue
+    return soft
 
 
 # -- The HTTP API --------------------------------------------------------------------
@@ -623,9 +1031,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile = self.connection.makefile("wb")
 
     def handle_one_request(self):
+        self.server.connections.idle(self.connection)
         self._reader.start()
         self._responded = False
         super().handle_one_request()
+
+    def finish(self):
+        self.server.connections.close(self.connection)
+        super().finish()
 
     def __getattr__(self, name):
         # http.server looks up do_<METHOD>: every method reaches _dispatch, which
@@ -636,8 +1049,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         promoter = self.server.promoter
+        if not self.server.connections.busy(self.connection):
+            self.close_connection = True  # closed to make room for a newer one
+            return
         try:
-            if not self._authorized():
+            authorized = self._authorized()
+            if not self._skip_body(authorized):
+                self.close_connection = True
+            if not authorized:
                 return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
             if self.command not in ("GET", "HEAD"):
                 return self._error(405, "method %s is not allowed here: use GET or HEAD" % self.command)
@@ -656,6 +1075,29 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if not self._responded:
                 self._error(500, "internal error: see the server's log")
+
+    def _skip_body(self, authorized):
+        """Read and discard the request's body, if it has a small one; False if the
+        connection must close instead (a body of unknown or large size, or from a
+        client without the token), so that no body is read as a request."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            return False
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return True
+        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0].strip()):
+            return False
+        length = int(lengths[0])
+        if length == 0:
+            return True
+        if not authorized or length > MAX_BODY:
+            return False
+        while length:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                raise ConnectionError("request body cut short")
+            length -= len(chunk)
+        return True
 
     def _authorized(self):
         token = self.server.token
@@ -705,11 +1147,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, "malformed checksum %r: expected 40 hex digits" % checksum)
         checksum = checksum.lower()
         blob = promoter.blob(checksum)
-        data = promoter.read(blob) if blob is not None else None
-        if data is None:
-            return self._error(
-                404, "no file has checksum %s: it changed since your manifest, fetch /files again" % checksum
-            )
+        if blob is None:
+            return self._gone(checksum)
         etag = '"%s"' % checksum
         name = blob.path.rsplit("/", 1)[-1]
         headers = [
@@ -720,14 +1159,33 @@ class Handler(BaseHTTPRequestHandler):
         ]
         if self._not_modified(etag):
             return self._send(304, headers)
-        content_type = "text/plain; charset=utf-8" if blob.text else "application/octet-stream"
-        self._send_body(200, data, content_type, headers)
-        if self.command == "GET":
-            device = self.headers.get("X-OTA-Device")
-            log.info(
-                "%s%s got %s (%d B)", self.client_address[0],
-                " [%s]" % device[:32] if device else "", blob.path, len(data),
-            )
+        headers.insert(0, ("Content-Type", "text/plain; charset=utf-8" if blob.text else "application/octet-stream"))
+        if self.command == "HEAD":
+            return self._send(200, headers, blob.size)  # HEAD and 304 read nothing
+        if blob.data is not None:
+            self._send(200, headers, blob.size)
+            self.wfile.write(blob.data)
+        else:
+            copy = promoter.store.open(blob)
+            if copy is None:
+                return self._gone(checksum)
+            with copy:
+                self._send(200, headers, blob.size)
+                self.wfile.flush()
+                # From the private copy, in the kernel where it can (sendfile),
+                # else through a small buffer: memory does not grow with the file.
+                if self.connection.sendfile(copy, 0, blob.size) != blob.size:
+                    self.close_connection = True
+        device = self.headers.get("X-OTA-Device")
+        log.info(
+            "%s%s got %s (%d B)", self.client_address[0],
+            " [%s]" % device[:32] if device else "", blob.path, blob.size,
+        )
+
+    def _gone(self, checksum):
+        return self._error(
+            404, "no file has checksum %s: it changed since your manifest, fetch /files again" % checksum
+        )
 
     def _not_modified(self, etag):
         tags = self.headers.get("If-None-Match")
@@ -837,6 +1295,9 @@ class PromoterServer(ThreadingHTTPServer):
         self.token = token
         self.idle_timeout = idle_timeout
         self._thread = None
+        files = raise_open_file_limit()
+        limit = MAX_CONNECTIONS if files is None else max(8, min(MAX_CONNECTIONS, (files - 64) // 2))
+        self.connections = Connections(limit)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         try:
@@ -854,6 +1315,20 @@ class PromoterServer(ThreadingHTTPServer):
         # can leave the machine and stall for seconds. The name is not needed.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: make room, and wait a moment rather than
+                # spin on a listening socket that stays readable.
+                self.connections.shed()
+                time.sleep(0.05)
+            raise
+
+    def verify_request(self, request, client_address):
+        return self.connections.open(request)
 
     @property
     def url(self):
@@ -894,6 +1369,118 @@ class PromoterServer(ThreadingHTTPServer):
             log.debug("%s: connection dropped: %s", client_address[0], error)
         else:
             log.exception("error on the connection from %s", client_address[0])
+
+
+# -- The log ------------------------------------------------------------------------
+#
+# A terminal paused with Ctrl-S or a pipe nobody reads blocks writes: the log goes
+# through a bounded queue to one writer thread, so that only that thread waits.
+# What does not fit is dropped, and counted.
+
+
+def printable(text):
+    """text with non-printable characters escaped: names and headers from the
+    network or the folder must not move the cursor or recolour the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        message = printable(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            message = "%s: %s" % (record.levelname.lower(), message)
+        line = "%s %s" % (time.strftime("%H:%M:%S", time.localtime(record.created)), message)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _Queue(logging.handlers.QueueHandler):
+    """Queues log lines without waiting; counts the ones that do not fit."""
+
+    def __init__(self, queue):
+        super().__init__(queue)
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except _queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def take_dropped(self):
+        with self._lock:
+            dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
+class _Writer(logging.StreamHandler):
+    """Writes the queued lines, first saying how many were dropped, if any."""
+
+    def __init__(self, stream, source):
+        super().__init__(stream)
+        self.source = source
+
+    def emit(self, record):
+        dropped = self.source.take_dropped()
+        if dropped:
+            self.stream.write("%s warning: %d log line%s dropped: the output was blocked\n" % (
+                time.strftime("%H:%M:%S"), dropped, "" if dropped == 1 else "s"))
+        super().emit(record)
+
+
+class _FdStream:
+    """stderr's descriptor, written directly: a write blocked on a full pipe then
+    holds no lock of sys.stderr, which the interpreter takes to exit."""
+
+    def __init__(self, fd, encoding):
+        self.fd = fd
+        self.encoding = encoding
+
+    def write(self, text):
+        data = text.encode(self.encoding, "backslashreplace")
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def flush(self):
+        pass
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The writer thread; stopping it waits a moment, not for a blocked terminal."""
+
+    def enqueue_sentinel(self):
+        try:
+            self.queue.put(self._sentinel, timeout=1)
+        except _queue.Full:
+            pass
+
+    def stop(self):
+        self.enqueue_sentinel()
+        self._thread.join(2)
+        self._thread = None
+
+
+def _start_log(level):
+    """Send the log to stderr through a bounded queue; returns the listener to stop."""
+    try:
+        stream = _FdStream(sys.stderr.fileno(), sys.stderr.encoding or "utf-8")
+    except (AttributeError, OSError, ValueError):
+        stream = sys.stderr  # not a real file (under a test runner)
+    queue = _queue.Queue(LOG_QUEUE)
+    source = _Queue(queue)
+    source.setFormatter(_Formatter())
+    writer = _Writer(stream, source)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(source)
+    log.setLevel(level)
+    listener = _Listener(queue, writer)
+    listener.start()
+    return listener
 
 
 # -- Command line --------------------------------------------------------------------
@@ -937,6 +1524,8 @@ def build_parser():
         value = float(text)
         if not value > 0 or value == float("inf"):
             raise ValueError(text)
+        if value > MAX_SECONDS:  # a timer that long overflows the system's
+            raise argparse.ArgumentTypeError("%r is too long: at most %d seconds" % (text, MAX_SECONDS))
         return value
 
     positive.__name__ = "positive number"
@@ -977,25 +1566,19 @@ def build_parser():
     return parser
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record):
-        message = super().format(record)
-        if record.levelno >= logging.WARNING:
-            message = "%s: %s" % (record.levelname.lower(), message)
-        return "%s %s" % (time.strftime("%H:%M:%S", time.localtime(record.created)), message)
-
-
 def main(argv=None):
     import signal
 
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_Formatter())
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     if args.token == "":
         print("ota_promoter.py: error: the token is empty (see --help)", file=sys.stderr)
         return 2
+    if args.token is not None and not (args.token.isascii() and args.token.isprintable()):
+        # A client sends its header as ASCII: such a token could never match.
+        print("ota_promoter.py: error: the token must be printable ASCII characters (see --help)",
+              file=sys.stderr)
+        return 2
+    writer = _start_log(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     # Ctrl-C and a service manager's SIGTERM both end in a clean exit 0, even when
     # started in the background, where the shell ignores SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1014,6 +1597,7 @@ def main(argv=None):
     finally:
         if server is not None:
             server.close()
+        writer.stop()
     return 0
 
 

@@ -408,14 +408,24 @@ def test_previous_version_stays_downloadable_and_older_ones_go(tree):
     assert p.blob(c1) is None
 
 
-def test_past_the_store_limit_a_changed_file_is_refused_not_served(tree):
+def test_past_the_store_limit_files_are_served_from_a_private_copy(tree):
     write(tree, "big.bin", b"A" * 1000)
     p = Promoter(str(tree), store_limit=100)
     blob = p.blob(checksum(b"A" * 1000, "big.bin"))
-    assert blob.data is None  # over the limit: re-read from disk per download
+    assert blob.data is None  # over the limit: kept in a private copy, not in memory
     assert p.read(blob) == b"A" * 1000
     write(tree, "big.bin", b"B" * 1000)  # changed, not yet polled
-    assert p.read(blob) is None
+    assert p.read(blob) == b"A" * 1000  # the bytes that were hashed, still
+    settle(p)
+    assert p.read(blob) == b"A" * 1000  # the version before stays downloadable
+    write(tree, "big.bin", b"C" * 1000)
+    settle(p)
+    assert p.blob(blob.checksum) is None
+    assert p.read(blob) is None  # two versions on: the copy is removed
+    folder = p.store._folder
+    assert sorted(os.listdir(folder)) == [checksum(b"B" * 1000, "big.bin"), checksum(b"C" * 1000, "big.bin")]
+    p.stop()
+    assert not os.path.exists(folder)
 
 
 def test_store_limit_counts_each_held_file_once(tree):
@@ -426,7 +436,7 @@ def test_store_limit_counts_each_held_file_once(tree):
     assert held == ["a.py"]
     for _ in range(4):  # racy rehashing must not leak into the count
         p.poll_once()
-    assert p._held == 60
+    assert p.store.held == 60
 
 
 # -- Construction errors ---------------------------------------------------------------
