@@ -110,6 +110,9 @@ def test_port_in_use(tree):
     (["--interval", "0"], "argument --interval: invalid positive number value: '0'"),
     (["--interval", "-1"], "argument --interval: invalid positive number value: '-1'"),
     (["--idle-timeout", "nan"], "argument --idle-timeout: invalid positive number value: 'nan'"),
+    # Past this, timers overflow later, while serving.
+    (["--idle-timeout", "9.3e9"], "argument --idle-timeout: '9.3e9' is too long: at most 86400 seconds"),
+    (["--interval", "1e10"], "argument --interval: '1e10' is too long: at most 86400 seconds"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["-q", "-v"], "argument -v/--verbose: not allowed with argument -q/--quiet"),
     (["a", "b"], "unrecognized arguments: b"),
@@ -122,6 +125,11 @@ def test_bad_options(tree, args, message):
 
 def test_empty_token(tree):
     assert_user_error(run(str(tree), "--token", ""), "the token is empty (see --help)")
+
+
+@pytest.mark.parametrize("args, env", [(["--token", "sécret"], None), ([], {"OTA_TOKEN": "tok\x1b"})])
+def test_a_token_no_client_could_send_is_refused(tree, args, env):
+    assert_user_error(run(str(tree), *args, env=env), "the token must be printable ASCII characters (see --help)")
 
 
 def test_address_not_on_this_machine(tree):
