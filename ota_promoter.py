@@ -403,10 +403,13 @@ def _walk_key_of_link(link):
 def _stat_files(folder, prefix, real, names, walk):
     # Relative to the folder's descriptor, as os.scandir does: a stat by full
     # path would look up every folder above again, for every file.
-    files, same = walk.files, real == prefix
+    files, same, at = walk.files, real == prefix, _AT
     for path, name in names:
         try:
-            st = _lstat_in(folder, name)
+            if at:  # inline: this loop is most of the poll of an unchanged tree
+                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            else:
+                st = os.lstat(os.path.join(folder, name))
         except FileNotFoundError:
             continue  # removed since the folder was read
         except OSError as e:
@@ -587,9 +590,11 @@ class ContentStore:
 
     def open(self, blob):
         """The private copy of blob, open for reading; None if it is gone."""
+        if self._folder is None:
+            return None
         try:
             return open(os.path.join(self._folder, blob.checksum), "rb")
-        except (OSError, TypeError):
+        except OSError:
             return None
 
     def read(self, blob):
@@ -1036,10 +1041,6 @@ class Handler(BaseHTTPRequestHandler):
         self._responded = False
         super().handle_one_request()
 
-    def finish(self):
-        self.server.connections.close(self.connection)
-        super().finish()
-
     def __getattr__(self, name):
         # http.server looks up do_<METHOD>: every method reaches _dispatch, which
         # answers 405 for all but GET and HEAD instead of http.server's 501.
@@ -1330,6 +1331,11 @@ class PromoterServer(ThreadingHTTPServer):
     def verify_request(self, request, client_address):
         return self.connections.open(request)
 
+    def shutdown_request(self, request):
+        # Every connection ends here: refused, served, or failed to start a thread.
+        self.connections.close(request)
+        super().shutdown_request(request)
+
     @property
     def url(self):
         host, port = self.server_address[:2]
@@ -1393,7 +1399,8 @@ class _Formatter(logging.Formatter):
             message = "%s: %s" % (record.levelname.lower(), message)
         line = "%s %s" % (time.strftime("%H:%M:%S", time.localtime(record.created)), message)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            line += "".join("\n" + printable(part) for part in trace.split("\n"))
         return line
 
 
