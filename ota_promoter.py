@@ -142,8 +142,8 @@ def _open_root(root):
     """A handle on the promoted folder itself (a symlink to it is fine)."""
     if _AT:
         return os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    if not os.path.isdir(root):
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", root)
+    if not stat.S_ISDIR(os.stat(root).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), root)
     return root
 
 
@@ -153,7 +153,7 @@ def _open_folder(parent, name):
         return os.open(name, _FOLDER_FLAGS, dir_fd=parent)
     path = os.path.join(parent, name)
     if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return path
 
 
@@ -172,28 +172,42 @@ def _lstat_in(folder, name):
     return os.lstat(os.path.join(folder, name))
 
 
-def _open_regular(root, real, st):
-    """Open the file at real (a path inside root) if it is still the regular file
-    of stat st; None if it changed since (a symlink, a fifo, another file)."""
-    parts = real.split("/")
+def _open_folders(root, names):
+    """A handle on the folder reached from root through names, following no
+    symlink; root itself if names is empty."""
     folder = root
     try:
-        for name in parts[:-1]:
+        for name in names:
             inner = _open_folder(folder, name)
             if folder is not root:
                 _close(folder)
             folder = inner
-        if _AT:
-            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder)
-        else:
-            fd = os.open(os.path.join(folder, parts[-1]), _FILE_FLAGS)
+    except BaseException:
+        if folder is not root:
+            _close(folder)
+        raise
+    return folder
+
+
+def _open_regular(root, real, st):
+    """Open the file at real (a path inside root) if it is still the regular file
+    of stat st; None if it changed since (a symlink, a fifo, another file)."""
+    *folders, name = real.split("/")
+    try:
+        folder = _open_folders(root, folders)
+        try:
+            if _AT:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
+            else:
+                fd = os.open(os.path.join(folder, name), _FILE_FLAGS)
+        finally:
+            if folder is not root:
+                _close(folder)
     except OSError as e:
+        # ELOOP (EMLINK on FreeBSD): a symlink; ENXIO: a socket or a device.
         if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EMLINK):
             return None  # swapped or removed since the scan: the next scan sees it
         raise
-    finally:
-        if folder is not root:
-            _close(folder)
     opened = os.fstat(fd)
     if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
@@ -375,25 +389,21 @@ class Scanner:
         # Reach the target from DIR without following anything: the names
         # realpath gave may have been swapped since.
         real = os.path.relpath(target, real_root).replace(os.sep, "/")
-        parts = real.split("/")
-        folder = root
+        *folders, name = real.split("/")
         try:
-            for part in parts[:-1]:
-                inner = _open_folder(folder, part)
+            folder = _open_folders(root, folders)
+            try:
+                st = _lstat_in(folder, name)
+                if stat.S_ISREG(st.st_mode):
+                    walk.files.append((path, st, real))
+                elif stat.S_ISDIR(st.st_mode):
+                    inner = _open_folder(folder, name)
+                    self._walk(inner, _stat_handle(inner), path + "/", real + "/", walk)
+            finally:
                 if folder is not root:
                     _close(folder)
-                folder = inner
-            st = _lstat_in(folder, parts[-1])
-            if stat.S_ISREG(st.st_mode):
-                walk.files.append((path, st, real))
-            elif stat.S_ISDIR(st.st_mode):
-                inner = _open_folder(folder, parts[-1])
-                self._walk(inner, _stat_handle(inner), path + "/", real + "/", walk)
         except OSError:
             return  # dangling, or changed while we looked: the next scan sees it
-        finally:
-            if folder is not root:
-                _close(folder)
 
 
 def _walk_key_of_link(link):
