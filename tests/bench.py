@@ -181,6 +181,50 @@ def bench_http(work, rounds=9, downloads=60):
     return {name: (statistics.median(rps[name]), download[name]) for name in servers}
 
 
+# -- Memory of concurrent downloads of a big file ---------------------------------------
+
+
+def rss(pid, field):
+    """A size from /proc/<pid>/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def bench_memory(work, size=256 * 1024 * 1024, clients=8):
+    """Server RSS before and at its peak while `clients` download a file of `size`
+    bytes at once: the server holds the file in a private copy, not in memory."""
+    import threading
+
+    folder = os.path.join(work, "memory")
+    os.makedirs(folder)
+    h = ota_promoter.hashlib.sha1()
+    with open(os.path.join(folder, "big.bin"), "wb") as f:
+        for _ in range(size // (1 << 20)):
+            block = os.urandom(1 << 20)
+            h.update(block)
+            f.write(block)
+    h.update(b"big.bin")
+    process, port = ours(folder)
+    try:
+        before = rss(process.pid, "VmRSS")
+
+        def download():
+            get(port, "/files/" + h.hexdigest(), bytearray(1 << 20))
+
+        threads = [threading.Thread(target=download) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return size, clients, before, rss(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 # -- From a save to a board's wake-up --------------------------------------------------
 
 
@@ -256,6 +300,12 @@ def main():
                  max(save_to_wake) / interval, (2 * interval + 0.1) * 1e3))
         print("  publish -> wake-up: median %.1f ms, worst %.1f ms (target <= 50 ms)"
               % (statistics.median(publish_to_wake) * 1e3, max(publish_to_wake) * 1e3))
+        if os.path.exists("/proc/self/status"):
+            size, clients, before, peak = bench_memory(work)
+            print()
+            print("6. %d concurrent downloads of a %d MB file (MB = 2**20 bytes)" % (clients, size >> 20))
+            print("  server RSS %.1f MB before, peak %.1f MB: %.2f of the file's size"
+                  % (before / 2**20, peak / 2**20, peak / size))
     finally:
         shutil.rmtree(work)
 

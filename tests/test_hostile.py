@@ -347,6 +347,12 @@ def test_1100_idle_connections_do_not_lock_out_a_normal_request(tree, capsys):
         with capsys.disabled():
             print("\n  1,100 idle connections, 256 descriptors: answered; %.2f s of CPU in 1 s" % busy)
         assert busy < 0.5  # the old accept loop spun at 76-100%
+        # Room was made by closing the oldest idle connections; the newest stay.
+        idle[0].settimeout(TIMEOUT)
+        assert idle[0].recv(1) == b""
+        idle[-1].settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            idle[-1].recv(1)
     finally:
         for s in idle:
             s.close()
