@@ -272,7 +272,7 @@ class _Walk:
         self.entered = {}  # (st_dev, st_ino) of each folder entered -> its promoted prefix
         self.listings = {}
         self.stale = set()  # folders whose cached listing no longer matches them
-        self.links = []  # (promoted path, name in its folder) of symlinks met
+        self.links = []  # promoted paths of the symlinks met
 
 
 class Scanner:
@@ -296,18 +296,23 @@ class Scanner:
     def scan(self, root, ignored=None, problems=None):
         """(promoted path, stat, real path) of each file under root, a handle from _open_root."""
         walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS)
-        self._walk(root, _stat_handle(root), "", "", walk, own=False)
+        self._walk(root, "", "", walk, own=False)
         while walk.links:  # in walk order, so that the same link wins each time
-            links, walk.links = sorted(walk.links, key=_walk_key_of_link), []
-            for path, real in links:
-                self._follow(root, path, real, walk)
+            links, walk.links = sorted(walk.links, key=walk_key), []
+            for path in links:
+                self._follow(root, path, walk)
         self._listings = {k: v for k, v in walk.listings.items() if k not in walk.stale}
         return walk.files
 
-    def _walk(self, handle, st, prefix, real, walk, own=True):
+    def _walk(self, handle, prefix, real, walk, own=True):
         """Walk the real folders under handle with an explicit stack, one
         descriptor per level; closes handle if own."""
-        folders = self._visit(handle, st, prefix, real, walk)
+        try:
+            folders = self._visit(handle, _stat_handle(handle), prefix, real, walk)
+        except BaseException:
+            if own:
+                _close(handle)
+            raise
         if folders is None:
             if own:
                 _close(handle)
@@ -376,7 +381,7 @@ class Scanner:
         walk.links += links
         return folders
 
-    def _follow(self, root, path, name, walk):
+    def _follow(self, root, path, walk):
         """Follow the symlink at promoted path, if it resolves inside DIR."""
         real_root = os.path.realpath(self.root)
         target = os.path.realpath(os.path.join(self.root, path))
@@ -397,17 +402,14 @@ class Scanner:
                 if stat.S_ISREG(st.st_mode):
                     walk.files.append((path, st, real))
                 elif stat.S_ISDIR(st.st_mode):
-                    inner = _open_folder(folder, name)
-                    self._walk(inner, _stat_handle(inner), path + "/", real + "/", walk)
+                    self._walk(_open_folder(folder, name), path + "/", real + "/", walk)
             finally:
                 if folder is not root:
                     _close(folder)
-        except OSError:
-            return  # dangling, or changed while we looked: the next scan sees it
-
-
-def _walk_key_of_link(link):
-    return walk_key(link[0])
+        except OSError as e:
+            # Gone or swapped while we looked: the next scan sees it.
+            if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                walk.problems[path] = "cannot read: %s" % (e.strerror or e)
 
 
 def _stat_files(folder, prefix, real, names, walk):
@@ -455,7 +457,7 @@ def _list_folder(folder, prefix, key, ignored):
                 elif entry.is_dir(follow_symlinks=False):
                     folders.append(name)
                 elif entry.is_symlink():
-                    links.append((path, name))
+                    links.append(path)
                 # Sockets, fifos and devices are not files a board can use.
             except OSError:
                 continue  # removed while we looked
@@ -534,6 +536,10 @@ def _json(obj):
 
 
 # -- The content store ----------------------------------------------------------------
+
+
+class _StillGrowing(Exception):
+    """A file read for hashing is longer than its stat said, by more than a chunk."""
 
 
 class ContentStore:
@@ -619,9 +625,7 @@ class ContentStore:
 
     def keep(self, blobs):
         """Let go of everything but blobs: the held count drops, copies are removed."""
-        live = {}
-        for b in blobs:
-            live[id(b)] = b
+        live = {id(b): b for b in blobs}
         self.held = sum(b.size for b in live.values() if b.data is not None)
         wanted = {b.checksum for b in live.values() if b.data is None}
         for checksum in self._copies - wanted:
@@ -637,11 +641,8 @@ class ContentStore:
         """Remove the private copies."""
         if self._cleanup is not None:
             self._cleanup()
+        self._folder = self._cleanup = None
         self._copies = set()
-
-
-class _StillGrowing(Exception):
-    """A file read for hashing is longer than its stat said, by more than a chunk."""
 
 
 # -- The watcher ---------------------------------------------------------------------
@@ -973,6 +974,7 @@ class Connections:
             return True
 
     def close(self, sock):
+        """The connection ended."""
         with self._lock:
             self._idle.pop(sock, None)
             self._busy.discard(sock)
@@ -986,11 +988,12 @@ def raise_open_file_limit():
     except ImportError:
         return None  # Windows
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= hard:
-        return soft if soft != resource.RLIM_INFINITY else None
-    for wanted in (hard, 10240):  # macOS refuses more than OPEN_MAX (10240)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for wanted in (target, 10240):  # macOS refuses more than OPEN_MAX (10240)
+        if wanted <= soft:
+            break
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             return wanted

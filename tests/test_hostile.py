@@ -208,6 +208,20 @@ def test_a_file_swapped_for_a_symlink_to_dev_zero_is_not_read(tree):
     assert polls > 50
 
 
+def test_a_fifo_or_device_as_promoterignore_is_not_read(tree):
+    write(tree, "main.py", "m")
+    os.mkfifo(os.path.join(str(tree), ota_promoter.IGNORE_FILE))
+    made = []
+    t = threading.Thread(target=lambda: made.append(Promoter(str(tree))), daemon=True)
+    t.start()
+    t.join(TIMEOUT)
+    assert made, "the scan blocked on the fifo"
+    os.remove(os.path.join(str(tree), ota_promoter.IGNORE_FILE))
+    os.symlink("/dev/zero", os.path.join(str(tree), ota_promoter.IGNORE_FILE))
+    poll_within(made[0])
+    assert [f["path"] for f in made[0].manifest()] == ["main.py"]
+
+
 # -- 3. Downloads of big files use bounded memory ------------------------------------------
 
 SERVER = """
