@@ -723,8 +723,8 @@ class Promoter:
 
     def _poll(self, first):
         problems = {}
+        ignored = self._load_ignore()
         try:
-            ignored = self._load_ignore()
             root = _open_root(self.root)
         except OSError as e:
             return self._lost(e)
@@ -738,6 +738,7 @@ class Promoter:
             _close(root)
 
     def _lost(self, e):
+        """Say once that DIR cannot be read: the last version stays published."""
         if not self._root_lost:
             log.error(
                 "cannot read folder %s (%s); still serving version %s",
@@ -1473,6 +1474,10 @@ class _FdStream:
 class _Listener(logging.handlers.QueueListener):
     """The writer thread; stopping it waits a moment, not for a blocked terminal."""
 
+    def __init__(self, source, writer):
+        super().__init__(source.queue, writer)
+        self.source = source
+
     def enqueue_sentinel(self):
         try:
             self.queue.put(self._sentinel, timeout=1)
@@ -1480,6 +1485,7 @@ class _Listener(logging.handlers.QueueListener):
             pass
 
     def stop(self):
+        log.removeHandler(self.source)
         self.enqueue_sentinel()
         self._thread.join(2)
         self._thread = None
@@ -1498,7 +1504,7 @@ def _start_log(level):
     writer.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(source)
     log.setLevel(level)
-    listener = _Listener(queue, writer)
+    listener = _Listener(source, writer)
     listener.start()
     return listener
 
@@ -1603,21 +1609,23 @@ def main(argv=None):
     # started in the background, where the shell ignores SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = None
+    server, error = None, None
     try:
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore)
         server = promoter.serve(args.host, args.port, token=args.token, idle_timeout=args.idle_timeout)
         _announce(promoter, server, args)
         server.serve_forever()
     except PromoterError as e:
-        print("ota_promoter.py: error: %s" % e, file=sys.stderr)
-        return 2
+        error = e
     except KeyboardInterrupt:
         log.info("stopped")
     finally:
         if server is not None:
             server.close()
-        writer.stop()
+        writer.stop()  # the lines logged so far come before the error
+    if error is not None:
+        print("ota_promoter.py: error: %s" % error, file=sys.stderr)
+        return 2
     return 0
 
 
