@@ -159,6 +159,7 @@ def test_banner_serves_and_ctrl_c_exits_0(tree, running):
         "ota-promoter %s: serving %s, 2 files, version %s"
         % (ota_promoter.__version__, tree, ota_promoter.Promoter(str(tree)).version[:7]),
         "  " + url,
+        ".py files are published once they compile with %s" % ota_promoter.SourceCheck.find().name,
         'on the board: import ota; ota.update("%s")' % url,
     ]
     assert request(url, "/files/version").status == 200

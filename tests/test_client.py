@@ -755,7 +755,7 @@ def external():
 
     def start(tree):
         port = free_port()
-        started.append(Running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q"))
+        started.append(Running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q", "--no-check"))
         url = "http://127.0.0.1:%d" % port
         deadline = time.monotonic() + TIMEOUT
         while True:

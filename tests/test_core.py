@@ -139,6 +139,15 @@ def test_promoterignore_regexes_are_anchored_and_live(tree, caplog):
     assert caplog.records == []
 
 
+def test_promoterignore_alternation_matches_whole_paths_unlike_the_original(tree):
+    # The original searches ^secret|private$: it would also skip secret_key.py and
+    # my_private. Here the whole line must match the whole path.
+    for path in ["secret", "private", "secret_key.py", "my_private", "main.py"]:
+        os.utime(write(tree, path, path), (1_000_000_000, 1_000_000_000))
+    write(tree, ".promoterignore", "secret|private\n")
+    assert paths(Promoter(str(tree))) == ["main.py", "my_private", "secret_key.py"]
+
+
 def test_invalid_promoterignore_line_is_reported_and_the_rest_applies(tree, caplog):
     write(tree, "main.py", "x")
     write(tree, "secret.py", "x")

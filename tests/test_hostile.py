@@ -21,7 +21,7 @@ from ota_promoter import Promoter
 from conftest import ROOT, TIMEOUT, checksum, raw_request, request, settle, write
 from test_cli import free_port, running  # noqa: F401 (a fixture)
 
-INSIDE = b"inside, fine to publish\n"
+INSIDE = b"INSIDE = \"fine to publish\"\n"
 OUTSIDE = b"OUTSIDE-SECRET, never to be published\n"
 LONG_AGO = (1_000_000_000, 1_000_000_000)
 RACE_SECONDS = 1.5  # each race runs this long, many polls
@@ -176,7 +176,7 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
         time.sleep(RACE_SECONDS)
     swap_in(tree, "x.py", lambda t: os.link(keep, t))
     assert flipper.flips > 50
-    os.utime(write(tree, "after.py", "saved after the swaps"), LONG_AGO)
+    os.utime(write(tree, "after.py", "SAVED = \"after the swaps\"\n"), LONG_AGO)
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:

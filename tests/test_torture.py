@@ -119,7 +119,7 @@ def test_load_with_edits(tree, capsys):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, str(tree), "--host", "127.0.0.1", "--port", str(port),
-         "--interval", "0.2", "-q"],
+         "--interval", "0.2", "-q", "--no-check"],  # the writer's .py files are random bytes
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     published = {}  # version -> time published
@@ -132,6 +132,7 @@ def test_load_with_edits(tree, capsys):
             order.append(version)
 
     threading.Thread(target=read_publishes, daemon=True).start()
+    stop_polling, stop_downloading = threading.Event(), threading.Event()
     try:
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -145,7 +146,6 @@ def test_load_with_edits(tree, capsys):
         rss_before = proc_status(server.pid, "VmRSS")
         first_version = json.loads(body)["version"]
 
-        stop_polling, stop_downloading = threading.Event(), threading.Event()
         lock = threading.Lock()
         counts = {"long-polls": 0, "downloads": 0, "manifests": 0, "refused (changed)": 0}
         errors = []
@@ -242,6 +242,8 @@ def test_load_with_edits(tree, capsys):
         # is what the allocator keeps of what 220 connections' threads used.
         assert rss_after - rss_before < 32 * 1024, "RSS grew by %d KB" % (rss_after - rss_before)
     finally:
+        stop_polling.set()  # a failed assertion must not leave 220 threads behind
+        stop_downloading.set()
         server.terminate()
         server.wait(TIMEOUT)
         server.stdout.close()
