@@ -1460,6 +1460,8 @@ class PromoterServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 256  # a bench of boards may all connect at once
+    # On Windows SO_REUSEADDR lets a second server take a port in use, silently.
+    allow_reuse_address = os.name != "nt"
 
     def __init__(self, promoter, address, token=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
         self.promoter = promoter
@@ -1484,6 +1486,8 @@ class PromoterServer(ThreadingHTTPServer):
     def server_bind(self):
         # HTTPServer.server_bind looks the host up with getfqdn: a DNS query that
         # can leave the machine and stall for seconds. The name is not needed.
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: a port in use is refused
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
@@ -1769,6 +1773,8 @@ def main(argv=None):
     # started in the background, where the shell ignores SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, the one a console can send a child
+        signal.signal(signal.SIGBREAK, signal.default_int_handler)
     server, error = None, None
     try:
         check = SourceCheck.find() if args.check else None

@@ -16,6 +16,41 @@ import ota_promoter  # noqa: E402
 TIMEOUT = 10  # seconds; the bound on every wait in the tests
 
 
+# -- What this system can do: tests of what it cannot are skipped, saying why ---------
+
+
+def _can_symlink():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            os.symlink(folder, os.path.join(folder, "link"))
+            return True
+        except (OSError, NotImplementedError):
+            return False
+
+
+def _case_sensitive():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        open(os.path.join(folder, "a"), "w").close()
+        return not os.path.exists(os.path.join(folder, "A"))
+
+
+needs_symlinks = pytest.mark.skipif(
+    not _can_symlink(), reason="this user cannot make symlinks (Windows: turn on Developer Mode)")
+needs_posix = pytest.mark.skipif(
+    os.name != "posix", reason="fifos, sockets, devices, fork and rlimits are POSIX features")
+needs_proc = pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="reads process facts from /proc (Linux)")
+needs_case_sensitive_fs = pytest.mark.skipif(
+    not _case_sensitive(), reason="the temporary folder's file system folds case (macOS, Windows)")
+needs_any_name = pytest.mark.skipif(
+    sys.platform in ("win32", "darwin"),
+    reason="Windows forbids control characters, backslashes and edge spaces in names; macOS, names not UTF-8")
+
+
 def write(root, path, data):
     """Create or overwrite root/path (folders made as needed); returns the full path."""
     full = os.path.join(str(root), *path.split("/"))

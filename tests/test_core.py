@@ -6,7 +6,6 @@ import os
 import socket
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 
@@ -14,7 +13,9 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, PromoterError
-from conftest import TIMEOUT, checksum, settle, write
+from conftest import (
+    TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks, settle, write,
+)
 
 README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
 README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"
@@ -66,6 +67,7 @@ def test_empty_folder_has_no_files_and_the_empty_version(tree):
     assert p.version == EMPTY_VERSION
 
 
+@needs_case_sensitive_fs
 def test_walk_order_sorts_by_path_components(tree):
     for path in ["a.py", "a/b.py", "a/c/d.py", "a-b.py", "B.py", "b.py", "a/a.py", "z/y.py"]:
         write(tree, path, path)
@@ -98,15 +100,23 @@ def test_skip_rules(tree):
         ".hidden/inside.py",
     ]:
         write(tree, skipped, "secret")
+    assert paths(Promoter(str(tree))) == ["main.py"]
+
+
+@needs_posix
+def test_fifos_and_sockets_are_skipped(tree, monkeypatch):
+    write(tree, "main.py", "x")
     os.mkfifo(os.path.join(str(tree), "fifo"))
+    monkeypatch.chdir(str(tree))  # a socket's path is limited to about 100 bytes
     sock = socket.socket(socket.AF_UNIX)
-    sock.bind(os.path.join(str(tree), "sock"))
+    sock.bind("sock")
     try:
         assert paths(Promoter(str(tree))) == ["main.py"]
     finally:
         sock.close()
 
 
+@needs_any_name
 def test_bad_names_are_skipped_with_one_warning_each(tree, caplog):
     write(tree, "ok.py", "x")
     write(tree, "back\\slash.py", "x")
@@ -167,6 +177,7 @@ def test_ignore_globs_match_path_and_basename(tree):
     assert paths(p) == ["lib/x.py", "main.py"]
 
 
+@needs_symlinks
 def test_symlink_inside_is_followed_and_outside_is_skipped_once(tree, tmp_path, caplog):
     write(tree, "lib/real.py", "inside")
     outside = write(tmp_path, "outside/secret.py", "outside")
@@ -189,6 +200,7 @@ def test_symlink_inside_is_followed_and_outside_is_skipped_once(tree, tmp_path, 
     assert warnings[2].startswith("skipping lib/up: symlink points outside the folder")
 
 
+@needs_symlinks
 def test_symlink_loop_inside_the_folder_is_skipped(tree, caplog):
     write(tree, "lib/x.py", "x")
     os.symlink("..", os.path.join(str(tree), "lib/loop"))
@@ -198,6 +210,7 @@ def test_symlink_loop_inside_the_folder_is_skipped(tree, caplog):
     assert [r.getMessage() for r in caplog.records] == ["skipping lib/loop: symlink loops back to a folder above it"]
 
 
+@needs_posix
 def test_unreadable_file_is_skipped_with_one_warning():
     # Root reads any file, so the scan runs in a forked child that gives up root,
     # on a folder that user can reach.
@@ -265,7 +278,7 @@ def test_deleted_file_and_folder_are_unpublished(tree):
     os.remove(os.path.join(str(tree), "main.py"))
     assert p.poll_once() is True
     assert paths(p) == ["lib/sub/y.py", "lib/x.py"]
-    subprocess.run(["rm", "-r", os.path.join(str(tree), "lib/sub")], check=True)
+    shutil.rmtree(os.path.join(str(tree), "lib/sub"))
     assert p.poll_once() is True
     assert paths(p) == ["lib/x.py"]
 

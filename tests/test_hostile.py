@@ -18,7 +18,10 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import ROOT, TIMEOUT, checksum, raw_request, request, settle, write
+from conftest import (
+    ROOT, TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
+    raw_request, request, settle, write,
+)
 from test_cli import free_port, running  # noqa: F401 (a fixture)
 
 INSIDE = b"INSIDE = \"fine to publish\"\n"
@@ -86,6 +89,7 @@ def published_bytes(promoter):
 
 
 @pytest.mark.parametrize("store_limit", [ota_promoter.STORE_LIMIT, 0])
+@needs_symlinks
 def test_a_file_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path, serve, store_limit):
     outside = write(tmp_path, "outside.txt", OUTSIDE)
     keep = write(tree, ".keep/x.py", INSIDE)  # the same inode, linked in and out
@@ -111,6 +115,7 @@ def test_a_file_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_pa
     assert leaked not in [f["checksum"] for f in p.manifest()]
 
 
+@needs_symlinks
 def test_a_folder_swapped_for_a_symlink_is_not_entered_even_with_its_parents_mtime_set_back(tree, tmp_path, serve, caplog):
     write(tmp_path, "outdir/id_rsa", OUTSIDE)
     os.utime(write(tree, "sub/id_rsa", INSIDE), LONG_AGO)
@@ -132,6 +137,7 @@ def test_a_folder_swapped_for_a_symlink_is_not_entered_even_with_its_parents_mti
         "skipping sub: symlink points outside the folder, to %r" % str(tmp_path / "outdir")]
 
 
+@needs_symlinks
 def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path):
     outdir = str(tmp_path / "outdir")
     os.utime(write(outdir, "id_rsa", OUTSIDE), LONG_AGO)
@@ -164,6 +170,7 @@ def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_
 # -- 2. Special files never block or exhaust the server ---------------------------------
 
 
+@needs_posix
 def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree, running):
     keep = write(tree, ".keep/x.py", INSIDE)
     os.utime(keep, LONG_AGO)
@@ -190,6 +197,7 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
     assert app.stop(signal.SIGTERM) == (0, [])
 
 
+@needs_posix
 def test_a_file_swapped_for_a_symlink_to_dev_zero_is_not_read(tree):
     keep = write(tree, ".keep/x.py", INSIDE)
     os.utime(keep, LONG_AGO)
@@ -208,6 +216,7 @@ def test_a_file_swapped_for_a_symlink_to_dev_zero_is_not_read(tree):
     assert polls > 50
 
 
+@needs_posix
 def test_a_fifo_or_device_as_promoterignore_is_not_read(tree):
     write(tree, "main.py", "m")
     os.mkfifo(os.path.join(str(tree), ota_promoter.IGNORE_FILE))
@@ -374,7 +383,7 @@ def test_1100_idle_connections_do_not_lock_out_a_normal_request(tree, capsys):
         server.wait(TIMEOUT)
 
 
-@pytest.mark.skipif(not hasattr(__import__("resource"), "prlimit"), reason="reads another process's limits")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resource.prlimit reads another process's limits on Linux")
 def test_the_open_file_soft_limit_is_raised_to_the_hard_one(tree):
     import resource
 
@@ -404,6 +413,7 @@ def remove_deep(folder):
         os.rmdir(stack.pop())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="makes paths of 2,000 characters, past macOS's and Windows's limits")
 def test_a_folder_1000_deep_is_skipped_with_one_warning_and_the_rest_published(tree, caplog):
     write(tree, "main.py", "x")
     deep = str(tree)
@@ -424,6 +434,7 @@ def test_a_folder_1000_deep_is_skipped_with_one_warning_and_the_rest_published(t
         "skipping %s: folder nested deeper than %d levels" % ("/".join(["d"] * depth), depth)]
 
 
+@needs_symlinks
 def test_symlinks_branching_to_the_same_folders_enter_each_once(tree, caplog):
     levels = 12
     for i in range(levels + 1):
@@ -440,6 +451,7 @@ def test_symlinks_branching_to_the_same_folders_enter_each_once(tree, caplog):
         for i in range(levels) for link in ("a", "b"))
 
 
+@needs_symlinks
 def test_a_symlink_to_a_hidden_folder_is_promoted_once(tree, caplog):
     write(tree, ".shared/util.py", "u")
     os.symlink(".shared", os.path.join(str(tree), "lib"))
@@ -454,6 +466,7 @@ def test_a_symlink_to_a_hidden_folder_is_promoted_once(tree, caplog):
 # -- 7, 12. Names a board cannot take ---------------------------------------------------------
 
 
+@needs_any_name
 def test_names_with_a_leading_or_trailing_space_are_skipped_with_one_warning(tree, caplog):
     for path in ["main.py", " lead.py", "trail.py ", " lib/x.py", "ok dir/in side.py"]:
         write(tree, path, "x")
@@ -468,6 +481,7 @@ def test_names_with_a_leading_or_trailing_space_are_skipped_with_one_warning(tre
     ]
 
 
+@needs_case_sensitive_fs
 def test_paths_equal_but_for_case_are_warned_of_once(tree, caplog):
     write(tree, "Config.py", "A")
     write(tree, "config.py", "a")
@@ -579,6 +593,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
         os.close(read_end)
 
 
+@needs_any_name
 def test_terminal_escapes_from_names_and_headers_are_shown_escaped(tree, running):
     write(tree, "README.txt", "hello\n")
     write(tree, "evil\x1b[2J.py", "x")  # skipped (a control character), with a warning

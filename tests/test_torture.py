@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, checksum, raw_request, request, settle, write
+from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
 from test_cli import free_port
 from test_client import CPythonBoard, files, promoted, publish
 
@@ -107,10 +108,11 @@ class Writer:
             if os.path.isdir(full):
                 for name in os.listdir(full):
                     self.files.discard(folder + "/" + name)
-                subprocess.run(["rm", "-rf", full], check=True)
+                shutil.rmtree(full)
         self.operations += 1
 
 
+@needs_proc
 def test_load_with_edits(tree, capsys):
     """200 long-polling boards and 20 downloaders while the folder changes for 30 s."""
     writer = Writer(tree)
