@@ -213,6 +213,30 @@ def test_a_file_already_there_with_the_wrong_size_is_rewritten(app, site):
         assert f.read() == b"import lib.x\n"
 
 
+def test_a_file_changed_since_the_scan_is_not_exported(app, site):
+    # Past the store limit, bytes are read again at export time and checked.
+    promoter = Promoter(str(app), interval=3600, store_limit=0)
+    write(app, "main.py", "changed since the scan\n")
+    with pytest.raises(ota_promoter.PromoterError) as e:
+        export(promoter, str(site))
+    assert str(e.value) == "'main.py' changed while it was exported: export again"
+    assert not os.path.exists(os.path.join(str(site), "files", "version"))
+
+
+def test_a_damaged_record_stops_the_export(app, site):
+    exported(app, site)
+    write(site, ".ota-export", "not a version\n")
+    result = run(str(app), "--export", str(site))
+    assert (result.returncode, result.stderr) == (2, "ota_promoter.py: error: %r line 1 is damaged: "
+                                                  "delete the file and export again\n" % str(site / ".ota-export"))
+    os.remove(str(site / ".ota-export"))
+    # Without it, the published manifest is what the next export keeps.
+    old = Promoter(str(app)).current
+    write(app, "main.py", "print(2)\n")
+    assert run(str(app), "--export", str(site), "--keep", "2").returncode == 0
+    assert set(b.checksum for b in old.blobs) <= set(content_files(site))
+
+
 # -- An export killed half-way -----------------------------------------------------------------
 
 _DYING = """
