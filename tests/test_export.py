@@ -1,7 +1,6 @@
 """--export: a site that nginx, python3 -m http.server or a CDN serves as-is."""
 
 import fcntl
-import hashlib
 import http.client
 import json
 import os
@@ -11,12 +10,13 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, export
-from conftest import ROOT, TIMEOUT, checksum, request, write
+from conftest import ROOT, TIMEOUT, Response, checksum, request, write
 from nginx import MISSING, NGINX, Nginx, free_port
 
 SCRIPT = os.path.join(ROOT, "ota_promoter.py")
@@ -40,8 +40,6 @@ def get(url, path, context=None, headers=None):
     try:
         conn.request("GET", path, headers=headers or {})
         r = conn.getresponse()
-        from conftest import Response
-
         return Response(r.status, r.headers, r.read())
     finally:
         conn.close()
@@ -496,8 +494,6 @@ def test_python_http_server_serves_the_export(app, site):
     )
     try:
         url = "http://127.0.0.1:%d" % port
-        import time
-
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
