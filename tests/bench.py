@@ -350,9 +350,8 @@ def bench_wire(work):
         context = ssl.create_default_context(cafile=cert) if scheme == "https" else None
         try:
             check = proxy.count(lambda: board_get(proxy.port, "/files/version", context))
-            main = os.path.join(app, "module00.py")
-            with open(main, "a") as f:
-                f.write("# %s\n" % scheme)
+            with open(os.path.join(app, "module00.py"), "r+") as f:
+                f.write("# update %-5s" % scheme)  # the same size for both
             promoter = ota_promoter.Promoter(app)
             ota_promoter.export(promoter, site)
             changed = promoter.current.by_path["module00.py"]
