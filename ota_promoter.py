@@ -8,11 +8,13 @@ each board can download just the files whose checksum differs:
     GET /files/version          {"version": "<sha1>"}; ?wait=S long-polls for a change
     GET /files                  {"files": [{"path": ..., "checksum": ...}], "version": ...}
     GET /files?format=text      the same as lines, sorted by path, for small devices
+    GET /files/manifest.txt     the same lines, at the path a static export gives them
     GET /files/<checksum>       the bytes of one file
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
 Usage: python3 ota_promoter.py [DIR] [--port 9090] [--token TOKEN]
+       python3 ota_promoter.py [DIR] --export SITE [--keep 3]   (for a static web server)
 Only the standard library is used: copy this file to any machine with Python 3.9+.
 """
 
@@ -1072,6 +1074,206 @@ class Promoter:
         return server
 
 
+# -- The static export ---------------------------------------------------------------
+#
+# For a fleet, a web server or a CDN serves the files instead of this process:
+#
+#   site/files/<checksum>      every file's bytes, written once, never rewritten
+#   site/files/manifest.txt    the /files?format=text body
+#   site/files.json            the /files body (a file "files" cannot sit next to files/)
+#   site/files/version         the /files/version body, written last
+#   site/.ota-export           the exported versions still kept, with their checksums
+#
+# A board may read the version, then the manifest, then the files, while the next
+# export lands: files go first, the version last, each through a temporary name
+# and a rename, and the files of the previous versions stay until --keep is passed.
+
+DEFAULT_KEEP = 3  # versions whose files an export keeps, the current one included
+EXPORT_RECORD = ".ota-export"
+_TEMPORARY = ".ota-tmp-"  # prefix of the names files are written under first
+
+
+def export(promoter, site, keep=DEFAULT_KEEP):
+    """Write the published version to site for a static web server.
+
+    Returns (written, kept, pruned): the files written, those already in site,
+    and the files of versions older than the last `keep` that were removed.
+    """
+    if keep < 1:
+        raise PromoterError("--keep must be at least 1, not %r" % keep)
+    if os.path.exists(site) and not os.path.isdir(site):
+        raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
+    files = os.path.join(site, "files")
+    try:
+        os.makedirs(files, exist_ok=True)
+        lock = _lock_site(site)
+        try:
+            return _export(promoter, site, files, keep)
+        finally:
+            if lock is not None:
+                os.close(lock)
+    except OSError as e:
+        where = " (%r)" % e.filename if e.filename and e.filename != site else ""
+        raise PromoterError("cannot export to %r: %s%s" % (site, e.strerror or e, where))
+
+
+def _export(promoter, site, files, keep):
+    version = promoter.current
+    for folder in (site, files):
+        for name in os.listdir(folder):
+            if name.startswith(_TEMPORARY):
+                os.remove(os.path.join(folder, name))  # left by an export that was killed
+    record = _read_record(site, files)
+    written = kept = 0
+    for blob in version.blobs:
+        try:
+            if os.stat(os.path.join(files, blob.checksum)).st_size == blob.size:
+                kept += 1
+                continue
+        except FileNotFoundError:
+            pass
+        data = promoter.read(blob)
+        if data is None:
+            raise PromoterError("%r changed while it was exported: export again" % blob.path)
+        _replace(files, blob.checksum, data)
+        written += 1
+    if written:
+        _sync(files)  # the renames reach the disk before a manifest names the files
+    # The record names the new version before any board can see it, so that an
+    # export killed from here on never loses track of files a board may fetch.
+    record = [entry for entry in record if entry[0] != version.id]
+    record.append((version.id, [b.checksum for b in version.blobs]))
+    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
+        _sync(site)
+    manifest = _replace_changed(files, "manifest.txt", version.files_text)
+    if _replace_changed(site, "files.json", version.files_json):
+        _sync(site)
+    if manifest:
+        _sync(files)
+    if _replace_changed(files, "version", version.version_json):
+        _sync(files)
+    record = record[-keep:]
+    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
+        _sync(site)
+    referenced = set(checksum for _, checksums in record for checksum in checksums)
+    pruned = 0
+    for name in os.listdir(files):
+        if _CHECKSUM.fullmatch(name) and name not in referenced:
+            os.remove(os.path.join(files, name))
+            pruned += 1
+    return written, kept, pruned
+
+
+def _lock_site(site):
+    """An open descriptor on site, locked so that two exports never interleave;
+    None where folders cannot be locked (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(site, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PromoterError("another export to %r is running" % site)
+    return fd
+
+
+def _read_record(site, files):
+    """The kept versions, oldest first, as (version id, checksums) pairs.
+
+    Only published versions count: a version named by the record but by neither
+    the version nor the manifest of the site is from an export killed before it
+    published anything. A published manifest missing from the record (the record
+    was deleted) is added, so that its files are kept too.
+    """
+    record = []
+    try:
+        with open(os.path.join(site, EXPORT_RECORD), encoding="ascii") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields or not all(_CHECKSUM.fullmatch(field) for field in fields):
+                    raise PromoterError("%r line %d is damaged: delete the file and export again"
+                                        % (os.path.join(site, EXPORT_RECORD), number))
+                record.append((fields[0], fields[1:]))
+    except FileNotFoundError:
+        pass
+    except UnicodeDecodeError:
+        raise PromoterError("%r is damaged: delete the file and export again" % os.path.join(site, EXPORT_RECORD))
+    published = set()
+    manifest = _read_manifest(os.path.join(files, "manifest.txt"))
+    if manifest is not None:
+        published.add(manifest[0])
+        if manifest[0] not in (entry[0] for entry in record):
+            record.append(manifest)
+    try:
+        with open(os.path.join(files, "version"), "rb") as f:
+            published.add(json.loads(f.read(256))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if record and record[-1][0] not in published:
+        record.pop()
+    return record
+
+
+def _read_manifest(path):
+    """(version id, checksums) of an exported manifest.txt, or None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    if not lines or not _CHECKSUM.fullmatch(lines[0].decode("ascii", "replace")):
+        return None
+    return lines[0].decode("ascii"), [line[:40].decode("ascii", "replace") for line in lines[1:]]
+
+
+def _record_text(record):
+    return "".join("%s %s\n" % (v, " ".join(checksums)) if checksums else v + "\n"
+                   for v, checksums in record).encode("ascii")
+
+
+def _replace_changed(folder, name, data):
+    """_replace() unless the file holds data already; True if it wrote."""
+    try:
+        with open(os.path.join(folder, name), "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return False  # an export of an unchanged tree writes nothing
+    except FileNotFoundError:
+        pass
+    _replace(folder, name, data)
+    return True
+
+
+def _replace(folder, name, data):
+    """Write folder/name through a temporary name and a rename, its bytes on disk first."""
+    temporary = os.path.join(folder, "%s%s.%d" % (_TEMPORARY, name, os.getpid()))
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(folder, name))
+    except BaseException:
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _sync(folder):
+    """Put the renames done in folder on disk."""
+    if os.name == "nt":
+        return  # a folder cannot be opened there; NTFS journals its renames
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # -- Connections -------------------------------------------------------------------
 
 
@@ -1236,6 +1438,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._version(promoter, query)
             if route == "/files":
                 return self._files(promoter, query)
+            if route == "/files/manifest.txt":
+                return self._files(promoter, {"format": ["text"]})
             if route.startswith("/files/"):
                 return self._download(promoter, route[len("/files/"):])
             return self._error(404, "no such endpoint %r: try /files/version, /files or /files/<checksum>" % route)
@@ -1716,6 +1920,14 @@ def build_parser():
 
     positive.__name__ = "positive number"
 
+    def count(text):
+        value = int(text)
+        if value < 1:
+            raise ValueError(text)
+        return value
+
+    count.__name__ = "count"
+
     def port(text):
         value = int(text)
         if not 0 <= value <= 65535:
@@ -1749,6 +1961,14 @@ def build_parser():
         "--no-check", dest="check", action="store_false",
         help="publish .py files without compiling them first",
     )
+    parser.add_argument(
+        "--export", metavar="SITE",
+        help="write the folder once into SITE for a static web server, and exit",
+    )
+    parser.add_argument(
+        "--keep", type=count, metavar="N",
+        help="with --export: keep the files of the last N versions (default: %d)" % DEFAULT_KEEP,
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     group.add_argument("-v", "--verbose", action="store_true", help="log every request")
@@ -1768,6 +1988,9 @@ def main(argv=None):
         print("ota_promoter.py: error: the token must be printable ASCII characters (see --help)",
               file=sys.stderr)
         return 2
+    if args.keep is not None and args.export is None:
+        print("ota_promoter.py: error: --keep goes with --export (see --help)", file=sys.stderr)
+        return 2
     writer = _start_log(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     # Ctrl-C and a service manager's SIGTERM both end in a clean exit 0, even when
     # started in the background, where the shell ignores SIGINT.
@@ -1775,13 +1998,17 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, the one a console can send a child
         signal.signal(signal.SIGBREAK, signal.default_int_handler)
-    server, error = None, None
+    promoter, server, error = None, None, None
     try:
+        started = time.monotonic()
         check = SourceCheck.find() if args.check else None
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check)
-        server = promoter.serve(args.host, args.port, token=args.token, idle_timeout=args.idle_timeout)
-        _announce(promoter, server, args)
-        server.serve_forever()
+        if args.export is not None:
+            _export_once(promoter, args, started)
+        else:
+            server = promoter.serve(args.host, args.port, token=args.token, idle_timeout=args.idle_timeout)
+            _announce(promoter, server, args)
+            server.serve_forever()
     except PromoterError as e:
         error = e
     except KeyboardInterrupt:
@@ -1789,11 +2016,28 @@ def main(argv=None):
     finally:
         if server is not None:
             server.close()
+        elif promoter is not None:
+            promoter.stop()
         writer.stop()  # the lines logged so far come before the error
     if error is not None:
         print("ota_promoter.py: error: %s" % error, file=sys.stderr)
         return 2
     return 0
+
+
+def _export_once(promoter, args, started):
+    held = sorted(promoter.current.held)
+    if held:
+        # A release is all or nothing: no fleet gets a boot.py that cannot run.
+        raise PromoterError("not exported: %s do%s not compile: fix %s, or pass --no-check"
+                            % (", ".join(held), "es" if len(held) == 1 else "", "it" if len(held) == 1 else "them"))
+    written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep)
+    log.info(
+        "exported version %s to %s: %d written, %d kept, %d pruned, in %.2f s",
+        promoter.version[:7], args.export, written, kept, pruned, time.monotonic() - started,
+    )
+    if args.token is not None:
+        log.warning("--token does not protect an export: the web server must check it (README: Fleets)")
 
 
 def _announce(promoter, server, args):

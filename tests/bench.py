@@ -268,6 +268,150 @@ def bench_wakeup(work, interval=ota_promoter.DEFAULT_INTERVAL, rounds=8):
     return interval, save_to_wake, publish_to_wake
 
 
+# -- The static export: its time, and bytes on the wire against nginx ----------------------
+
+
+def bench_export(work):
+    """Export time of a new tree and of the same tree again, against copying it."""
+    rows = []
+    for count in (1000, 10000):
+        root = os.path.join(work, "export%d" % count)
+        make_tree(root, count)
+        site = os.path.join(work, "site%d" % count)
+        start = time.perf_counter()
+        written = ota_promoter.export(ota_promoter.Promoter(root), site)[0]
+        first = time.perf_counter() - start
+        assert written == count
+        start = time.perf_counter()
+        assert ota_promoter.export(ota_promoter.Promoter(root), site)[0] == 0
+        again = time.perf_counter() - start
+        start = time.perf_counter()
+        shutil.copytree(root, os.path.join(work, "copy%d" % count))
+        copy = time.perf_counter() - start
+        rows.append((count, first, again, copy))
+    return rows
+
+
+class CountingProxy:
+    """Relays one connection at a time to upstream and counts the bytes each way."""
+
+    def __init__(self, upstream_port):
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.upstream_port = upstream_port
+        self.sent = self.received = 0  # by the client, and to it
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            up = threading.Thread(target=self._relay, args=(client, upstream, "sent"))
+            up.start()
+            self._relay(upstream, client, "received")
+            up.join()
+            client.close()
+            upstream.close()
+
+    def _relay(self, source, sink, counter):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                setattr(self, counter, getattr(self, counter) + len(data))
+                sink.sendall(data)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def count(self, fn):
+        """(bytes sent, bytes received) through the proxy while fn() runs."""
+        self.sent = self.received = 0
+        fn()
+        return self.sent, self.received
+
+    def close(self):
+        self.listener.close()
+
+
+def board_get(port, path, context=None):
+    """GET path as micropython/ota.py sends it (HTTP/1.0, its headers); returns the body."""
+    request = ("GET %s HTTP/1.0\r\nHost: ota.example.com\r\nX-OTA-Device: a4cf12f3e9b1\r\n"
+               "X-OTA-Version: %s\r\n\r\n" % (path, "0" * 40)).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        s = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
+        s.sendall(request)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body
+
+
+def bench_wire(work):
+    """Bytes on the wire between a board and nginx serving an export of a small
+    app (14 files of about 1 KB): an up-to-date check and a one-file update."""
+    import ssl
+
+    from nginx import NGINX, Nginx
+
+    if NGINX is None:
+        return None
+    app = os.path.join(work, "wire-app")
+    for i in range(14):
+        path = os.path.join(app, "lib" if i >= 4 else "", "module%02d.py" % i)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(("# module %d\n" % i).ljust(1078, "x")[:1077] + "\n")
+    site = os.path.join(work, "wire-site")
+    ota_promoter.export(ota_promoter.Promoter(app), site)
+    cert, key = os.path.join(work, "cert.pem"), os.path.join(work, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    figures = {}
+    for scheme in ("http", "https"):
+        work_nginx = os.path.join(work, "nginx-" + scheme)
+        os.makedirs(work_nginx)
+        server = Nginx(work_nginx, site, certificate=(cert, key) if scheme == "https" else None)
+        proxy = CountingProxy(server.port)
+        context = ssl.create_default_context(cafile=cert) if scheme == "https" else None
+        try:
+            check = proxy.count(lambda: board_get(proxy.port, "/files/version", context))
+            with open(os.path.join(app, "module00.py"), "r+") as f:
+                f.write("# update %-5s" % scheme)  # the same size for both
+            promoter = ota_promoter.Promoter(app)
+            ota_promoter.export(promoter, site)
+            changed = promoter.current.by_path["module00.py"]
+
+            def update():
+                board_get(proxy.port, "/files/version", context)
+                board_get(proxy.port, "/files/manifest.txt", context)
+                board_get(proxy.port, "/files/" + changed.checksum, context)
+
+            figures[scheme] = (check, proxy.count(update), changed.size, len(promoter.current.files_text))
+        finally:
+            proxy.close()
+            server.stop()
+    return figures
+
+
 def main():
     work = tempfile.mkdtemp(prefix="ota-bench-")
     try:
@@ -306,6 +450,22 @@ def main():
             print("6. %d concurrent downloads of a %d MB file (MB = 2**20 bytes)" % (clients, size >> 20))
             print("  server RSS %.1f MB before, peak %.1f MB: %.2f of the file's size"
                   % (before / 2**20, peak / 2**20, peak / size))
+        print()
+        print("7. --export, a tree of small files (a new site; then the same tree again)")
+        for count, first, again, copy in bench_export(work):
+            print("  %5d files: export %6.2f s | again %5.2f s | shutil.copytree %5.2f s (no fsync) -> %.1fx"
+                  % (count, first, again, copy, first / copy))
+        wire = bench_wire(work)
+        print()
+        if wire is None:
+            print("8. bytes on the wire against nginx: skipped, nginx is not installed")
+        for scheme, (check, update, size, manifest) in (wire or {}).items():
+            print("8. %s, a board against nginx serving an export of 14 files of 1 KB (request + answer)"
+                  % scheme.upper())
+            print("  up-to-date check: %d + %d = %d B; 10,000 boards each minute: %.0f req/s, %.1f KB/s"
+                  % (check[0], check[1], sum(check), 10000 / 60, sum(check) * 10000 / 60 / 1000))
+            print("  one-file update (version + manifest of %d B + a file of %d B): %d + %d = %d B"
+                  % (manifest, size, update[0], update[1], sum(update)))
     finally:
         shutil.rmtree(work)
 
