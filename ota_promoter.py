@@ -1604,8 +1604,9 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, 414, 431), as JSON."""
         self.close_connection = True
-        message = message or HTTPStatus(code).phrase
-        self._error(code, message)
+        if code == 414:  # http.server names none, and the phrase differs between Pythons
+            message = "request line too long: at most 65536 bytes"
+        self._error(code, message or HTTPStatus(code).phrase)
 
     def date_time_string(self, timestamp=None):
         # Formatting the Date header is a visible part of a small answer's cost.
