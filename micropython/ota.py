@@ -162,20 +162,22 @@ class _Server:
         # One read of what has arrived, within the deadline of the whole answer:
         # timeout seconds, plus a millisecond per byte received (at least 1 KB/s).
         while True:
-            took = ticks_diff(ticks_ms(), self.start)
-            left = min(self.allow - took, self.ms)
-            if left <= 0:
-                raise OTAError("%s is too slow: gave up after %d ms" % (self.where, took))
             try:
+                took = ticks_diff(ticks_ms(), self.start)
+                wait = min(self.allow - took, self.ms)
+                if wait <= 0:
+                    raise OTAError("%s is too slow: gave up after %d ms" % (self.where, took))
                 if self.poll is None:  # CPython: recv_into returns what has arrived
-                    self.s.settimeout(left / 1000)
+                    self.s.settimeout(wait / 1000)
                     n = self.s.recv_into(self.buf)
-                elif self.poll.poll(left):
+                elif self.poll.poll(wait):
                     n = self.s.readinto(self.buf)
                 else:
                     raise OSError("timed out")
             except OSError as e:
-                raise OTAError("no answer from %s: %s" % (self.where, e))
+                if ticks_diff(ticks_ms(), self.start) < self.allow:
+                    raise OTAError("no answer from %s: %s" % (self.where, e))
+                continue  # the deadline passed: said above
             if n is not None:
                 self.i = 0
                 self.n = n

@@ -403,6 +403,7 @@ def rewrite_manifest(path, response, add):
 @pytest.mark.parametrize("evil", [
     "../escape.py", "lib/../../escape.py", "/abs.py", "lib//x2.py", "./x.py", "lib/./x.py", "lib/",
     "a\\b.py", "nul\x00.py", "new\rline.py", ".ota", ".ota-journal", ".ota-new/0", ".otax/y.py", "..",
+    ".OTA", ".Ota-Journal", ".OTA-NEW/state",
 ])
 def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, evil):
     proxy.fault = lambda p, r: rewrite_manifest(p, r, evil)
