@@ -175,9 +175,9 @@ class _Server:
                 else:
                     raise OSError("timed out")
             except OSError as e:
-                if ticks_diff(ticks_ms(), self.start) < self.allow:
+                if self.allow == self.ms or ticks_diff(ticks_ms(), self.start) < self.allow:
                     raise OTAError("no answer from %s: %s" % (self.where, e))
-                continue  # the deadline passed: said above
+                continue  # the deadline passed while bytes came: said above
             if n is not None:
                 self.i = 0
                 self.n = n
