@@ -358,8 +358,8 @@ def _plan(server, length, root, stage, delete, block):
     line = server.readline()
     got = len(line)
     if line[:1] == b"{":
-        raise OTAError("%s has no text manifest, which this client needs: upgrade the server "
-                       "(the original ota-promoter has none)" % server.where)
+        raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
+                       % server.where)
     version = line[:-1].decode()
     _hex(version)
     try:
@@ -497,16 +497,17 @@ def _stage(server, root, stage, delete):
     return version, changes
 
 
-def _steps(journal, phases):
-    # Each step of a journal as (staged file or None, path, where its old file
-    # waits): "d" deletions, "g" new files, "s" the state, in the order given.
+def _steps(root, journal, phases):
+    # Each step of a journal as (staged file or None, path, its place on the board,
+    # where its old file waits): "d" deletions, "g" new files, "s" the state.
+    stage = root + "/" + _STAGE + "/"
     for phase in phases:
         if phase == "s":
-            yield "state", _STATE, "old"
+            yield stage + "state", _STATE, root + "/" + _STATE, stage + "old"
         i = 0
         for op in _ops(journal):
             if op[0] == phase:
-                yield (None if phase == "d" else str(i)), op[3], phase + str(i)
+                yield (None if phase == "d" else stage + str(i)), op[3], root + "/" + op[3], stage + phase + str(i)
                 i += 1
 
 
@@ -530,15 +531,13 @@ def _commit(root):
         for op in _ops(journal):  # every path is checked before one is touched
             pass
         try:
-            for new, path, aside in _steps(journal, "dgs"):
-                dst = root + "/" + path
-                aside = stage + "/" + aside
-                if not new or _kind(stage + "/" + new):  # else moved in before a power cut
+            for new, path, dst, aside in _steps(root, journal, "dgs"):
+                if not new or _kind(new):  # else moved in before a power cut
                     if _kind(dst) == 1 and not _kind(aside):
                         os.rename(dst, aside)
                     if new:
                         _mkdirs(root, path)
-                        os.rename(stage + "/" + new, dst)
+                        os.rename(new, dst)
             _sync()
             os.rename(journal, done)
         except OSError as e:
@@ -547,21 +546,20 @@ def _commit(root):
     elif _kind(journal):
         os.remove(journal)  # not written by this client: never started
     if _kind(undo):
-        for new, path, aside in _steps(undo, "sgd"):
-            dst = root + "/" + path
+        for new, path, dst, aside in _steps(root, undo, "sgd"):
             if new:
-                if not _kind(stage + "/" + new):
-                    os.rename(dst, stage + "/" + new)
+                if not _kind(new):
+                    os.rename(dst, new)
                 _prune(root, path)  # the folders it made
-            if _kind(stage + "/" + aside):
+            if _kind(aside):
                 _mkdirs(root, path)
-                os.rename(stage + "/" + aside, dst)
+                os.rename(aside, dst)
         _sync()
         os.remove(undo)
     if _kind(done):
-        for new, path, aside in _steps(done, "dgs"):
-            if _kind(stage + "/" + aside):
-                os.remove(stage + "/" + aside)  # a failure is retried: a new update needs the names
+        for new, path, dst, aside in _steps(root, done, "dgs"):
+            if _kind(aside):
+                os.remove(aside)  # a failure is retried: a new update needs the names
             if not new:
                 _prune(root, path)
         _sync()

@@ -354,7 +354,7 @@ def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, pr
         return b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing)
 
     proxy.fault = like_the_original
-    with pytest.raises(ota.OTAError, match=r"^127.0.0.1:\d+ has no text manifest, which this client needs: "
+    with pytest.raises(ota.OTAError, match=r"^127.0.0.1:\d+ has no text manifest: "
                                            r"upgrade the server \(the original ota-promoter has none\)$"):
         board.update(proxy.url)
     assert files(board.root) == {}
