@@ -135,6 +135,18 @@ def test_paths_equal_but_for_case_are_refused_naming_both(tree, promoter, device
     assert files(device.root, own=False) == promoted(tree)
 
 
+def test_a_file_renamed_in_case_on_the_server_follows_on_a_case_folding_board(tree, promoter, device, monkeypatch):
+    publish(promoter, tree, {"Config.py": "C = 1\n", "main.py": "m"})
+    on(FoldingFS(device.root), monkeypatch)
+    device.update(promoter.url)
+    publish(promoter, tree, {"Config.py": None, "config.py": "C = 2\n"})  # one file on FAT: moved aside first
+    assert device.update(promoter.url) is True
+    assert files(device.root, own=False) == {"config.py": b"C = 2\n", "main.py": b"m"}
+    publish(promoter, tree, {"main.py": "m2"})
+    assert device.update(promoter.url) is True
+    assert files(device.root, own=False) == {"config.py": b"C = 2\n", "main.py": b"m2"}
+
+
 def test_a_nearly_full_board_refuses_an_update_that_adds_folders(installed, promoter, proxy, device, monkeypatch):
     publish(promoter, promoter.root, {"pkg/a/b/c.py": "c", "pkg/d.py": "d"})
     # Four files of a block each: room for them, the state and the journal, but not
