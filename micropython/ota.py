@@ -244,12 +244,10 @@ def _kind(path):
 
 
 def _remove(path):
-    # True if removed; a file already gone is left as it is.
     try:
         os.remove(path)
-        return True
     except OSError:
-        return False
+        pass  # already gone
 
 
 def _mkdirs(root, path):

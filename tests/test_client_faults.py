@@ -1,7 +1,8 @@
 """The device client under attack and faults: hostile servers on loopback, a file
 system that folds case (as FAT does), a full one, slow answers and IPv6.
 
-Each test here failed against the client before these defects were fixed.
+Each test here failed against the client before these defects were fixed, but
+the one of a file renamed in case, which guards the order of the new switch.
 """
 
 import errno
@@ -19,7 +20,7 @@ import ota_promoter
 from conftest import TIMEOUT, checksum, request, write
 from proxy import set_header, split
 from test_client import (  # noqa: F401  (fixtures)
-    CPythonBoard, app, board, device, files, folders, installed, mpy_dir, promoted, promoter, proxy, publish,
+    app, board, device, files, folders, installed, mpy_dir, promoted, promoter, proxy, publish,
 )
 
 VERSION = "5" * 40
