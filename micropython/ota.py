@@ -46,6 +46,7 @@ _EEXIST = const(17)
 _STATE = ".ota"
 _JOURNAL = ".ota-journal"
 _STAGE = ".ota-new"
+_MANIFEST = "/files/manifest.txt"  # where a static export has it too
 
 
 class OTAError(Exception):
@@ -56,17 +57,20 @@ class OTAError(Exception):
 
 
 class _Server:
-    def __init__(self, url, token, timeout, version):
-        if url[:7] != "http://":
-            raise OTAError("url must start with http://, not %r" % url)
-        rest = url[7:].rstrip("/")
+    def __init__(self, url, token, timeout, version, ca=None):
+        i = url.find("://")
+        self.tls = url[:i] == "https"
+        if not self.tls and url[:i] != "http":
+            raise OTAError("url must start with http:// or https://, not %r" % url)
+        self.ca = ca
+        rest = url[i + 3 :].rstrip("/")
         i = rest.find("/")
         if i < 0:
             i = len(rest)
         self.where = host = rest[:i]
         self.prefix = rest[i:]
         try:
-            self.port = 80
+            self.port = 443 if self.tls else 80
             i = host.rfind(":")
             if i > host.rfind("]"):  # a port, after a name or a [v6 address]
                 self.port = int(host[i + 1 :])
@@ -107,6 +111,8 @@ class _Server:
         try:
             s.settimeout(self.ms / 1000)
             s.connect(socket.getaddrinfo(self.host, self.port, self.family)[0][-1])
+            if self.tls:
+                s = self.s = _tls(s, self.host, self.ca, self.where)
             request = ("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode()
             (s.sendall if hasattr(s, "sendall") else s.write)(request)  # the 1.20 unix port has no sendall
             if hasattr(s, "readinto"):
@@ -156,6 +162,10 @@ class _Server:
             raise OTAError("%s redirects to %s: use that url" % (self.where, where))
         if status == 401:
             raise OTAError("%s: wrong or missing token" % self.where)
+        if status == 404 and not isinstance(message, str) or path == _MANIFEST and status == 400:
+            # A static host's page, or the original server, which has no text manifest.
+            raise OTAError("%s has no %s%s: the url must name an ota-promoter server or the folder "
+                           "of an export" % (self.where, self.prefix, path))
         raise OTAError("HTTP %d for %s: %s" % (status, path, message))
 
     def _fill(self):
@@ -223,6 +233,36 @@ class _Server:
             return version
         finally:
             self.close()
+
+
+def _tls(s, host, ca, where):
+    # Boards freeze micropython-lib's ssl.py over the tls module; a bare unix build
+    # has only tls; 1.20 has ssl.wrap_socket alone. A board has no authorities of
+    # its own: without ca it encrypts but cannot tell the server is the right one.
+    try:
+        try:
+            import ssl
+        except ImportError:
+            import tls as ssl
+        if not hasattr(ssl, "SSLContext"):
+            return ssl.wrap_socket(s, server_hostname=host, cert_reqs=2 if ca else 0, cadata=ca)
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if ca:
+            c.verify_mode = ssl.CERT_REQUIRED
+            try:
+                c.load_verify_locations(cadata=ca)
+            except TypeError:  # the bare tls module takes it by position
+                c.load_verify_locations(ca)
+        elif hasattr(c, "load_default_certs"):
+            c.load_default_certs()  # CPython: the system's authorities
+        else:
+            c.verify_mode = ssl.CERT_NONE
+        return c.wrap_socket(s, server_hostname=host)
+    except (MemoryError, OSError, ValueError) as e:
+        s.close()
+        if isinstance(e, MemoryError) or e.args[0] == 12:  # ENOMEM: mbedtls could not allocate
+            raise OTAError("%s: not enough memory for TLS on this board: use http://" % where)
+        raise OTAError("%s: TLS failed: %s" % (where, e))
 
 
 def _hex(checksum):
@@ -452,7 +492,8 @@ def _check_target(root, path, last):
 def _fetch(server, checksum, size, path, dest):
     status, length, target = server.get("/files/" + checksum)
     try:
-        if length != size or target != path.encode():
+        # A static host sends no X-Target-Path: the checksum covers the path anyway.
+        if length != size or target is not None and target != path.encode():
             raise OTAError("%s: expected %d B, the server sent %d B for %s" % (path, size, length, target))
         h = hashlib.sha1()
         with open(dest, "wb") as out:
@@ -479,7 +520,7 @@ def _stage(server, root, stage, delete):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    status, length, target = server.get("/files?format=text")
+    status, length, target = server.get(_MANIFEST)
     try:
         version, changes, need = _plan(server, length, root, stage, delete, block)
     finally:
@@ -574,7 +615,7 @@ def recover(root="/"):
         raise OTAError("cannot finish the update, the next call retries: %r" % e)
 
 
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
+def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
     """Install the files that changed on the server; True if any did.
 
     Resets the board after a change when reset is true. Deletes files the server
@@ -584,7 +625,7 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10):
     root = root.rstrip("/")
     recover(root)
     installed = _installed(root)
-    server = _Server(url, token, timeout, installed)
+    server = _Server(url, token, timeout, installed, ca)
     version = server.version()
     if version == installed:
         return False
@@ -625,7 +666,7 @@ def _reset():
         pass  # not a board: CPython or the unix port
 
 
-def watch(url, root="/", token=None, reset=True, wait=30, timeout=10):
+def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
     """Update on every new version the server publishes, forever (for development).
 
     Long-polls the server (wait: seconds, at least 1); retries with a growing
@@ -635,11 +676,11 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10):
     delay = 1
     while True:
         try:
-            update(url, root, token, reset, True, timeout)
+            update(url, root, token, reset, True, timeout, ca)
             installed = _installed(root.rstrip("/"))
             start = ticks_ms()
             if (
-                _Server(url, token, timeout + wait, installed).version(installed, wait) == installed
+                _Server(url, token, timeout + wait, installed, ca).version(installed, wait) == installed
                 and ticks_diff(ticks_ms(), start) < wait * 1000
             ):
                 time.sleep(1)  # back early with nothing new (a server ignoring wait): do not hammer it

@@ -209,7 +209,7 @@ def test_add_modify_delete_and_nested_folders(app, promoter, proxy, board):
         promoter.blob(p[len("/files/"):]).path for p in proxy.paths if len(p) == len("/files/") + 40
     )
     assert downloads == ["lib/new/deep/y.py", "main.py", "new.py"]  # only what changed
-    assert proxy.paths[:2] == ["/files/version", "/files?format=text"]
+    assert proxy.paths[:2] == ["/files/version", "/files/manifest.txt"]
 
 
 def test_a_file_of_several_megabytes(tree, promoter, board):
@@ -368,9 +368,9 @@ FAULTS = {
         lambda p, r: b"HTTP/1.0 302 Found\r\nLocation: http://elsewhere:9090/\r\n\r\n",
         "redirects to http://elsewhere:9090/: use that url"),
     "manifest cut off in a line": (
-        lambda p, r: r[:-30] if p == "/files?format=text" else r, r"manifest line cut off or too long: b?'[0-9a-f]+"),
+        lambda p, r: r[:-30] if p == "/files/manifest.txt" else r, r"manifest line cut off or too long: b?'[0-9a-f]+"),
     "manifest cut off at a line's end": (
-        lambda p, r: r[:r.rstrip(b"\n").rfind(b"\n") + 1] if p == "/files?format=text" else r,
+        lambda p, r: r[:r.rstrip(b"\n").rfind(b"\n") + 1] if p == "/files/manifest.txt" else r,
         r"manifest cut off after \d+ of \d+ bytes"),
     "404 on a download": (
         lambda p, r: damage_download(p, r, lambda r: b'HTTP/1.0 404 NF\r\n\r\n{"error":"changed"}'),
@@ -391,7 +391,7 @@ def test_fault_raises_otaerror_and_changes_nothing(installed, proxy, device, fau
 
 
 def rewrite_manifest(path, response, add):
-    if path != "/files?format=text":
+    if path != "/files/manifest.txt":
         return response
     head, body = split(response)
     lines = body.decode().splitlines(True)
@@ -414,7 +414,7 @@ def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, e
 
 def test_unsorted_manifest_is_refused(installed, proxy, device):
     def swap(path, response):
-        if path != "/files?format=text":
+        if path != "/files/manifest.txt":
             return response
         head, body = split(response)
         lines = body.split(b"\n")
@@ -489,8 +489,8 @@ def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, 
 
 
 def test_bad_url(device):
-    with pytest.raises(ota.OTAError, match="url must start with http://, not 'https://x'"):
-        device.update("https://x")
+    with pytest.raises(ota.OTAError, match="url must start with http:// or https://, not 'ftp://x'"):
+        device.update("ftp://x")
     with pytest.raises(ota.OTAError, match="bad host or port in 'http://x:y'"):
         device.update("http://x:y")
 

@@ -32,7 +32,7 @@ def inject(extra):
     served = {checksum(data, path): (path, data) for path, data in extra.items()}
 
     def fault(path, response):
-        if path == "/files?format=text":
+        if path == "/files/manifest.txt":
             head, body = split(response)
             lines = body.decode().splitlines(True)
             added = ["%s %d %s\n" % (c, len(data), p) for c, (p, data) in served.items()]
@@ -324,7 +324,7 @@ def test_an_endless_or_trickling_answer_fails_within_the_deadline(hostile, board
 
 def same_version_at_once(s, line, stopped):
     """Like the original Go server: ignores ?wait and answers at once."""
-    body = ("%s\n" % VERSION if "format=text" in line else '{"version": "%s"}' % VERSION).encode()
+    body = ("%s\n" % VERSION if "manifest.txt" in line else '{"version": "%s"}' % VERSION).encode()
     s.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
@@ -349,7 +349,7 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
     assert sleeps == [1, 1, 1]
     poll = "GET /files/version?wait=%d HTTP/1.0" % sent
     assert server.requests == [
-        "GET /files/version HTTP/1.0", "GET /files?format=text HTTP/1.0", poll,  # installs the state
+        "GET /files/version HTTP/1.0", "GET /files/manifest.txt HTTP/1.0", poll,  # installs the state
         "GET /files/version HTTP/1.0", poll,
         "GET /files/version HTTP/1.0", poll,
     ]
@@ -358,17 +358,24 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
 # -- 5. A server without the text manifest ----------------------------------------------
 
 
-def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, proxy, board):
-    listing = request(promoter.url, "/files").body  # what the original Go server answers
+NO_MANIFEST = (r"^127.0.0.1:\d+ has no /files/manifest.txt: the url must name an ota-promoter server "
+               r"or the folder of an export$")
 
-    def like_the_original(path, response):
-        if path != "/files?format=text":
-            return response
-        return b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing)
 
-    proxy.fault = like_the_original
-    with pytest.raises(ota.OTAError, match=r"^127.0.0.1:\d+ has no text manifest: "
-                                           r"upgrade the server \(the original ota-promoter has none\)$"):
+@pytest.mark.parametrize("answer, message", [
+    # The original Go server takes manifest.txt for a checksum it does not know.
+    (b"HTTP/1.0 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}", NO_MANIFEST),
+    # A static host serving a folder that is not an export.
+    (b"HTTP/1.0 404 Not Found\r\nContent-Length: 9\r\n\r\n<html>404", NO_MANIFEST),
+    # Something answering the manifest's path with the JSON listing.
+    (None, r"^127.0.0.1:\d+ has no text manifest: upgrade the server \(the original ota-promoter has none\)$"),
+])
+def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, proxy, board, answer, message):
+    if answer is None:
+        listing = request(promoter.url, "/files").body
+        answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing)
+    proxy.fault = lambda path, response: answer if path == "/files/manifest.txt" else response
+    with pytest.raises(ota.OTAError, match=message):
         board.update(proxy.url)
     assert files(board.root) == {}
 
