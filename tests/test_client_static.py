@@ -3,7 +3,6 @@ and python3 -m http.server. The client runs under CPython, and under $MICROPYTHO
 when it is set."""
 
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import ota
 from conftest import TIMEOUT, write
 from proxy import FaultProxy
 from test_client import board, device, files, mpy_dir  # noqa: F401 (fixtures)
-from test_export import exported, nginx  # noqa: F401 (fixtures)
+from test_export import certificate, exported, nginx  # noqa: F401 (fixtures)
 
 
 def app_files(tree):
@@ -33,24 +32,6 @@ def app(tree):
 @pytest.fixture
 def site(tmp_path):
     return tmp_path / "site"
-
-
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate for localhost, made with openssl: (cert, key) paths.
-
-    A name, as a real server has: MicroPython 1.20's mbedtls checks no IP address."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: apt-get install openssl (CI's .ci/run does)")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True, timeout=TIMEOUT,
-    )
-    return cert, key
 
 
 def der(certificate):
