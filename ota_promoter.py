@@ -9,6 +9,7 @@ each board can download just the files whose checksum differs:
     GET /files                  {"files": [{"path": ..., "checksum": ...}], "version": ...}
     GET /files?format=text      the same as lines, sorted by path, for small devices
     GET /files/<checksum>       the bytes of one file
+    POST /console               what a board's REPL printed: logged, the last lines kept
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
@@ -19,6 +20,7 @@ Only the standard library is used: copy this file to any machine with Python 3.9
 __version__ = "1.0.0"
 
 import codecs
+import collections
 import errno
 import fnmatch
 import hashlib
@@ -77,6 +79,13 @@ MAX_DEPTH = 100
 MAX_CONNECTIONS = 512
 MAX_BODY = 64 * 1024  # a request body up to this size is read and discarded
 LOG_QUEUE = 1000  # log lines waiting for a blocked terminal; past it they are dropped
+
+# The boards' consoles (POST /console), all in memory.
+MAX_BOARDS = 64  # boards remembered; the least recently seen is forgotten first
+CONSOLE_LINES = 200  # lines kept per board
+CONSOLE_LINE = 256  # bytes of a line kept; the rest is cut and counted
+MAX_CONSOLE_BODY = 4096  # a board sends at most 1024 bytes at a time
+MAX_DEVICE_ID = 64  # characters of X-OTA-Device and X-OTA-Version kept
 
 IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
@@ -1072,6 +1081,113 @@ class Promoter:
         return server
 
 
+# -- Boards and their consoles ----------------------------------------------------
+#
+# Every request names its board (X-OTA-Device) and what it runs (X-OTA-Version);
+# POST /console carries what the board's REPL printed. All of it stays in memory,
+# bounded, and reaches only the log: nothing a board sends is written to disk.
+
+
+class _Board:
+    """What the server knows of one board."""
+
+    __slots__ = ("device", "address", "version", "last_seen", "lines", "partial", "cut", "dropped")
+
+    def __init__(self, device):
+        self.device = device
+        self.address = None
+        self.version = None
+        self.last_seen = 0.0
+        self.lines = collections.deque(maxlen=CONSOLE_LINES)  # escaped text, oldest first
+        self.partial = b""  # the start of a line whose end has not arrived
+        self.cut = 0  # bytes of the current line thrown away past CONSOLE_LINE
+        self.dropped = 0  # bytes the board reported it could not send, in all
+
+
+class Boards:
+    """The boards that talked to the server, at most limit of them (the least
+    recently seen goes first), each with the last lines of its console."""
+
+    def __init__(self, limit=MAX_BOARDS):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._boards = collections.OrderedDict()  # device id -> _Board, least recently seen first
+
+    def __len__(self):
+        return len(self._boards)
+
+    def seen(self, device, address, version):
+        """Record a request from device at address, running version."""
+        with self._lock:
+            self._seen(device, address, version)
+
+    def _seen(self, device, address, version):
+        device = printable(device[:MAX_DEVICE_ID])
+        board = self._boards.get(device)
+        if board is None:
+            board = self._boards[device] = _Board(device)
+            while len(self._boards) > self.limit:
+                self._boards.popitem(last=False)
+        else:
+            self._boards.move_to_end(device)
+        board.address = address
+        if version is not None:
+            board.version = printable(version[:MAX_DEVICE_ID])
+        board.last_seen = time.time()
+        return board
+
+    def console(self, device, address, version, body, dropped=0):
+        """Take a piece of device's console output: log and keep each complete line."""
+        lines = []
+        with self._lock:
+            board = self._seen(device, address, version)
+            if dropped:
+                if board.partial or board.cut:
+                    lines.append(_console_line(board))  # the rest of that line is lost
+                board.dropped += dropped
+                lines.append("(%d bytes of output dropped)" % dropped)
+            data = board.partial + body
+            start = 0
+            while True:
+                end = data.find(b"\n", start)
+                if end < 0:
+                    break
+                board.partial = data[start:end]
+                lines.append(_console_line(board))
+                start = end + 1
+            rest = data[start:]
+            # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not held.
+            board.cut += max(0, len(rest) - CONSOLE_LINE)
+            board.partial = rest[:CONSOLE_LINE]
+            board.lines.extend(lines)
+            prefix = "%s [%s] | " % (address, board.device[:12])
+        for line in lines:
+            log.info("%s%s", prefix, line)
+        return lines
+
+    def snapshot(self):
+        """The boards as dicts, most recently seen first: device, address, version,
+        last_seen (seconds since the epoch), dropped (bytes in all), lines."""
+        with self._lock:
+            return [
+                {"device": b.device, "address": b.address, "version": b.version,
+                 "last_seen": b.last_seen, "dropped": b.dropped, "lines": list(b.lines)}
+                for b in reversed(self._boards.values())
+            ]
+
+
+def _console_line(board):
+    """The board's current line, escaped, marked if it was cut; starts the next one."""
+    data, cut = board.partial, board.cut + max(0, len(board.partial) - CONSOLE_LINE)
+    board.partial, board.cut = b"", 0
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    line = printable(data[:CONSOLE_LINE].decode("utf-8", "backslashreplace"))
+    if cut:
+        line += " ... (%d bytes cut)" % cut
+    return line
+
+
 # -- Connections -------------------------------------------------------------------
 
 
@@ -1225,13 +1341,21 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             authorized = self._authorized()
+            route, query = _parse_path(self.path)
+            if authorized:
+                device = self.headers.get("X-OTA-Device")
+                if route == "/console" and self.command == "POST":
+                    return self._console(device or "unknown")
+                if device:
+                    self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"))
             if not self._skip_body(authorized):
                 self.close_connection = True
             if not authorized:
                 return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+            if route == "/console":
+                return self._error(405, "method %s is not allowed here: use POST" % self.command, "POST")
             if self.command not in ("GET", "HEAD"):
                 return self._error(405, "method %s is not allowed here: use GET or HEAD" % self.command)
-            route, query = _parse_path(self.path)
             if route == "/files/version":
                 return self._version(promoter, query)
             if route == "/files":
@@ -1246,6 +1370,31 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if not self._responded:
                 self._error(500, "internal error: see the server's log")
+
+    def _console(self, device):
+        """POST /console: lines a board's REPL printed, logged and kept in memory."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True  # the body is not read
+            return self._error(411, "send the console output with a Content-Length, not chunked")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            self.close_connection = True
+            return self._error(411, "send the console output with a Content-Length")
+        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0].strip()) or len(lengths[0].strip()) > 18:
+            self.close_connection = True
+            return self._error(400, "malformed Content-Length %r" % ", ".join(lengths)[:40])
+        length = int(lengths[0])
+        if length > MAX_CONSOLE_BODY:
+            self.close_connection = True
+            return self._error(413, "console output of %d bytes: send at most %d at a time" % (length, MAX_CONSOLE_BODY))
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            raise ConnectionError("console output cut short")
+        text = (self.headers.get("X-OTA-Dropped") or "0").strip()
+        if not _DIGITS.fullmatch(text) or len(text) > 18:
+            return self._error(400, "X-OTA-Dropped must be a number of bytes, not %r" % text[:40])
+        self.server.boards.console(device, self.client_address[0], self.headers.get("X-OTA-Version"), body, int(text))
+        self._send(204, [])
 
     def _skip_body(self, authorized):
         """Read and discard the request's body, if it has a small one; False if the
@@ -1387,12 +1536,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, code, message):
+    def _error(self, code, message, allow="GET, HEAD"):
         headers = []
         if code == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="ota-promoter"'))
         if code == 405:
-            headers.append(("Allow", "GET, HEAD"))
+            headers.append(("Allow", allow))
             self.close_connection = True  # a body we do not read may follow
         log.debug("%s %r: %d %s", self.client_address[0], self.requestline[:200], code, message)
         self._send_body(code, _json({"error": message}), "application/json", headers)
@@ -1465,6 +1614,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.promoter = promoter
         self.token = token
         self.idle_timeout = idle_timeout
+        self.boards = Boards()
         self._thread = None
         files = raise_open_file_limit()
         limit = MAX_CONNECTIONS if files is None else max(8, min(MAX_CONNECTIONS, (files - 64) // 2))
