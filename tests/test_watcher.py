@@ -39,23 +39,28 @@ def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
 
     p._publish = recording
     p.start()
+    pauses = []
     try:
         for n in range(20):
             first, second = b"# round %d, first half\n" % n + b"a" * 2000, b"\nb = %d\n" % n
-            pause = 0.1 * (n % 5 + 1) / 5  # 20 to 100 ms
             with open(full, "wb") as f:
+                start = time.perf_counter()
                 f.write(first)
                 f.flush()
-                time.sleep(pause)
+                time.sleep(0.1 * (n % 5 + 1) / 5)  # 20 to 100 ms
                 f.write(second)
+            pauses.append(time.perf_counter() - start)  # at least the pause between the writes
             deadline = time.monotonic() + TIMEOUT
             while not published or published[-1] != first + second:
                 assert time.monotonic() < deadline, "round %d was not published" % n
                 time.sleep(0.01)
     finally:
         p.stop()
+    # A loaded machine may stretch a pause past 100 ms: such rounds prove nothing.
+    kept = [n for n, pause in enumerate(pauses) if pause <= 0.11]
+    assert len(kept) >= 10, pauses
     halves = [data for data in published if data.endswith(b"a" * 2000)]
-    assert halves == []
+    assert [data for data in halves if int(data.split()[2].rstrip(b",")) in kept] == []
     assert published[-1] == b"# round 19, first half\n" + b"a" * 2000 + b"\nb = 19\n"
 
 
@@ -133,3 +138,27 @@ def test_a_change_is_not_published_before_it_settled(tree):
     p.poll_once()
     assert p.check_once() is True
     assert p.manifest() == [{"path": "main.py", "checksum": checksum("2", "main.py")}]
+
+
+def test_a_file_behind_a_symlink_is_looked_at_quickly_without_a_scan(tree, monkeypatch):
+    write(tree, ".shared/util.py", "1")
+    write(tree, "real/x.py", "1")
+    os.symlink(".shared", os.path.join(str(tree), "lib"))
+    os.symlink("../real/x.py", os.path.join(str(tree), ".shared", "link.py"))
+    p = Promoter(str(tree), settle=0)
+    assert paths(p) == ["lib/link.py", "lib/util.py", "real/x.py"]
+    write(tree, ".shared/util.py", "2")
+    write(tree, "real/x.py", "2")
+    p.poll_once()
+    assert p.poll_once() is True
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    write(tree, ".shared/util.py", "3")
+    write(tree, "real/x.py", "3")
+    p.check_once()
+    assert p.check_once() is True
+    assert p.manifest() == [
+        {"path": "lib/link.py", "checksum": checksum("3", "lib/link.py")},
+        {"path": "lib/util.py", "checksum": checksum("3", "lib/util.py")},
+        {"path": "real/x.py", "checksum": checksum("3", "real/x.py")},
+    ]
+    assert scans == []
