@@ -61,9 +61,9 @@ MAX_SECONDS = 86400.0  # longest --interval and --idle-timeout: a day
 # folder, and served from there.
 STORE_LIMIT = 64 * 1024 * 1024
 
-# A file modified this close to a scan may change again within the same mtime tick
-# without its stat changing: git's "racily clean" problem. Such files are rehashed
-# on every poll until they are older.
+# A file modified this close to its hashing may change again within the same
+# mtime tick without its stat changing: git's "racily clean" problem. Such files
+# are rehashed by each full scan (not by the quick looks) until they are older.
 RACY_NS = 2 * 10**9
 
 # How a save is picked up (the README's "How changes are picked up").
@@ -72,11 +72,13 @@ RACY_NS = 2 * 10**9
 # every QUICK_INTERVAL seconds, and when a change should have settled: a save is
 # seen well within the settle time, so this costs no latency, and each wake-up
 # costs about 0.1 ms of CPU. The whole tree is scanned no more often than
-# --interval, and so that scans take at most 1/SCAN_PACE of a core: every 0.5 to
-# 0.9 s for 1,000 files, every 10 to 15 s for 10,000.
+# --interval, and at a pace set by the CPU the last scans took (their median), so
+# that scans take about 1/SCAN_PACE of a core and the watcher under 1% in all:
+# every 0.5 to 1 s for 1,000 files, every 10 to 15 s for 10,000 on the
+# benchmark's machine. A save to a file untouched so far waits for the next scan.
 QUICK_INTERVAL = 0.1
 HOT_FILES = 8
-SCAN_PACE = 130
+SCAN_PACE = 150
 
 # A changed file is published once its stat has not changed for this long after
 # its last write (its mtime): a writer that pauses up to 100 ms in the middle of a
@@ -369,10 +371,11 @@ class Scanner:
                 try:
                     inner = _open_folder(handle, name)
                 except OSError as e:
-                    # Listed as a folder, now a symlink, a file, or gone: the
-                    # listing is re-read on the next scan, never trusted now.
-                    walk.stale.add(prefix)
-                    if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        # Listed as a folder, now a symlink, a file, or gone: the
+                        # listing is re-read on the next scan, never trusted now.
+                        walk.stale.add(prefix)
+                    else:  # still a folder, that cannot be entered: the listing holds
                         walk.problems[path] = "cannot read folder: %s" % (e.strerror or e)
                     continue
                 try:
@@ -841,7 +844,8 @@ class Promoter:
         self._failed = {}  # promoted path -> (stat key, problem) of files that could not be read
         self._hot = collections.OrderedDict()  # promoted path -> real path, the last changed last
         self._hot_folders = {""}  # promoted prefixes of the folders of _hot, and DIR's
-        self._hash_time = 0.0
+        self._hash_time = 0.0  # CPU seconds spent hashing in this scan
+        self._scan_started = 0.0
         self._dirty = False  # _seen differs from the version last built
         self._held_since = None  # time.monotonic() when changes first held publishing back
         self._hold_warned = False
@@ -915,7 +919,10 @@ class Promoter:
                     st = os.stat(os.path.join(self.root, prefix) if prefix else self.root)
                 except OSError:
                     return self._poll(False)
-                if self._scanner.folder_key(prefix) != (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev):
+                key = self._scanner.folder_key(prefix)
+                # None: the scan could not keep its listing (a subfolder it cannot
+                # enter); full scans at their pace see to that folder.
+                if key is not None and key != (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev):
                     return self._poll(False)
             now = time.time_ns()
             for path, real in list(self._hot.items()):
@@ -965,15 +972,12 @@ class Promoter:
         except OSError as e:
             return self._lost(e)
         try:
-            start, self._hash_time = time.thread_time(), 0.0
+            self._scan_started, self._hash_time = time.thread_time(), 0.0
             try:
                 listing = self._scanner.scan(root, ignored, problems)
             except OSError as e:
                 return self._lost(e)
-            published = self._observe(root, listing, problems, first)
-            # What the scan itself costs, without the hashing of what changed.
-            self.scan_cost = max(0.0, time.thread_time() - start - self._hash_time)
-            return published
+            return self._observe(root, listing, problems, first)
         finally:
             _close(root)
 
@@ -1046,6 +1050,8 @@ class Promoter:
         self._seen = seen
         self._hot = collections.OrderedDict((p, r) for p, r in self._hot.items() if p in seen or p in changes)
         self._hot_folders = _folders_of(self._hot)
+        # What a scan of this tree costs: not the hashing nor the publishing of what changed.
+        self.scan_cost = max(0.0, time.thread_time() - self._scan_started - self._hash_time)
         published = self._settle(root, problems, first)
         self._failed = {p: f for p, f in self._failed.items() if p in problems}
         self._report(problems)
@@ -1267,16 +1273,19 @@ class Promoter:
         # Quick looks at the files changed last, often; full scans at a pace
         # that keeps them under 1/SCAN_PACE of a core, and never more often than
         # interval.
+        # The first look comes an interval after the start, as the first poll did:
+        # the scan of the constructor has just been made.
         next_scan = time.monotonic() + self.interval
-        cost = self.scan_cost
-        wait = QUICK_INTERVAL
+        costs = collections.deque(maxlen=3)
+        wait = self.interval
         while not self._stop.wait(wait):
             try:
                 if time.monotonic() >= next_scan:
                     self.poll_once()
-                    # Smoothed, so that one scan slowed by the machine's load does
-                    # not hold the next one back for long.
-                    cost = 0.7 * cost + 0.3 * self.scan_cost
+                    # The median of the last three, so that one scan slowed by the
+                    # machine's load does not hold the next one back.
+                    costs.append(self.scan_cost)
+                    cost = sorted(costs)[len(costs) // 2]
                     next_scan = time.monotonic() + max(self.interval, cost * SCAN_PACE)
                 else:
                     self.check_once()

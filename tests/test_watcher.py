@@ -162,3 +162,25 @@ def test_a_file_behind_a_symlink_is_looked_at_quickly_without_a_scan(tree, monke
         {"path": "real/x.py", "checksum": checksum("3", "real/x.py")},
     ]
     assert scans == []
+
+
+def test_a_folder_that_cannot_be_entered_does_not_make_every_quick_look_a_scan(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    write(tree, "locked/x.py", "1")
+    open_folder = ota_promoter._open_folder
+
+    def denied(parent, name):  # as chmod 000 would, for a user other than root
+        if name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return open_folder(parent, name)
+
+    monkeypatch.setattr(ota_promoter, "_open_folder", denied)
+    p = Promoter(str(tree), settle=0)
+    assert paths(p) == ["main.py"]
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    for _ in range(5):
+        p.check_once()
+    assert scans == []
+    write(tree, "new.py", "1")  # DIR's names changed: now a scan
+    p.check_once()
+    assert len(scans) == 1
