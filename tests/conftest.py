@@ -4,6 +4,7 @@ import hashlib
 import http.client
 import os
 import sys
+import time
 
 import pytest
 
@@ -67,9 +68,15 @@ def checksum(data, path):
 
 
 def settle(promoter):
-    """Poll until the tree has been stable for one poll (two polls for one change)."""
+    """Poll until the changes seen are published: each once a later poll finds
+    its stat unchanged, promoter.settle seconds after its last write."""
     changed = promoter.poll_once()
-    return promoter.poll_once() or changed
+    deadline = time.monotonic() + TIMEOUT
+    while promoter.changing:
+        assert time.monotonic() < deadline, "still changing: %r" % promoter.changing
+        time.sleep(promoter.next_look())
+        changed = promoter.poll_once() or changed
+    return changed
 
 
 class Response:

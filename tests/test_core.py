@@ -254,7 +254,7 @@ def test_unreadable_file_is_skipped_with_one_warning():
 
 def test_added_file_is_published_after_one_stable_interval(tree):
     write(tree, "main.py", "a")
-    p = Promoter(str(tree))
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll
     write(tree, "new.py", "n")
     assert p.poll_once() is False  # seen once: may still be being written
     assert paths(p) == ["main.py"]
@@ -297,7 +297,7 @@ def test_renamed_file_and_new_folder_are_picked_up(tree):
 
 def test_rename_is_published_as_one_version(tree):
     write(tree, "main.py", "a")
-    p = Promoter(str(tree))
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll
     before = p.version
     os.rename(os.path.join(str(tree), "main.py"), os.path.join(str(tree), "app.py"))
     p.poll_once()
@@ -331,7 +331,7 @@ def test_unchanged_old_file_is_not_reread(tree, monkeypatch):
 
 def test_half_written_file_is_not_published(tree):
     full = write(tree, "main.py", "old")
-    p = Promoter(str(tree))
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll
     old = p.manifest()
     with open(full, "wb") as f:
         f.write(b"first half,")
@@ -349,7 +349,7 @@ def test_half_written_file_is_not_published(tree):
 def test_save_of_several_files_is_published_as_one_version(tree):
     write(tree, "a.py", "1")
     write(tree, "b.py", "1")
-    p = Promoter(str(tree))
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll
     write(tree, "a.py", "2")
     assert p.poll_once() is False
     write(tree, "b.py", "2")
@@ -361,15 +361,21 @@ def test_save_of_several_files_is_published_as_one_version(tree):
     ]
 
 
-def test_a_file_that_never_settles_does_not_block_the_others(tree, caplog):
+def test_a_file_that_never_settles_does_not_block_the_others(tree, caplog, monkeypatch):
+    monkeypatch.setattr(ota_promoter, "MAX_HOLD", 0.3)  # seconds; 5 by default
     write(tree, "main.py", "1")
     write(tree, "log.txt", "")
-    p = Promoter(str(tree))
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll
     write(tree, "main.py", "2")
+    start = time.monotonic()
+    polls = []
     with caplog.at_level(logging.WARNING, "ota_promoter"):
-        for n in range(ota_promoter.SETTLE_POLLS):
-            write(tree, "log.txt", "x" * (n + 1))
-            p.poll_once()
+        while not polls or not polls[-1]:
+            assert time.monotonic() < start + TIMEOUT
+            write(tree, "log.txt", "x" * (len(polls) + 1))
+            polls.append(p.poll_once())
+            time.sleep(0.01)
+    assert time.monotonic() - start >= 0.3  # held back that long, and no longer than the loop
     assert p.manifest() == [
         {"path": "log.txt", "checksum": checksum("", "log.txt")},
         {"path": "main.py", "checksum": checksum("2", "main.py")},

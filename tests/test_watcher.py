@@ -1,0 +1,186 @@
+"""The watcher: quick looks at the files changed last, full scans paced by their
+cost, and a change published only once it has settled (issue 9)."""
+
+import os
+import threading
+import time
+
+import ota_promoter
+from ota_promoter import Promoter
+from conftest import TIMEOUT, checksum, write
+
+
+def paths(p):
+    return [f["path"] for f in p.manifest()]
+
+
+def count_calls(monkeypatch, obj, name):
+    calls = []
+    original = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
+    full = write(tree, "main.py", "start\n")
+    p = Promoter(str(tree))  # the default settle time, with the watcher thread
+    published = []
+    publish = p._publish
+
+    def recording(version, first):
+        blob = version.by_path.get("main.py")
+        published.append(p.read(blob))
+        publish(version, first)
+
+    p._publish = recording
+    p.start()
+    pauses = []
+    try:
+        for n in range(20):
+            first, second = b"# round %d, first half\n" % n + b"a" * 2000, b"\nb = %d\n" % n
+            with open(full, "wb") as f:
+                start = time.perf_counter()
+                f.write(first)
+                f.flush()
+                time.sleep(0.1 * (n % 5 + 1) / 5)  # 20 to 100 ms
+                f.write(second)
+            pauses.append(time.perf_counter() - start)  # at least the pause between the writes
+            deadline = time.monotonic() + TIMEOUT
+            while not published or published[-1] != first + second:
+                assert time.monotonic() < deadline, "round %d was not published" % n
+                time.sleep(0.01)
+    finally:
+        p.stop()
+    # A loaded machine may stretch a pause past 100 ms: such rounds prove nothing.
+    kept = [n for n, pause in enumerate(pauses) if pause <= 0.11]
+    assert len(kept) >= 10, pauses
+    halves = [data for data in published if data.endswith(b"a" * 2000)]
+    assert [data for data in halves if int(data.split()[2].rstrip(b",")) in kept] == []
+    assert published[-1] == b"# round 19, first half\n" + b"a" * 2000 + b"\nb = 19\n"
+
+
+def test_a_save_to_a_file_changed_last_is_seen_by_a_quick_look_without_a_scan(tree, monkeypatch):
+    write(tree, "lib/a.py", "1")
+    write(tree, "lib/b.py", "1")
+    p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next look
+    write(tree, "lib/a.py", "2")
+    p.poll_once()
+    assert p.poll_once() is True
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    assert p.check_once() is False  # nothing changed since
+    write(tree, "lib/a.py", "33")
+    assert p.check_once() is False  # seen changed: settles at the next look
+    assert p.check_once() is True
+    assert p.manifest()[0] == {"path": "lib/a.py", "checksum": checksum("33", "lib/a.py")}
+    assert scans == []
+
+
+def test_a_new_file_in_a_watched_folder_makes_a_quick_look_scan(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    write(tree, "cold/x.py", "1")
+    p = Promoter(str(tree), settle=0)
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    write(tree, "cold/y.py", "1")  # a folder not looked at quickly: waits for a full scan
+    p.check_once()
+    assert scans == []
+    write(tree, "new.py", "1")  # DIR is always looked at
+    p.check_once()
+    assert len(scans) == 1
+    assert p.changing == ["cold/y.py", "new.py"]
+    p.check_once()
+    assert paths(p) == ["cold/x.py", "cold/y.py", "main.py", "new.py"]
+
+
+def test_a_racy_file_is_rehashed_by_full_scans_only(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    p = Promoter(str(tree), settle=0)
+    write(tree, "main.py", "2")  # just written: racy for RACY_NS
+    p.poll_once()
+    p.poll_once()
+    hashes = count_calls(monkeypatch, p, "_hash")
+    for _ in range(10):
+        assert p.check_once() is False
+    assert hashes == []
+    p.poll_once()
+    assert len(hashes) == 1
+
+
+def test_the_files_looked_at_quickly_are_bounded(tree):
+    for n in range(20):
+        write(tree, "f%02d.py" % n, "1")
+    p = Promoter(str(tree), settle=0)
+    for n in range(20):
+        write(tree, "f%02d.py" % n, "2")
+    p.poll_once()
+    p.poll_once()
+    assert len(p._hot) == ota_promoter.HOT_FILES
+    assert set(p._hot) < {"f%02d.py" % n for n in range(20)}
+    assert paths(p) == ["f%02d.py" % n for n in range(20)]
+
+
+def test_a_change_is_not_published_before_it_settled(tree):
+    full = write(tree, "main.py", "1")
+    p = Promoter(str(tree), settle=3600)
+    write(tree, "main.py", "2")
+    os.utime(full, ns=(time.time_ns(), time.time_ns()))
+    for _ in range(5):
+        assert p.poll_once() is False
+        assert p.check_once() is False
+    assert p.changing == ["main.py"]
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("1", "main.py")}]
+    old = time.time_ns() - 2 * 3600 * 10**9  # last written two hours ago: settled
+    os.utime(full, ns=(old, old))
+    p.poll_once()
+    assert p.check_once() is True
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("2", "main.py")}]
+
+
+def test_a_file_behind_a_symlink_is_looked_at_quickly_without_a_scan(tree, monkeypatch):
+    write(tree, ".shared/util.py", "1")
+    write(tree, "real/x.py", "1")
+    os.symlink(".shared", os.path.join(str(tree), "lib"))
+    os.symlink("../real/x.py", os.path.join(str(tree), ".shared", "link.py"))
+    p = Promoter(str(tree), settle=0)
+    assert paths(p) == ["lib/link.py", "lib/util.py", "real/x.py"]
+    write(tree, ".shared/util.py", "2")
+    write(tree, "real/x.py", "2")
+    p.poll_once()
+    assert p.poll_once() is True
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    write(tree, ".shared/util.py", "3")
+    write(tree, "real/x.py", "3")
+    p.check_once()
+    assert p.check_once() is True
+    assert p.manifest() == [
+        {"path": "lib/link.py", "checksum": checksum("3", "lib/link.py")},
+        {"path": "lib/util.py", "checksum": checksum("3", "lib/util.py")},
+        {"path": "real/x.py", "checksum": checksum("3", "real/x.py")},
+    ]
+    assert scans == []
+
+
+def test_a_folder_that_cannot_be_entered_does_not_make_every_quick_look_a_scan(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    write(tree, "locked/x.py", "1")
+    open_folder = ota_promoter._open_folder
+
+    def denied(parent, name):  # as chmod 000 would, for a user other than root
+        if name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return open_folder(parent, name)
+
+    monkeypatch.setattr(ota_promoter, "_open_folder", denied)
+    p = Promoter(str(tree), settle=0)
+    assert paths(p) == ["main.py"]
+    scans = count_calls(monkeypatch, p._scanner, "scan")
+    for _ in range(5):
+        p.check_once()
+    assert scans == []
+    write(tree, "new.py", "1")  # DIR's names changed: now a scan
+    p.check_once()
+    assert len(scans) == 1
