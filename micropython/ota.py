@@ -53,7 +53,10 @@ class OTAError(Exception):
 
 
 def _installed(root):
+    # Not open() of a missing file: on the unix port of 1.20 its object is left with
+    # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
     try:
+        os.stat(root + "/" + _STATE)
         with open(root + "/" + _STATE, "rb") as f:
             return f.readline()[:-1].decode()
     except OSError:

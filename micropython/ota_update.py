@@ -321,11 +321,10 @@ def _plan(server, length, root, stage, delete, block):
                        % server.where)
     version = line[:-1].decode()
     _hex(version)
-    try:
+    old = None
+    if _kind(root + "/" + _STATE):  # see _installed: no open() of a missing file
         old = open(root + "/" + _STATE, "rb")
         old.readline()
-    except OSError:
-        old = None
     state = open(stage + "/state", "wb")
     plan = open(stage + "/plan", "wb")
     try:
@@ -480,12 +479,14 @@ def _commit(root):
     undo = stage + "/undo"
     done = stage + "/done"
     why = None
+    complete = False
     try:
-        with open(journal, "rb") as f:
-            f.seek(-4, 2)
-            complete = f.read() == b"end\n"
+        if _kind(journal):  # see _installed: no open() of a missing file
+            with open(journal, "rb") as f:
+                f.seek(-4, 2)
+                complete = f.read() == b"end\n"
     except OSError:
-        complete = False
+        pass
     if complete:
         for op in _ops(journal):  # every path is checked before one is touched
             pass

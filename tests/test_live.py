@@ -254,3 +254,17 @@ def test_live_mode_holds_little_heap_and_a_full_update_runs_in_38_kb(tree, promo
     assert out.stdout.splitlines()[-1] == "updated True", out.stdout
     assert files(device, own=False) == promoted(tree)
     assert armed <= 3 * 1024
+
+
+# -- The example app ---------------------------------------------------------------------
+
+
+def test_the_example_app_is_published_without_the_secrets(tmp_path):
+    import shutil
+
+    example = tmp_path / "example"
+    shutil.copytree(os.path.join(ROOT, "micropython", "example"), str(example))
+    write(example, "secrets.py", "WIFI_PASSWORD = 'hunter2'\n")  # the user's, next to the example
+    p = ota_promoter.Promoter(str(example), interval=3600)
+    settle(p)
+    assert sorted(f["path"] for f in p.manifest()) == ["boot.py", "main.py", "secrets.py.example"]
