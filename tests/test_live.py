@@ -192,7 +192,7 @@ def test_a_dead_server_never_blocks_a_print(tmp_path):
 
 
 @needs_console
-def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, serve, caplog):
+def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, caplog):
     from test_cli import free_port
 
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -203,7 +203,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     assert live.post.backoff == 1000  # refused: back off a second
     write(tree, "main.py", "m")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
-    serve(promoter) if False else promoter.serve("127.0.0.1", port).start()
+    server = promoter.serve("127.0.0.1", port).start()  # on the port the board was given
     try:
         live.post.backoff = 0
         deadline = time.monotonic() + TIMEOUT
@@ -216,6 +216,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
         assert any("(494 bytes of output dropped)" in m for m in logged), logged
     finally:
         live.stop()
+        server.close()
 
 
 # -- Memory, on the 32-bit unix port ---------------------------------------------------
