@@ -2,22 +2,20 @@
 #
 #   import ota
 #   ota.update("http://192.168.0.10:9090")  # boot.py: install what changed, reset if any
-#   ota.watch("http://192.168.0.10:9090")   # development: update and reset on every save
+#   ota.live("http://192.168.0.10:9090")    # then: main.py runs, and each save restarts it
+#   ota.watch("http://192.168.0.10:9090")   # or: update and reset on every save, forever
 #
-# Changed files are downloaded to .ota-new/ and checked (sha1 of bytes + path,
-# length, target path) before anything is replaced. The switch goes through a
-# journal, .ota-journal: old files are moved aside, not deleted, until every new
-# one is in, so the switch can be rolled forward after a power cut, or back if a
-# step fails. .ota lists what this client installed; nothing else is ever deleted.
+# This is the part that stays in memory while the app runs: live mode and the
+# console, which a machine.Timer drives without ever blocking the app, and the
+# fronts of update(), recover() and watch(), which import ota_update.py (the
+# download, the checks, the journal) only when called and drop it afterwards.
 # Runs on CPython 3.9+ as well, for the tests.
 
 import binascii
-import hashlib
-import json
 import os
 import select
 import socket
-import time
+import sys
 
 try:
     from micropython import const
@@ -39,622 +37,67 @@ except ImportError:  # CPython
         return a - b
 
 
-_BUF = const(1024)  # the one network buffer
-_LINE = const(256)  # longest header or manifest line: paths up to about 200 bytes
-_HEADERS = const(32)  # most header lines an answer may have
-_EEXIST = const(17)
+try:
+    from io import IOBase  # MicroPython: what makes a class a stream for os.dupterm
+except ImportError:
+    IOBase = object
+
+_EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux and ESP-IDF alike
+_CONSOLE = const(512)  # console bytes held for the server; more are dropped and counted
+_PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
 _STATE = ".ota"
-_JOURNAL = ".ota-journal"
-_STAGE = ".ota-new"
-_MANIFEST = "/files/manifest.txt"  # where a static export has it too
 
 
 class OTAError(Exception):
     pass
 
 
-# -- HTTP ---------------------------------------------------------------------
-
-
-class _Server:
-    def __init__(self, url, token, timeout, version, ca=None):
-        i = url.find("://")
-        self.tls = url[:i] == "https"
-        if not self.tls and url[:i] != "http":
-            raise OTAError("url must start with http:// or https://, not %r" % url)
-        self.ca = ca
-        rest = url[i + 3 :].rstrip("/")
-        i = rest.find("/")
-        if i < 0:
-            i = len(rest)
-        self.where = host = rest[:i]
-        self.prefix = rest[i:]
-        try:
-            self.port = 443 if self.tls else 80
-            i = host.rfind(":")
-            if i > host.rfind("]"):  # a port, after a name or a [v6 address]
-                self.port = int(host[i + 1 :])
-                host = host[:i]
-            self.family = socket.AF_INET
-            if host[:1] == "[" and host[-1:] == "]":
-                host = host[1:-1]
-                self.family = socket.AF_INET6
-            elif ":" in host or "]" in host:
-                raise ValueError
-            self.host = host
-        except Exception:
-            raise OTAError("bad host or port in %r" % url)
-        self.ms = int(timeout * 1000)
-        self.buf = bytearray(_BUF)
-        self.mv = memoryview(self.buf)
-        try:
-            import machine
-
-            device = binascii.hexlify(machine.unique_id()).decode()
-        except (ImportError, AttributeError):
-            device = "unknown"
-        self.head = "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
-            self.where,
-            device,
-            version or "none",
-            "Authorization: Bearer %s\r\n" % token if token else "",
-        )
-
-    def get(self, path, extra=""):
-        # Sends a request and reads the answer's head: (status, length, target) of a
-        # 200 or 304, its body left to read; the caller closes. Else raises OTAError.
-        self.start = ticks_ms()
-        self.allow = self.ms
-        self.i = self.n = 0
-        self.poll = None
-        s = self.s = socket.socket(self.family)
-        try:
-            s.settimeout(self.ms / 1000)
-            s.connect(socket.getaddrinfo(self.host, self.port, self.family)[0][-1])
-            if self.tls:
-                s = self.s = _tls(s, self.host, self.ca, self.where)
-            request = ("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode()
-            (s.sendall if hasattr(s, "sendall") else s.write)(request)  # the 1.20 unix port has no sendall
-            if hasattr(s, "readinto"):
-                # MicroPython: readinto waits to fill the whole buffer unless the
-                # socket does not block; then it returns what has arrived.
-                s.setblocking(False)
-                self.poll = select.poll()
-                self.poll.register(s, select.POLLIN)
-            line = self.readline()
-            if not line:
-                raise OSError("connection closed")
-            status = int(line[9:12])  # ValueError if this is not HTTP
-            length = -1
-            target = where = None
-            for _ in range(_HEADERS):
-                line = self.readline()
-                if line == b"\r\n" or line == b"\n":
-                    break
-                if line[-1:] != b"\n":
-                    raise OTAError("bad header from %s" % self.where)
-                kv = line.split(b":", 1)
-                key = kv[0].lower()
-                if key == b"content-length":
-                    length = int(kv[1])
-                elif key == b"x-target-path":
-                    target = kv[1].strip()
-                elif key == b"location":
-                    where = kv[1].strip().decode()
-            else:
-                raise OTAError("too many header lines from %s" % self.where)
-            if status == 200 or status == 304:
-                return status, length, target
-            message = self.readline()
-            try:
-                message = json.loads(message)["error"]
-            except Exception:
-                pass
-        except BaseException as e:
-            self.close()
-            if isinstance(e, OSError):
-                raise OTAError("no answer from %s: %s" % (self.where, e))
-            if isinstance(e, ValueError):
-                raise OTAError("bad answer from %s" % self.where)
-            raise
-        self.close()
-        if 300 <= status < 400:
-            raise OTAError("%s redirects to %s: use that url" % (self.where, where))
-        if status == 401:
-            raise OTAError("%s: wrong or missing token" % self.where)
-        if status == 404 and not isinstance(message, str) or path == _MANIFEST and status == 400:
-            # A static host's page, or the original server, which has no text manifest.
-            raise OTAError("%s has no %s%s: the url must name an ota-promoter server or the folder "
-                           "of an export" % (self.where, self.prefix, path))
-        raise OTAError("HTTP %d for %s: %s" % (status, path, message))
-
-    def _fill(self):
-        # One read of what has arrived, within the deadline of the whole answer:
-        # timeout seconds, plus a millisecond per byte received (at least 1 KB/s).
-        while True:
-            try:
-                took = ticks_diff(ticks_ms(), self.start)
-                wait = min(self.allow - took, self.ms)
-                if wait <= 0:
-                    raise OTAError("%s is too slow: gave up after %d ms" % (self.where, took))
-                if self.poll is None:  # CPython: recv_into returns what has arrived
-                    self.s.settimeout(wait / 1000)
-                    n = self.s.recv_into(self.buf)
-                elif self.poll.poll(wait):
-                    n = self.s.readinto(self.buf)
-                else:
-                    raise OSError("timed out")
-            except OSError as e:
-                if self.allow == self.ms or ticks_diff(ticks_ms(), self.start) < self.allow:
-                    raise OTAError("no answer from %s: %s" % (self.where, e))
-                continue  # the deadline passed while bytes came: said above
-            if n is not None:
-                self.i = 0
-                self.n = n
-                self.allow += n
-                return n
-
-    def chunk(self, most):
-        # Up to most bytes of the body, as a view into the buffer; empty at its end.
-        if self.i == self.n:
-            self._fill()
-        j = min(self.n, self.i + most)
-        c = self.mv[self.i : j]
-        self.i = j
-        return c
-
-    def readline(self):
-        # A line of at most _LINE bytes; shorter only at the end of the answer.
-        line = b""
-        while len(line) < _LINE and line[-1:] != b"\n" and (self.i < self.n or self._fill()):
-            j = min(self.buf.find(b"\n", self.i, self.n) + 1 or self.n, self.i + _LINE - len(line))
-            line += self.mv[self.i : j]
-            self.i = j
-        return line
-
-    def close(self):
-        self.s.close()
-
-    def version(self, since=None, wait=0):
-        # The server's version; with wait, a long-poll that returns since if nothing changed.
-        status, length, _ = self.get(
-            "/files/version?wait=%d" % wait if wait else "/files/version",
-            'If-None-Match: "%s"\r\n' % since if since else "",
-        )
-        try:
-            if status == 304:
-                return since
-            body = self.readline() if 0 < length <= _LINE else b""
-            try:
-                version = json.loads(body)["version"]
-                _hex(version)
-            except Exception as e:
-                raise OTAError("bad version answer from %s: %r" % (self.where, e))
-            return version
-        finally:
-            self.close()
-
-
-def _tls(s, host, ca, where):
-    # Boards freeze micropython-lib's ssl.py over the tls module; a bare unix build
-    # has only tls; 1.20 has ssl.wrap_socket alone. A board has no authorities of
-    # its own: without ca it encrypts but cannot tell the server is the right one.
-    try:
-        try:
-            import ssl
-        except ImportError:
-            import tls as ssl
-        if not hasattr(ssl, "SSLContext"):
-            return ssl.wrap_socket(s, server_hostname=host, cert_reqs=2 if ca else 0, cadata=ca)
-        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        if ca:
-            c.verify_mode = ssl.CERT_REQUIRED
-            try:
-                c.load_verify_locations(cadata=ca)
-            except TypeError:  # the bare tls module takes it by position
-                c.load_verify_locations(ca)
-        elif hasattr(c, "load_default_certs"):
-            c.load_default_certs()  # CPython: the system's authorities
-        else:
-            c.verify_mode = ssl.CERT_NONE
-        return c.wrap_socket(s, server_hostname=host)
-    except (MemoryError, OSError, ValueError) as e:
-        s.close()
-        if isinstance(e, MemoryError) or e.args[0] == 12:  # ENOMEM: mbedtls could not allocate
-            raise OTAError("%s: not enough memory for TLS on this board: use http://" % where)
-        raise OTAError("%s: TLS failed: %s" % (where, e))
-
-
-def _hex(checksum):
-    # 40 hex digits: also what keeps a checksum from changing a request line.
-    if len(checksum) != 40:
-        raise OTAError("bad checksum %r" % checksum)
-    binascii.unhexlify(checksum)  # ValueError if not hex
-
-
-# -- Files --------------------------------------------------------------------
-
-
-def _kind(path):
-    # 0: nothing there, 1: a file, 2: a folder
-    try:
-        return 2 if os.stat(path)[0] & 0x4000 else 1
-    except OSError:
-        return 0
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass  # already gone
-
-
-def _mkdirs(root, path):
-    i = path.find("/")
-    while i > 0:
-        try:
-            os.mkdir(root + "/" + path[:i])
-        except OSError as e:
-            if e.args[0] != _EEXIST:
-                raise
-        i = path.find("/", i + 1)
-
-
-def _prune(root, path):
-    # Remove the folders of path left empty, deepest first (some may not exist).
-    i = path.rfind("/")
-    while i > 0:
-        try:
-            os.rmdir(root + "/" + path[:i])
-        except OSError:
-            pass
-        i = path.rfind("/", 0, i)
-
-
-def _sync():
-    if hasattr(os, "sync"):
-        os.sync()
-
-
-def _clean(stage):
-    # Staged files are numbered from 0 in download order, so no listing is held;
-    # the last goes first, so that a power cut leaves them numbered from 0 still.
-    i = 0
-    while _kind("%s/%d" % (stage, i)):
-        i += 1
-    while i:
-        i -= 1
-        _remove("%s/%d" % (stage, i))
-    _remove(stage + "/plan")
-    _remove(stage + "/state")
-    try:
-        os.rmdir(stage)
-    except OSError:
-        pass
-
-
-def _safe(path):
-    # A promoted path may only name a file under the device root, and not ours:
-    # in any case, since FAT folds it (.OTA-NEW is .ota-new there).
-    if "\\" in path or path[:4].lower() == _STATE:
-        return False
-    for part in path.split("/"):
-        if part == "" or part == "." or part == "..":
-            return False
-    for c in path:
-        if c < " ":
-            return False
-    return True
-
-
-def _refuse(path, where):
-    raise OTAError("refusing unsafe or unsorted path %r in %s" % (path, where))
-
-
-def _ops(journal):
-    # The lines of a plan or journal, each [kind, checksum, size, path]: "g" to get
-    # a file, "d" to delete one; ["end"] last in a complete journal. Paths read
-    # back are checked again: whatever wrote the file, nothing outside root is touched.
-    with open(journal, "rb") as f:
-        while True:
-            line = f.readline()
-            if not line:
-                return
-            op = line[:-1].decode().split(" ", 3)
-            if op[0] != "end" and (len(op) < 4 or not _safe(op[3])):
-                _refuse(op[-1], journal)
-            yield op
-
-
-def _entry(state):
-    # The next [checksum, size, path] of a state file, or None at its end.
-    line = state.readline() if state else b""
-    if not line:
-        return None
-    entry = line[:-1].decode().split(" ", 2)
-    if not _safe(entry[2]):
-        _refuse(entry[2], _STATE)
-    return entry
-
-
 def _installed(root):
+    # Not open() of a missing file: on the unix port of 1.20 its object is left with
+    # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
     try:
+        os.stat(root + "/" + _STATE)
         with open(root + "/" + _STATE, "rb") as f:
             return f.readline()[:-1].decode()
     except OSError:
         return ""
 
 
-# -- Update -------------------------------------------------------------------
-
-
-def _plan(server, length, root, stage, delete, block):
-    # Merge the server's manifest (sorted by path) with the installed state (same
-    # order) line by line: memory stays flat however many files there are.
-    # Writes the new state and the plan; returns (version, changes, bytes needed).
-    line = server.readline()
-    got = len(line)
-    if line[:1] == b"{":
-        raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
-                       % server.where)
-    version = line[:-1].decode()
-    _hex(version)
+def _where(url):
+    # (host:port as written, host, port, address family, path prefix, https?) of a url.
+    i = url.find("://")
+    tls = url[:i] == "https"
+    if not tls and url[:i] != "http":
+        raise OTAError("url must start with http:// or https://, not %r" % url)
+    rest = url[i + 3 :].rstrip("/")
+    i = rest.find("/")
+    if i < 0:
+        i = len(rest)
+    where = host = rest[:i]
     try:
-        old = open(root + "/" + _STATE, "rb")
-        old.readline()
-    except OSError:
-        old = None
-    state = open(stage + "/state", "wb")
-    plan = open(stage + "/plan", "wb")
+        port = 443 if tls else 80
+        i = host.rfind(":")
+        if i > host.rfind("]"):  # a port, after a name or a [v6 address]
+            port = int(host[i + 1 :])
+            host = host[:i]
+        family = socket.AF_INET
+        if host[:1] == "[" and host[-1:] == "]":
+            host = host[1:-1]
+            family = socket.AF_INET6
+        elif ":" in host or "]" in host:
+            raise ValueError
+    except Exception:
+        raise OTAError("bad host or port in %r" % url)
+    return where, host, port, family, rest[len(where) :], tls
+
+
+def _device():
     try:
-        state.write(line)
-        o = _entry(old)
-        last = ""
-        chain = []  # earlier paths that are the start of this one: "lib" before "lib.py"
-        fold = {}  # path in lower case -> path, for paths with capitals; "folder/" for folders
-        changes = need = folders = 0
-        while True:
-            line = server.readline()
-            path = None  # at the manifest's end: every installed file left is gone
-            if line:
-                got += len(line)
-                if line[-1:] != b"\n":
-                    raise OTAError("manifest line cut off or too long: %r" % line[:60])
-                checksum, size, path = line[:-1].decode().split(" ", 2)
-                size = int(size)
-                if not _safe(path) or path <= last or size < 0:
-                    _refuse(path, "the manifest")
-                _hex(checksum)
-                # A path that is also a folder of another, or equal to another but
-                # for case (one file on FAT): refused now, or the switch would fail.
-                while chain and path[: len(chain[-1])] != chain[-1]:
-                    chain.pop()
-                low = path.lower()
-                clash = fold.get(low) or fold.get(low + "/")
-                if chain and path[len(chain[-1]) : len(chain[-1]) + 1] == "/":
-                    clash = chain[-1]
-                i = path.find("/")
-                while i > 0:
-                    clash = clash or fold.get(low[:i])
-                    if low[:i] != path[:i]:
-                        fold[low[:i] + "/"] = path
-                    i = path.find("/", i + 1)
-                if clash:
-                    raise OTAError("%r and %r clash: rename one" % (clash, path))
-                chain.append(path)
-                if low != path:
-                    fold[low] = path
-            elif got != length:
-                raise OTAError("manifest cut off after %d of %d bytes" % (got, length))
-            while o and (path is None or o[2] < path):
-                if delete:
-                    plan.write(("d %s %s %s\n" % tuple(o)).encode())
-                    changes += 1
-                o = _entry(old)
-            if path is None:
-                break
-            if not (o and o[2] == path and o[0] == checksum):
-                folders += _check_target(root, path, last)
-                plan.write(("g %s %d %s\n" % (checksum, size, path)).encode())
-                changes += 1
-                need += (size + block - 1) // block * block
-            if o and o[2] == path:
-                o = _entry(old)
-            state.write(line)
-            last = path
-    finally:
-        state.close()
-        plan.close()
-        if old:
-            old.close()
-    # Each new folder takes two blocks (a littlefs metadata pair); the new state and
-    # the plan are as big as the manifest at most; four blocks spare for metadata.
-    return version, changes, need + 2 * got + (2 * folders + 4) * block
+        import machine
 
-
-def _check_target(root, path, last):
-    # Refuse now what the journal could not do later; count the folders to create.
-    if _kind(root + "/" + path) == 2:
-        raise OTAError("%s: remove the folder in the way" % path)
-    folders = 0
-    i = path.find("/")
-    while i > 0:
-        kind = _kind(root + "/" + path[:i])
-        if kind == 1:
-            raise OTAError("%s: remove the file in the way of %s" % (path[:i], path))
-        if not kind and last[: i + 1] != path[: i + 1]:  # not counted for the path before
-            folders += 1
-        i = path.find("/", i + 1)
-    return folders
-
-
-def _fetch(server, checksum, size, path, dest):
-    status, length, target = server.get("/files/" + checksum)
-    try:
-        # A static host sends no X-Target-Path: the checksum covers the path anyway.
-        if length != size or target is not None and target != path.encode():
-            raise OTAError("%s: expected %d B, the server sent %d B for %s" % (path, size, length, target))
-        h = hashlib.sha1()
-        with open(dest, "wb") as out:
-            left = size
-            while left:
-                chunk = server.chunk(left)
-                if not chunk:
-                    raise OTAError("%s: connection closed after %d of %d B" % (path, size - left, size))
-                h.update(chunk)
-                out.write(chunk)
-                left -= len(chunk)
-        h.update(path.encode())
-        if binascii.hexlify(h.digest()).decode() != checksum:
-            raise OTAError("%s: checksum mismatch, damaged in transfer" % path)
-    finally:
-        server.close()
-
-
-def _stage(server, root, stage, delete):
-    # Download and check every changed file; nothing outside stage is touched.
-    block = 1
-    free = None
-    if hasattr(os, "statvfs"):
-        fs = os.statvfs(root or "/")
-        block = fs[0] or 1
-        free = fs[0] * fs[4]
-    status, length, target = server.get(_MANIFEST)
-    try:
-        version, changes, need = _plan(server, length, root, stage, delete, block)
-    finally:
-        server.close()
-    if free is not None and need > free:
-        raise OTAError("not enough space: the update needs %d B, %d B are free" % (need, free))
-    i = 0
-    for op in _ops(stage + "/plan"):
-        if op[0] == "g":
-            _fetch(server, op[1], int(op[2]), op[3], "%s/%d" % (stage, i))
-            print("ota: %s %s B ok" % (op[3], op[2]))
-            i += 1
-    return version, changes
-
-
-def _steps(root, journal, phases):
-    # Each step of a journal as (staged file or None, path, its place on the board,
-    # where its old file waits): "d" deletions, "g" new files, "s" the state.
-    stage = root + "/" + _STAGE + "/"
-    for phase in phases:
-        if phase == "s":
-            yield stage + "state", _STATE, root + "/" + _STATE, stage + "old"
-        i = 0
-        for op in _ops(journal):
-            if op[0] == phase:
-                yield (None if phase == "d" else stage + str(i)), op[3], root + "/" + op[3], stage + phase + str(i)
-                i += 1
-
-
-def _commit(root):
-    # Roll the journal forward; if a step fails (a folder in the way, a full
-    # file system), roll it back: the board gets all the new files or all the
-    # old ones. Every step can be taken again after a power cut. Returns the
-    # error that made it roll back, if any.
-    stage = root + "/" + _STAGE
-    journal = root + "/" + _JOURNAL
-    undo = stage + "/undo"
-    done = stage + "/done"
-    why = None
-    try:
-        with open(journal, "rb") as f:
-            f.seek(-4, 2)
-            complete = f.read() == b"end\n"
-    except OSError:
-        complete = False
-    if complete:
-        for op in _ops(journal):  # every path is checked before one is touched
-            pass
-        try:
-            for new, path, dst, aside in _steps(root, journal, "dgs"):
-                if not new or _kind(new):  # else moved in before a power cut
-                    if _kind(dst) == 1 and not _kind(aside):
-                        os.rename(dst, aside)
-                    if new:
-                        _mkdirs(root, path)
-                        os.rename(new, dst)
-            _sync()
-            os.rename(journal, done)
-        except OSError as e:
-            why = e
-            os.rename(journal, undo)
-    elif _kind(journal):
-        os.remove(journal)  # not written by this client: never started
-    if _kind(undo):
-        for new, path, dst, aside in _steps(root, undo, "sgd"):
-            if new:
-                if not _kind(new):
-                    os.rename(dst, new)
-                _prune(root, path)  # the folders it made
-            if _kind(aside):
-                _mkdirs(root, path)
-                os.rename(aside, dst)
-        _sync()
-        os.remove(undo)
-    if _kind(done):
-        for new, path, dst, aside in _steps(root, done, "dgs"):
-            if _kind(aside):
-                os.remove(aside)  # a failure is retried: a new update needs the names
-            if not new:
-                _prune(root, path)
-        _sync()
-        os.remove(done)
-    _clean(stage)
-    return why
-
-
-def recover(root="/"):
-    """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
-    try:
-        return _commit(root.rstrip("/"))
-    except (OSError, ValueError, IndexError) as e:
-        raise OTAError("cannot finish the update, the next call retries: %r" % e)
-
-
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
-    """Install the files that changed on the server; True if any did.
-
-    Resets the board after a change when reset is true. Deletes files the server
-    no longer has only if this client installed them (and delete is true).
-    Raises OTAError, with the board's files as they were, if anything fails.
-    """
-    root = root.rstrip("/")
-    recover(root)
-    installed = _installed(root)
-    server = _Server(url, token, timeout, installed, ca)
-    version = server.version()
-    if version == installed:
-        return False
-    stage = root + "/" + _STAGE
-    try:
-        os.mkdir(stage)
-    except OSError as e:
-        if e.args[0] != _EEXIST:
-            raise OTAError("cannot write to %s: %s" % (root or "/", e))
-    why = None
-    try:
-        version, changes = _stage(server, root, stage, delete)
-        with open(stage + "/plan", "ab") as f:
-            f.write(b"end\n")
-        _sync()
-        os.rename(stage + "/plan", root + "/" + _JOURNAL)  # the commit point
-    except (OSError, ValueError, IndexError) as e:  # the file system, or a bad manifest
-        why = e
-    except BaseException:
-        _clean(stage)
-        raise
-    why = why or recover(root)  # the switch: rolled forward, or back if a step failed
-    if why:
-        _clean(stage)
-        raise OTAError("update failed, nothing changed: %r" % why)
-    print("ota: version %s installed, %d change%s" % (version[:7], changes, "" if changes == 1 else "s"))
-    if changes and reset:
-        _reset()
-    return changes > 0
+        return binascii.hexlify(machine.unique_id()).decode()
+    except (ImportError, AttributeError):
+        return "unknown"
 
 
 def _reset():
@@ -666,26 +109,330 @@ def _reset():
         pass  # not a board: CPython or the unix port
 
 
-def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
-    """Update on every new version the server publishes, forever (for development).
+# -- Update, recover and watch: in ota_update.py -------------------------------------
 
-    Long-polls the server (wait: seconds, at least 1); retries with a growing
-    delay while it is away.
+
+def _run(name, *args):
+    # Call ota_update's function; the module is dropped afterwards if this call
+    # imported it, so that live mode keeps only this file in memory.
+    mine = "ota_update" not in sys.modules
+    try:
+        import ota_update
+
+        return getattr(ota_update, name)(*args)
+    finally:
+        if mine:
+            sys.modules.pop("ota_update", None)
+
+
+def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
+    """Install the files that changed on the server; True if any did.
+
+    Resets the board after a change when reset is true. Deletes files the server
+    no longer has only if this client installed them (and delete is true).
+    Raises OTAError, with the board's files as they were, if anything fails.
     """
-    wait = max(int(wait), 1)
-    delay = 1
-    while True:
+    return _run("update", url, root, token, reset, delete, timeout, ca)
+
+
+def recover(root="/"):
+    """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
+    return _run("recover", root)
+
+
+def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
+    """Update on every new version the server publishes, forever (for development)."""
+    return _run("watch", url, root, token, reset, wait, timeout, ca)
+
+
+# -- Live mode: a Timer callback that never waits --------------------------------------
+
+
+class _Console(IOBase):
+    """The stream given to os.dupterm: holds what the REPL prints for the server."""
+
+    def __init__(self, keep):
+        self.buf = bytearray(_CONSOLE if keep else 0)
+        self.n = self.dropped = self.key = 0
+        self.prompt = False
+
+    def write(self, data):
+        # Called inside every print: copies what fits and counts the rest. It never
+        # waits and never raises (an exception would make os.dupterm drop the stream).
+        n = len(data)
+        k = min(n, len(self.buf) - self.n)
+        self.buf[self.n : self.n + k] = data[:k]
+        self.n += k
+        self.dropped += n - k
+        if n:
+            # The friendly REPL writes its prompt alone (shared/readline: readline_init)
+            self.prompt = data == b">>> "
+        return n
+
+    def readinto(self, b):
+        # The key live mode presses to restart the app (Ctrl-C, then Ctrl-D), once.
+        if self.key:
+            b[0] = self.key
+            self.key = 0
+            return 1
+        return None  # no input: os.dupterm takes it as EAGAIN
+
+    def sent(self, k, dropped):
+        # The server took the first k bytes and the count of dropped ones.
+        self.buf[: self.n - k] = self.buf[k : self.n]
+        self.n -= k
+        self.dropped -= dropped
+
+
+class _Link:
+    """One HTTP exchange at a time on a non-blocking socket; step() never waits."""
+
+    def __init__(self):
+        self.s = self.parts = None
+        self.buf = bytearray(64)  # answers are read only up to the end of their head
+        self.backoff = 0
+        self.since = 0
+
+    def resting(self):
+        # True while backing off after a failure: 1, 2, 4, 8, then 10 s.
+        return self.backoff and ticks_diff(ticks_ms(), self.since) < self.backoff
+
+    def fail(self):
+        self.close()
+        self.backoff = min(self.backoff * 2 or 1000, 10000)
+        self.since = ticks_ms()
+
+    def close(self):
+        if self.s:
+            self.s.close()
+        self.s = None
+        self.parts = None
+
+    def start(self, address, family, head, body, ms):
+        # A kept-alive connection the server has closed in the meantime reads as ready.
+        if self.s and self.poll.poll(0):
+            self.close()
+        if not self.s:
+            s = self.s = socket.socket(family)
+            s.setblocking(False)
+            try:
+                s.connect(address)
+            except OSError as e:
+                if e.args[0] != _EINPROGRESS:
+                    raise
+            self.poll = select.poll()
+        self.poll.register(self.s, select.POLLOUT)
+        self.parts = [head, body]
+        self.status = self.seen = 0
+        self.tail = b""
+        self.ms = ms
+        self.started = ticks_ms()
+
+    def step(self):
+        # None while the exchange is under way, then the answer's status. Raises
+        # OSError if the connection fails or the exchange takes over its time.
+        if ticks_diff(ticks_ms(), self.started) > self.ms:
+            raise OSError("timed out")
+        for _ in range(8):  # a bound on the work of one tick
+            ready = self.poll.poll(0)
+            if not ready:
+                return None
+            if ready[0][1] & (select.POLLERR | select.POLLHUP) and not ready[0][1] & select.POLLIN:
+                raise OSError("connection refused or lost")
+            if self.parts:
+                part = self.parts[0]
+                n = self.s.send(part)
+                if n < len(part):
+                    self.parts[0] = part[n:]
+                else:
+                    self.parts.pop(0)
+                    if not self.parts:
+                        self.poll.modify(self.s, select.POLLIN)
+                continue
+            n = (self.s.readinto if hasattr(self.s, "readinto") else self.s.recv_into)(self.buf)
+            if n is None:
+                return None
+            if not n:
+                raise OSError("connection closed")
+            chunk = bytes(self.buf[:n])
+            if not self.status:
+                self.tail += chunk
+                if len(self.tail) < 12:
+                    continue
+                self.status = int(self.tail[9:12])  # ValueError if this is not HTTP
+            found = (self.tail + chunk).find(b"\r\n\r\n")
+            self.tail = (self.tail + chunk)[-3:]
+            if found >= 0:
+                return self.status
+        return None
+
+
+class _Live:
+    """Live mode's state, advanced by tick() from a Timer's soft callback."""
+
+    def __init__(self, url, root, token, console, wait, timeout):
+        self.url = url
+        self.root = root
+        self.token = token
+        self.wait = max(int(wait), 1)
+        self.timeout = timeout
+        self.where, host, port, self.family, self.prefix, tls = _where(url)
+        if tls:
+            raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
+        self.address = None
+        self.head = "Host: %s\r\nX-OTA-Device: %s\r\n%s" % (
+            self.where, _device(), "Authorization: Bearer %s\r\n" % token if token else "")
+        self.host = host, port
+        self.version = _installed(root)
+        self.check = _Link()
+        self.post = _Link() if console else None
+        self.console = None
+        self.timer = None
+        self.restart = None
+
+    def request(self, line, extra):
+        return ("%s HTTP/1.1\r\n%sX-OTA-Version: %s\r\n%s\r\n" % (
+            line, self.head, self.version or "none", extra)).encode()
+
+    def tick(self, timer=None):
+        """One step of live mode: returns at once, never raises."""
+        c = self.console
+        prompt = c and c.prompt  # what this prints is live mode's: the REPL still waits
         try:
-            update(url, root, token, reset, True, timeout, ca)
-            installed = _installed(root.rstrip("/"))
-            start = ticks_ms()
-            if (
-                _Server(url, token, timeout + wait, installed, ca).version(installed, wait) == installed
-                and ticks_diff(ticks_ms(), start) < wait * 1000
-            ):
-                time.sleep(1)  # back early with nothing new (a server ignoring wait): do not hammer it
-            delay = 1
+            if self.restart is not None:
+                return self._restarting()
+            if self.address is None:  # resolved once: a name costs a DNS lookup here
+                self.address = socket.getaddrinfo(self.host[0], self.host[1], self.family)[0][-1]
+            self._check()
+            if self.post:
+                self._post()
+        except Exception as e:  # a bug must not stop live mode: said once per failure
+            print("ota: live mode: %r" % e)
+            self.check.fail()
+        finally:
+            if c:
+                c.prompt = c.prompt or prompt
+
+    def _check(self):
+        link = self.check
+        if link.resting():
+            return
+        try:
+            if link.parts is None:
+                link.start(self.address, self.family, self.request(
+                    "GET %s/files/version?wait=%d" % (self.prefix, self.wait),
+                    'If-None-Match: "%s"\r\n' % self.version if self.version else ""), b"",
+                    (self.wait + self.timeout) * 1000)
+                return
+            status = link.step()
+        except (OSError, ValueError):
+            return link.fail()
+        if status is None:
+            return
+        link.close()  # a long-poll's connection is not kept
+        if status == 304:
+            link.backoff = 0
+            return
+        if status != 200:
+            print("ota: live mode: HTTP %d from %s" % (status, self.where))
+            return link.fail()
+        try:
+            changed = update(self.url, self.root, self.token, False, True, self.timeout)
         except OTAError as e:
-            print("ota: %s; retrying in %d s" % (e, delay))
-            time.sleep(delay)
-            delay = min(delay * 2, 10)
+            print("ota: %s; live mode retries" % e)
+            return link.fail()
+        self.version = _installed(self.root)
+        if changed:
+            self.restart = ticks_ms()
+            return self._restarting()
+        link.fail()  # the same version again (a server without long-poll): do not hammer it
+
+    def _post(self):
+        link = self.post
+        c = self.console
+        if link.resting():
+            return
+        try:
+            if link.parts is None:
+                if not c.n and not c.dropped:
+                    return
+                self.k = min(c.n, 1024)  # the protocol's largest body
+                self.d = c.dropped
+                link.start(self.address, self.family, self.request(
+                    "POST %s/console" % self.prefix, "Content-Length: %d\r\n%s" % (
+                        self.k, "X-OTA-Dropped: %d\r\n" % self.d if self.d else "")),
+                    memoryview(c.buf)[: self.k], self.timeout * 1000)
+            status = link.step()
+        except (OSError, ValueError):
+            return link.fail()
+        if status is None:
+            return
+        link.parts = None
+        if status == 404 or status == 405:
+            print("ota: %s has no console: upgrade the server" % self.where)
+            link.close()
+            self.post = None
+            return
+        if status != 204:
+            print("ota: console: HTTP %d from %s" % (status, self.where))
+            return link.fail()  # the output waits; what no longer fits is counted
+        link.backoff = 0
+        c.sent(self.k, self.d)
+
+    def _restarting(self):
+        # Restart main.py on the new files as a remote REPL does: Ctrl-C through the
+        # console stream, then, once the REPL shows its prompt, Ctrl-D: a soft reset.
+        c = self.console
+        notify = getattr(os, "dupterm_notify", None)
+        if c and notify and ticks_diff(ticks_ms(), self.restart) < _PROMPT:
+            if not c.prompt:
+                if c.key != 3 and not self.interrupted:
+                    self.interrupted = True
+                    c.key = 3
+                    notify(None)
+                if self.post:
+                    self._post()
+                return
+            self.stop()
+            c.key = 4
+            notify(None)
+            return
+        self.stop()
+        _reset()  # no console stream, or the app caught KeyboardInterrupt
+
+    def stop(self):
+        if self.timer:
+            self.timer.deinit()
+        self.check.close()
+        if self.post:
+            self.post.close()
+
+
+_live = None
+
+
+def live(url, root="/", token=None, console=True, wait=30, timeout=10, period=100):
+    """Arm live mode and return at once: every period ms a Timer checks the server
+    without waiting; a new version is installed and main.py restarted on it.
+
+    With console, what the REPL prints is sent to the server (POST /console).
+    Returns the live-mode object (tests call its tick() where there is no Timer).
+    """
+    global _live
+    if _live:
+        _live.stop()
+    _live = live = _Live(url, root.rstrip("/"), token, console, wait, timeout)
+    live.interrupted = False
+    # Attached even without console: the restart presses its keys through it.
+    live.console = _Console(console)
+    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
+        os.dupterm(live.console, 0)  # ESP8266: slot 0, as slot 1 is the UART
+    try:
+        from machine import Timer
+    except ImportError:
+        return live  # CPython and the unix port: tests call tick()
+    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
+    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
+    live.timer = Timer(-1)
+    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
+    return live

