@@ -11,6 +11,8 @@ each board can download just the files whose checksum differs:
     GET /files/manifest.txt     the same lines, at the path a static export gives them
     GET /files/<checksum>       the bytes of one file
     POST /console               what a board's REPL printed: logged, the last lines kept
+    GET /                       the status page: the version, the files and every board, live
+    GET /boards                 the same as JSON; ?wait=S&since=<state> long-polls for a change
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
@@ -109,6 +111,13 @@ CONSOLE_LINES = 200  # lines kept per board
 CONSOLE_LINE = 256  # bytes of a line kept; the rest is cut and counted
 MAX_CONSOLE_BODY = 4096  # a board sends at most 1024 bytes at a time
 MAX_DEVICE_ID = 64  # characters of X-OTA-Device and X-OTA-Version kept
+
+# The status page (GET /, GET /boards).
+SILENT_AFTER = 90.0  # seconds without a request before a board is shown silent: past the longest long-poll
+UPDATING_FOR = 10.0  # seconds a board is shown updating after it fetched a manifest or a file of the version
+PAGE_LINES = 20  # console lines per board on the page and in /boards
+PAGE_FILES = 1000  # files listed on the page and in /boards; the rest are counted
+COOKIE = "ota_page"  # the cookie a browser gets for ?token=
 
 IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
@@ -654,6 +663,8 @@ class Version:
     def __init__(self, blobs, held=None):
         self.blobs = blobs
         self.held = held or {}
+        self.published = time.time()  # seconds since the epoch
+        self.changes = None  # (added, changed, removed) paths against the version before; None for the first
         self.id = version_of(b.checksum for b in blobs)
         self.etag = '"%s"' % self.id
         self.by_checksum = {b.checksum: b for b in blobs}
@@ -861,6 +872,7 @@ class Promoter:
         self._thread = None
         self.previous = None
         self.current = Version([])
+        self.listeners = []  # functions called with no argument after each publish (the status page)
         self.poll_once(first=True)
 
     @property
@@ -1141,8 +1153,10 @@ class Promoter:
         version = Version(blobs, held)
         if version.id == self.current.id:
             if version.held != self.current.held:
+                version.published, version.changes = self.current.published, self.current.changes
                 with self._changed:
                     self.current = version
+                self._tell()
             return False
         self._publish(version, first)
         return True
@@ -1203,22 +1217,32 @@ class Promoter:
 
     def _publish(self, version, first):
         old = self.current
+        if not first:
+            version.changes = diff(
+                {b.path: b.checksum for b in old.blobs}, {b.path: b.checksum for b in version.blobs}
+            )
         with self._changed:
             self.previous, self.current = old, version
             self._changed.notify_all()
+        self._tell()
         self._keep()  # the version before the previous one is let go
         self._warn_of_clashes(version)
         if first:
             return
-        added, changed, removed = diff(
-            {b.path: b.checksum for b in old.blobs}, {b.path: b.checksum for b in version.blobs}
-        )
+        added, changed, removed = version.changes
         names = added + changed + removed
         log.info(
             "version %s: +%d ~%d -%d, %d files: %s%s",
             version.id[:7], len(added), len(changed), len(removed), len(version.blobs),
             ", ".join(names[:5]), ", ..." if len(names) > 5 else "",
         )
+
+    def _tell(self):
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("a listener failed on version %s", self.version[:7])
 
     def _keep(self):
         blobs = [entry[1] for entry in self._seen.values()]
@@ -1325,13 +1349,18 @@ class Promoter:
 class _Board:
     """What the server knows of one board."""
 
-    __slots__ = ("device", "address", "version", "last_seen", "lines", "partial", "cut", "dropped")
+    __slots__ = ("device", "address", "version", "last_seen", "fetched", "error", "error_time", "traceback",
+                 "lines", "partial", "cut", "dropped")
 
     def __init__(self, device):
         self.device = device
         self.address = None
         self.version = None
         self.last_seen = 0.0
+        self.fetched = 0.0  # when it last fetched a manifest or a file
+        self.error = None  # the last error the server knows of (see Boards.failed), escaped
+        self.error_time = 0.0
+        self.traceback = False  # its console is in a traceback: the next unindented line is the error
         self.lines = collections.deque(maxlen=CONSOLE_LINES)  # escaped text, oldest first
         self.partial = b""  # the start of a line whose end has not arrived
         self.cut = 0  # bytes of the current line thrown away past CONSOLE_LINE
@@ -1340,35 +1369,107 @@ class _Board:
 
 class Boards:
     """The boards that talked to the server, at most limit of them (the least
-    recently seen goes first), each with the last lines of its console."""
+    recently seen goes first), each with the last lines of its console.
+
+    state names what the status page shows: it changes when a board comes, changes
+    address or version, starts fetching, prints or fails, and when a version is
+    published (bump()); wait() long-polls for it. A board's last_seen alone does
+    not change it: a board polling every second would wake every page.
+    """
 
     def __init__(self, limit=MAX_BOARDS):
         self.limit = limit
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._boards = collections.OrderedDict()  # device id -> _Board, least recently seen first
+        self._instance = os.urandom(4).hex()  # a restarted server's states never match the old ones
+        self._serial = 0
+        self._closed = False
 
     def __len__(self):
         return len(self._boards)
 
-    def seen(self, device, address, version):
-        """Record a request from device at address, running version."""
-        with self._lock:
-            self._seen(device, address, version)
+    @property
+    def state(self):
+        """An opaque name of what is known now: "<instance>.<serial>"."""
+        return "%s.%d" % (self._instance, self._serial)
 
-    def _seen(self, device, address, version):
+    def bump(self):
+        """Something the page shows changed elsewhere (a version was published)."""
+        with self._lock:
+            self._bump()
+
+    def _bump(self):
+        self._serial += 1
+        self._changed.notify_all()
+
+    def close(self):
+        """Release every wait(): the server is closing."""
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait(self, since, timeout):
+        """Block until state is not since, a board turns silent or stops updating,
+        or timeout seconds pass; returns the state."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.state == since and not self._closed:
+                left = deadline - time.monotonic()
+                turn = self._next_turn(time.time())
+                if turn is not None:
+                    turn += 0.01  # woken just past it, not just before
+                    left = min(left, turn)
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+                if turn is not None and turn <= left:
+                    break
+            return self.state
+
+    def _next_turn(self, now):
+        """Seconds until a board turns silent or stops updating, or None."""
+        turns = [t - now for b in self._boards.values()
+                 for t in (b.last_seen + SILENT_AFTER, b.fetched + UPDATING_FOR) if t > now]
+        return min(turns) if turns else None
+
+    def seen(self, device, address, version, fetch=False):
+        """Record a request from device at address, running version; fetch: for a
+        manifest or a file."""
+        with self._lock:
+            self._seen(device, address, version, fetch)
+
+    def _seen(self, device, address, version, fetch=False):
         device = printable(device[:MAX_DEVICE_ID])
         board = self._boards.get(device)
+        now = time.time()
+        changed = board is None or board.address != address or fetch and now - board.fetched > UPDATING_FOR
         if board is None:
             board = self._boards[device] = _Board(device)
             while len(self._boards) > self.limit:
                 self._boards.popitem(last=False)
         else:
             self._boards.move_to_end(device)
+            changed = changed or now - board.last_seen > SILENT_AFTER  # back from silence
         board.address = address
         if version is not None:
-            board.version = printable(version[:MAX_DEVICE_ID])
-        board.last_seen = time.time()
+            version = printable(version[:MAX_DEVICE_ID])
+            changed = changed or version != board.version
+            board.version = version
+        board.last_seen = now
+        if fetch:
+            board.fetched = now
+        if changed:
+            self._bump()
         return board
+
+    def failed(self, device, error):
+        """The server answered device's request with an error: keep it as its last."""
+        with self._lock:
+            board = self._boards.get(printable(device[:MAX_DEVICE_ID]))
+            if board is not None:
+                board.error, board.error_time = printable(error[:CONSOLE_LINE]), time.time()
+                self._bump()
 
     def console(self, device, address, version, body, dropped=0):
         """Take a piece of device's console output: log and keep each complete line."""
@@ -1394,18 +1495,28 @@ class Boards:
             board.cut += max(0, len(rest) - CONSOLE_LINE)
             board.partial = rest[:CONSOLE_LINE]
             board.lines.extend(lines)
+            for line in lines:
+                if line == "Traceback (most recent call last):":
+                    board.traceback = True
+                elif board.traceback and not line.startswith(" "):
+                    # The line after the frames names the exception: the board's error.
+                    board.error, board.error_time, board.traceback = line, time.time(), False
+            if lines or dropped:
+                self._bump()
             prefix = "%s [%s] | " % (address, board.device[:12])
         for line in lines:
             log.info("%s%s", prefix, line)
         return lines
 
-    def snapshot(self):
+    def snapshot(self, lines=CONSOLE_LINES):
         """The boards as dicts, most recently seen first: device, address, version,
-        last_seen (seconds since the epoch), dropped (bytes in all), lines."""
+        last_seen, fetched, error_time (seconds since the epoch), error, dropped
+        (bytes in all), and the last `lines` lines."""
         with self._lock:
             return [
                 {"device": b.device, "address": b.address, "version": b.version,
-                 "last_seen": b.last_seen, "dropped": b.dropped, "lines": list(b.lines)}
+                 "last_seen": b.last_seen, "fetched": b.fetched, "error": b.error, "error_time": b.error_time,
+                 "dropped": b.dropped, "lines": list(b.lines)[-lines:] if lines else []}
                 for b in reversed(self._boards.values())
             ]
 
@@ -1664,6 +1775,12 @@ class Connections:
             pass
         return True
 
+    def close_idle(self):
+        """Close every idle connection: the server is closing."""
+        with self._lock:
+            while self._shed():
+                pass
+
     def idle(self, sock):
         """The connection waits for its next request."""
         with self._lock:
@@ -1773,17 +1890,29 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.connections.busy(self.connection):
             self.close_connection = True  # closed to make room for a newer one
             return
+        if self.server.closing:
+            self.close_connection = True  # a kept-alive connection must not outlive the server
         try:
-            authorized = self._authorized()
             route, query = _parse_path(self.path)
+            page = route in ("", "/boards")
+            authorized = self._authorized(page)
             if authorized:
                 device = self.headers.get("X-OTA-Device")
                 if route == "/console" and self.command == "POST":
                     return self._console(device or "unknown")
                 if device:
-                    self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"))
+                    fetch = route.startswith("/files") and route != "/files/version"
+                    self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
             if not self._skip_body(authorized):
                 self.close_connection = True
+            if page and self.command in ("GET", "HEAD"):
+                if route == "" and "token" in query:
+                    return self._exchange(_first(query, "token"))
+                if not authorized:
+                    return self._refuse_page(route)
+                if route == "":
+                    return self._page()
+                return self._boards(promoter, query)
             if not authorized:
                 return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
             if route == "/console":
@@ -1798,11 +1927,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self._files(promoter, {"format": ["text"]})
             if route.startswith("/files/"):
                 return self._download(promoter, route[len("/files/"):])
-            return self._error(404, "no such endpoint %r: try /files/version, /files or /files/<checksum>" % route)
+            return self._error(404, "no such endpoint %r: try /files/version, /files, /files/<checksum>, "
+                                    "/boards or / (the status page)" % route)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
-            log.exception("error answering %s %r", self.command, self.path)
+            log.exception("error answering %s %r", self.command, _redact(self.path))
             self.close_connection = True
             if not self._responded:
                 self._error(500, "internal error: see the server's log")
@@ -1832,6 +1962,48 @@ class Handler(BaseHTTPRequestHandler):
         self.server.boards.console(device, self.client_address[0], self.headers.get("X-OTA-Version"), body, int(text))
         self._send(204, [])
 
+    # The status page and /boards; what they show is in "The status page" below.
+
+    def _page(self):
+        nonce = os.urandom(12).hex()
+        self._send_body(200, PAGE.replace(b"NONCE", nonce.encode("ascii")), "text/html; charset=utf-8",
+                        _page_headers(nonce))
+
+    def _boards(self, promoter, query):
+        """GET /boards: the facts of the page as JSON; ?wait=S&since=<state> long-polls."""
+        text = _first(query, "wait")
+        if text is not None:
+            try:
+                wait = float(text)
+                if not 0 <= wait < float("inf"):
+                    raise ValueError
+            except ValueError:
+                return self._error(400, "wait must be a number of seconds, not %r" % text)
+            since = _first(query, "since")
+            if since is not None:
+                self.server.boards.wait(since, min(wait, MAX_WAIT))
+        body = _json(status(promoter, self.server.boards))
+        self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
+
+    def _exchange(self, token):
+        """GET /?token=: the right token becomes a cookie, and the address bar loses it."""
+        expected = self.server.token
+        if expected is not None and not hmac.compare_digest(
+                token.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return self._refuse_page("")
+        headers = [("Location", "/"), ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")]
+        if expected is not None:
+            headers.append(("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (COOKIE, self.server.cookie)))
+        self._send(303, headers, 0)
+
+    def _refuse_page(self, route):
+        if route == "/boards":
+            return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
+                                    "or the cookie that opening /?token=<token> gives a browser")
+        log.debug("%s %r: 401 (the page without the token)", self.client_address[0], _redact(self.requestline))
+        self._send_body(401, REFUSED_PAGE, "text/html; charset=utf-8",
+                        [("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")])
+
     def _skip_body(self, authorized):
         """Read and discard the request's body, if it has a small one; False if the
         connection must close instead (a body of unknown or large size, or from a
@@ -1855,13 +2027,21 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
         return True
 
-    def _authorized(self):
+    def _authorized(self, page=False):
+        """The token is in the bearer header; or, for the page and /boards, in
+        the cookie that ?token= gave this browser."""
         token = self.server.token
         if token is None:
             return True
         given = self.headers.get("Authorization", "")
         expected = "Bearer " + token
-        return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+        if hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return True
+        if page:
+            cookie = _cookie(self.headers.get_all("Cookie") or [], COOKIE)
+            return cookie is not None and hmac.compare_digest(
+                cookie.encode("utf-8", "replace"), self.server.cookie.encode("ascii"))
+        return False
 
     def _version(self, promoter, query):
         version = promoter.current
@@ -1979,7 +2159,10 @@ class Handler(BaseHTTPRequestHandler):
         if code == 405:
             headers.append(("Allow", allow))
             self.close_connection = True  # a body we do not read may follow
-        log.debug("%s %r: %d %s", self.client_address[0], self.requestline[:200], code, message)
+        log.debug("%s %r: %d %s", self.client_address[0], _redact(self.requestline[:200]), code, message)
+        device = self.headers.get("X-OTA-Device") if code != 401 and getattr(self, "headers", None) else None
+        if device:
+            self.server.boards.failed(device, "%d: %s" % (code, message))
         self._send_body(code, _json({"error": message}), "application/json", headers)
 
     def send_error(self, code, message=None, explain=None):
@@ -2000,10 +2183,10 @@ class Handler(BaseHTTPRequestHandler):
     _date = (None, "")
 
     def log_request(self, code="-", size="-"):
-        log.debug("%s %r %s", self.client_address[0], self.requestline, code)
+        log.debug("%s %r %s", self.client_address[0], _redact(self.requestline), code)
 
     def log_message(self, format, *args):
-        log.debug("%s " + format, self.client_address[0], *args)
+        log.debug("%s %s", self.client_address[0], _redact(format % args))
 
 
 def _parse_path(path):
@@ -2012,6 +2195,24 @@ def _parse_path(path):
         return path.rstrip("/"), {}
     url = urlsplit(path)
     return unquote(url.path, errors="replace").rstrip("/"), parse_qs(url.query, keep_blank_values=True)
+
+
+_TOKEN_IN_URL = re.compile(r"([?&;]token=)[^&;\s'\"]*", re.IGNORECASE)
+
+
+def _redact(text):
+    """text with any ?token= value hidden: the log must never show the token."""
+    return _TOKEN_IN_URL.sub(r"\1(hidden)", text) if "token=" in text.lower() else text
+
+
+def _cookie(headers, name):
+    """The value of cookie name in Cookie header lines, or None."""
+    for header in headers:
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+    return None
 
 
 def _first(query, name):
@@ -2054,6 +2255,10 @@ class PromoterServer(ThreadingHTTPServer):
         self.token = token
         self.idle_timeout = idle_timeout
         self.boards = Boards()
+        # The browser's cookie is derived from the token, never the token itself.
+        self.cookie = hmac.new(token.encode("utf-8"), b"ota-promoter status page", "sha256").hexdigest() if token else ""
+        self.closing = False
+        promoter.listeners.append(self.boards.bump)
         self._thread = None
         files = raise_open_file_limit()
         limit = MAX_CONNECTIONS if files is None else max(8, min(MAX_CONNECTIONS, (files - 64) // 2))
@@ -2117,6 +2322,13 @@ class PromoterServer(ThreadingHTTPServer):
 
     def close(self):
         """Stop serving and watching, and close the listening socket."""
+        self.closing = True
+        self.boards.close()
+        self.connections.close_idle()
+        try:
+            self.promoter.listeners.remove(self.boards.bump)
+        except ValueError:
+            pass
         self.promoter.stop()
         if self._thread is not None:
             self.shutdown()
@@ -2136,6 +2348,260 @@ class PromoterServer(ThreadingHTTPServer):
             log.debug("%s: connection dropped: %s", client_address[0], error)
         else:
             log.exception("error on the connection from %s", client_address[0])
+
+
+# -- The status page -----------------------------------------------------------------
+#
+# GET / is one page, with no external assets, that shows the bench: the published
+# version and what changed in it, the files, and every board the Boards know of.
+# It long-polls GET /boards, which answers the same facts as JSON, so it updates
+# within moments of a change without a reload. Everything a board sends reaches
+# the page as JSON and is put in the page with textContent, never parsed as HTML.
+
+
+def status(promoter, boards, lines=PAGE_LINES):
+    """What the page shows, as the dict GET /boards answers (the README gives its schema)."""
+    state = boards.state  # first: a change made while this is built wakes the next wait
+    version = promoter.current
+    now = time.time()
+    added, changed, removed = version.changes or ([], [], [])
+    marked = set(added) | set(changed)
+    files = [{"path": b.path, "size": b.size, "changed": b.path in marked, "held": version.held.get(b.path)}
+             for b in version.blobs]
+    files += [{"path": path, "size": None, "changed": False, "held": error}
+              for path, error in version.held.items() if path not in version.by_path]  # new, held back
+    files.sort(key=lambda f: walk_key(f["path"]))
+    found = []
+    for b in boards.snapshot(lines):
+        if b["version"] == version.id:
+            state_of = "current"
+        elif b["version"] is None:
+            state_of = "unknown"  # it sent no X-OTA-Version
+        elif now - b["fetched"] <= UPDATING_FOR and b["fetched"] >= version.published:
+            state_of = "updating"  # it fetched a manifest or a file of this version, moments ago
+        else:
+            state_of = "behind"
+        found.append({
+            "device": b["device"], "address": b["address"], "version": b["version"], "state": state_of,
+            "last_seen": round(b["last_seen"], 3), "silent": now - b["last_seen"] > SILENT_AFTER,
+            "error": None if b["error"] is None else {"text": b["error"], "time": round(b["error_time"], 3)},
+            "dropped": b["dropped"], "lines": b["lines"],
+        })
+    return {
+        "state": state,
+        "now": round(now, 3),
+        "version": {"id": version.id, "published": round(version.published, 3), "first": version.changes is None,
+                    "added": added, "changed": changed, "removed": removed},
+        "files": files[:PAGE_FILES],
+        "files_total": len(files),
+        "boards": found,
+        "silent_after": SILENT_AFTER,
+    }
+
+
+def _page_headers(nonce):
+    # The page runs only its own script: an injected <script> or onerror= would not.
+    policy = ("default-src 'none'; script-src 'nonce-%s'; style-src 'unsafe-inline'; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'" % nonce)
+    return [("Content-Security-Policy", policy), ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+
+
+REFUSED_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OTA Promoter: token needed</title>
+<link rel="icon" href="data:,"></head><body style="font-family:sans-serif;margin:2em">
+<h1>This server needs its token</h1>
+<p>It was started with <code>--token</code>. Open the page once with the token in the address:
+<code>/?token=YOUR_TOKEN</code> (for example <code>http://192.168.0.10:9090/?token=YOUR_TOKEN</code>).
+The browser then keeps a cookie and the token leaves the address bar.</p></body></html>
+"""
+
+PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>OTA Promoter: the bench</title><link rel="icon" href="data:,">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
+header{background:#243447;color:#fff;padding:.6em 1em;display:flex;gap:1em;align-items:baseline}
+header h1{font-size:1.2em;margin:0}
+#gone{display:none;background:#b00020;color:#fff;padding:.6em 1em;font-weight:bold}
+#gone.on{display:block}
+main{padding:0 1em 1em}
+section{background:#fff;border-radius:6px;padding:.6em 1em;margin:1em 0;box-shadow:0 1px 2px #0002}
+h2{font-size:1em;margin:.2em 0 .5em;color:#555;text-transform:uppercase;letter-spacing:.05em}
+code,pre,.mono{font-family:ui-monospace,monospace;font-size:12.5px}
+.boards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em;align-items:start}
+.board{border:1px solid #ddd;border-radius:6px;padding:.5em .7em}
+.board.silent{opacity:.55}
+.board .id{font-weight:bold;word-break:break-all}
+.badge{display:inline-block;border-radius:3px;padding:0 .4em;font-size:12px;font-weight:bold;color:#fff}
+.current{background:#2e7d32}.behind{background:#c62828}.updating{background:#ef6c00}.unknown{background:#777}
+.silent-badge{background:#555}
+dl{display:grid;grid-template-columns:auto 1fr;gap:0 .8em;margin:.4em 0}
+dt{color:#666}dd{margin:0;word-break:break-all}
+.error{color:#b00020}
+pre{background:#1e1e1e;color:#ddd;padding:.4em .6em;border-radius:4px;max-height:11em;overflow:auto;margin:.3em 0 0;
+white-space:pre-wrap;word-break:break-all}
+table{border-collapse:collapse}
+td,th{text-align:left;padding:.15em 1.5em .15em 0;border-bottom:1px solid #eee}
+td.size{text-align:right;white-space:nowrap}
+tr.changed td:first-child::before{content:"\\2022 ";color:#ef6c00}
+.mark{font-size:12px;font-weight:bold;color:#ef6c00}
+.held{color:#b00020}
+.muted{color:#777}
+</style></head><body>
+<header><h1>OTA Promoter</h1><span id="conn" class="muted">connecting...</span></header>
+<div id="gone" role="alert"></div>
+<main>
+<section id="version"><h2>Published version</h2><div id="version-body" class="muted">loading...</div></section>
+<section><h2 id="boards-title">Boards</h2><div id="boards" class="boards"></div></section>
+<section><h2 id="files-title">Files</h2><table><tbody id="files"></tbody></table></section>
+</main>
+<script nonce="NONCE">
+"use strict";
+var state = "", offset = 0, lostSince = null;
+window.__shown = {};  // version id -> Date.now() when the page first showed it
+var STATES = {current: "up to date", behind: "behind", updating: "updating now", unknown: "version unknown"};
+
+function el(tag, cls, text) {
+  var e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function ago(t) {
+  var s = Math.max(0, Math.round(Date.now() / 1000 - offset - t));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.floor(s / 60) + " min ago";
+  if (s < 86400) return Math.floor(s / 3600) + " h ago";
+  return Math.floor(s / 86400) + " days ago";
+}
+function clock(t) { return new Date(t * 1000).toTimeString().slice(0, 8); }
+function when(t) { var e = el("span", "ago", ago(t)); e.dataset.t = t; return e; }
+function short(v) { return v && /^[0-9a-f]{40}$/.test(v) ? v.slice(0, 7) : v; }
+function size(n) { return n === null ? "-" : n < 10240 ? n + " B" : Math.round(n / 1024) + " KB"; }
+function fill(id, children) {
+  var box = document.getElementById(id);
+  box.replaceChildren.apply(box, children);
+}
+function fact(dl, name, value) {
+  dl.appendChild(el("dt", null, name));
+  var dd = el("dd");
+  if (typeof value === "string") dd.textContent = value; else dd.appendChild(value);
+  dl.appendChild(dd);
+  return dd;
+}
+function render(d) {
+  var v = d.version, parts = [];
+  var head = el("div");
+  var id = el("span", "mono", short(v.id)); id.id = "version-id"; id.title = v.id;
+  head.append("Version ", id, " published at " + clock(v.published) + " (", when(v.published), ")");
+  parts.push(head);
+  var changes = el("div", "changes");
+  changes.id = "changes";
+  if (v.first) changes.textContent = "as found when the server started";
+  else {
+    var list = [];
+    v.added.forEach(function (p) { list.push("+" + p); });
+    v.changed.forEach(function (p) { list.push("~" + p); });
+    v.removed.forEach(function (p) { list.push("-" + p); });
+    changes.textContent = "changed: +" + v.added.length + " ~" + v.changed.length + " -" + v.removed.length +
+      (list.length ? ": " + list.join(", ") : "");
+  }
+  parts.push(changes);
+  var held = d.files.filter(function (f) { return f.held; });
+  if (held.length) parts.push(el("div", "held", held.length + " file(s) held back: they do not compile"));
+  fill("version-body", parts);
+  document.getElementById("version-body").className = "";
+  if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
+
+  document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
+  var cards = d.boards.map(function (b) {
+    var card = el("div", "board" + (b.silent ? " silent" : ""));
+    card.dataset.device = b.device;
+    var top = el("div");
+    top.append(el("span", "id", b.device), " ", el("span", "badge " + b.state, STATES[b.state] || b.state));
+    if (b.silent) top.append(" ", el("span", "badge silent-badge", "silent"));
+    card.appendChild(top);
+    var dl = el("dl");
+    fact(dl, "address", b.address || "-");
+    var ver = fact(dl, "version", short(b.version) || "-");
+    ver.className = "mono version";
+    var seen = el("span");
+    seen.append(b.silent ? "silent since " + clock(b.last_seen) + " (" : clock(b.last_seen) + " (", when(b.last_seen), ")");
+    fact(dl, "last seen", seen);
+    if (b.error) {
+      var err = el("span", "error");
+      err.append(b.error.text + " (", when(b.error.time), ")");
+      fact(dl, "last error", err);
+    }
+    if (b.dropped) fact(dl, "dropped", b.dropped + " bytes of console output");
+    card.appendChild(dl);
+    if (b.lines.length) {
+      var pre = el("pre", "console", b.lines.join("\\n"));
+      card.appendChild(pre);
+    } else card.appendChild(el("div", "muted", "no console output"));
+    return card;
+  });
+  if (!cards.length) cards.push(el("div", "muted", "No board has asked for an update yet."));
+  fill("boards", cards);
+
+  document.getElementById("files-title").textContent = "Files (" + d.files_total + ")";
+  var rows = d.files.map(function (f) {
+    var tr = el("tr", f.changed ? "changed" : "");
+    tr.appendChild(el("td", "mono", f.path));
+    tr.appendChild(el("td", "size", size(f.size)));
+    var note = el("td");
+    if (f.held) note.appendChild(el("span", "held", "held back: " + f.held));
+    else if (f.changed) note.appendChild(el("span", "mark", "changed in this version"));
+    tr.appendChild(note);
+    return tr;
+  });
+  if (d.files_total > d.files.length) {
+    var more = el("tr"); more.appendChild(el("td", "muted", "... and " + (d.files_total - d.files.length) + " more"));
+    rows.push(more);
+  }
+  fill("files", rows);
+}
+function tick() {
+  document.querySelectorAll(".ago").forEach(function (e) { e.textContent = ago(Number(e.dataset.t)); });
+  if (lostSince !== null) setGone("The server is gone: no answer since " + lostSince + ". Trying again every second...");
+}
+function setGone(message) {
+  var g = document.getElementById("gone");
+  if (message) {
+    g.textContent = message; g.className = "on";
+    document.getElementById("conn").textContent = "disconnected";
+  } else {
+    g.textContent = ""; g.className = ""; lostSince = null;
+    document.getElementById("conn").textContent = "live";
+  }
+}
+function sleep(ms) { return new Promise(function (ok) { setTimeout(ok, ms); }); }
+async function loop() {
+  for (;;) {
+    var d = null, problem = null;
+    var abort = new AbortController(), timer = setTimeout(function () { abort.abort(); }, 40000);
+    try {
+      var r = await fetch("/boards?wait=25&since=" + encodeURIComponent(state),
+                          {cache: "no-store", credentials: "same-origin", signal: abort.signal});
+      if (r.status === 401) problem = "The server wants its token: open /?token=YOUR_TOKEN once.";
+      else if (!r.ok) problem = "The server answered " + r.status + ".";
+      else d = await r.json();
+    } catch (e) {
+      if (lostSince === null) lostSince = new Date().toTimeString().slice(0, 8);
+      problem = "The server is gone: no answer since " + lostSince + ". Trying again every second...";
+    }
+    clearTimeout(timer);
+    if (d === null) { setGone(problem); await sleep(1000); continue; }
+    setGone(null);
+    offset = Date.now() / 1000 - d.now;
+    state = d.state;
+    render(d);
+  }
+}
+setInterval(tick, 1000);
+loop();
+</script></body></html>
+"""
 
 
 # -- The log ------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def test_unknown_checksum_is_404(server):
 def test_unknown_endpoint_is_404(server):
     r = request(server.url, "/nope")
     assert (r.status, r.json()) == (
-        404, {"error": "no such endpoint '/nope': try /files/version, /files or /files/<checksum>"}
+        404, {"error": "no such endpoint '/nope': try /files/version, /files, /files/<checksum>, "
+                       "/boards or / (the status page)"}
     )
 
 

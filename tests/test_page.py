@@ -1,0 +1,356 @@
+"""The status page (GET /) and GET /boards (issue 12).
+
+/boards is checked over raw HTTP; the page in a real headless Chromium, driven
+by selenium with Debian's chromedriver, against a real server and the real
+client (micropython/ota.py under CPython, given a board id through a stand-in
+`machine` module).
+"""
+
+import http.client
+import logging
+import os
+import statistics
+import sys
+import time
+import types
+
+import pytest
+
+import ota
+import ota_promoter
+from conftest import TIMEOUT, request, settle, write
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+def _browser_missing():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        return ("needs Chromium and its driver (Debian: apt-get install chromium chromium-driver; "
+                "or set $CHROMIUM and $CHROMEDRIVER)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "needs selenium: python3 -m pip install -r requirements-dev.txt"
+    return None
+
+
+needs_browser = pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium, driven by the chromedriver at CHROMEDRIVER (selenium
+    never looks for or downloads one)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,900",
+                 "--user-data-dir=%s" % (tmp_path / "chromium")):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    driver.set_script_timeout(TIMEOUT)
+    yield driver
+    driver.quit()
+
+
+def until(check, what, timeout=TIMEOUT):
+    """Wait until check() returns something true; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "waited %d s for %s" % (timeout, what)
+        time.sleep(0.02)
+
+
+def card(driver, device):
+    """{id, badge, version, facts, console} of the board's card on the page, or None."""
+    return driver.execute_script("""
+        for (const c of document.querySelectorAll('.board')) {
+            if (c.dataset.device !== arguments[0]) continue;
+            const facts = {};
+            const dts = c.querySelectorAll('dt'), dds = c.querySelectorAll('dd');
+            dts.forEach((dt, i) => { facts[dt.textContent] = dds[i].textContent; });
+            const pre = c.querySelector('pre');
+            return {id: c.querySelector('.id').textContent, badge: c.querySelector('.badge').textContent,
+                    facts: facts, console: pre ? pre.textContent : null, silent: c.classList.contains('silent')};
+        }
+        return null;""", device)
+
+
+def shown_version(driver):
+    return driver.execute_script("const e = document.getElementById('version-id'); return e && e.title;")
+
+
+def board_request(server, path, device, version, headers=None):
+    h = {"X-OTA-Device": device, "X-OTA-Version": version}
+    h.update(headers or {})
+    return request(server.url, path, headers=h)
+
+
+def fake_machine(monkeypatch, unique_id):
+    """The client names its board by machine.unique_id(), as on a board."""
+    machine = types.ModuleType("machine")
+    machine.unique_id = lambda: unique_id
+    monkeypatch.setitem(sys.modules, "machine", machine)
+
+
+# -- GET /boards -----------------------------------------------------------------------
+
+
+def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
+    write(tree, "README.txt", "hello\n")
+    promoter = ota_promoter.Promoter(str(tree), interval=3600, check=ota_promoter.SourceCheck())
+    server = serve(promoter)
+    v1 = promoter.version
+    readme = request(server.url, "/files").json()["files"][0]["checksum"]
+    board_request(server, "/files/version", "b1", v1)  # up to date
+    board_request(server, "/files/version", "b2", "none")  # behind: nothing installed
+    board_request(server, "/files/" + "0" * 40, "b3", "none")  # a 404: its last error
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+    conn.request("POST", "/console", body=b"boot\nTraceback (most recent call last):\n"
+                 b'  File "main.py", line 3, in <module>\nZeroDivisionError: divide by zero\n',
+                 headers={"X-OTA-Device": "b1", "X-OTA-Version": v1})
+    assert conn.getresponse().status == 204
+    conn.close()
+    write(tree, "main.py", "print('hi')\n")
+    write(tree, "boot.py", "import ota(\n")  # does not compile: held back
+    settle(promoter)
+    v2 = promoter.version
+    board_request(server, "/files/version", "b3", v2)
+    board_request(server, "/files?format=text", "b2", "none")  # fetching v2: updating
+    board_request(server, "/files/" + readme, "b2", "none")
+    # b4 was last seen long ago: silent.
+    board_request(server, "/files/version", "b4", v1)
+    server.boards._boards["b4"].last_seen -= 1000
+    body = request(server.url, "/boards").json()
+    now = body.pop("now")
+    assert abs(now - time.time()) < TIMEOUT
+    assert body.pop("state").endswith(".%d" % server.boards._serial)
+    published = body["version"].pop("published")
+    assert now - TIMEOUT < published <= now
+    times = []
+    for b in body["boards"]:
+        times.append(b.pop("last_seen"))
+        if b["error"] is not None:
+            assert now - TIMEOUT < b["error"].pop("time") <= now
+    assert times[0] < now - 900 and all(now - TIMEOUT < t <= now for t in times[1:])
+    assert body == {
+        "version": {"id": v2, "first": False, "added": ["main.py"], "changed": [], "removed": []},
+        "files": [
+            {"path": "README.txt", "size": 6, "changed": False, "held": None},
+            {"path": "boot.py", "size": None, "changed": False,
+             "held": promoter.current.held["boot.py"]},
+            {"path": "main.py", "size": 12, "changed": True, "held": None},
+        ],
+        "files_total": 3,
+        "boards": [
+            {"device": "b4", "address": "127.0.0.1", "version": v1, "state": "behind", "silent": True,
+             "error": None, "dropped": 0, "lines": []},
+            {"device": "b2", "address": "127.0.0.1", "version": "none", "state": "updating", "silent": False,
+             "error": None, "dropped": 0, "lines": []},
+            {"device": "b3", "address": "127.0.0.1", "version": v2, "state": "current", "silent": False,
+             "error": {"text": "404: no file has checksum %s: it changed since your manifest, "
+                               "fetch /files again" % ("0" * 40)},
+             "dropped": 0, "lines": []},
+            {"device": "b1", "address": "127.0.0.1", "version": v1, "state": "behind", "silent": False,
+             "error": {"text": "ZeroDivisionError: divide by zero"}, "dropped": 0,
+             "lines": ["boot", "Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
+                       "ZeroDivisionError: divide by zero"]},
+        ],
+        "silent_after": ota_promoter.SILENT_AFTER,
+    }
+    assert promoter.current.held["boot.py"].startswith("1:") and "SyntaxError" in promoter.current.held["boot.py"]
+
+
+def test_boards_long_polls_until_a_board_changes(server):
+    first = request(server.url, "/boards").json()
+    started = time.monotonic()
+    import threading
+
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(
+        request(server.url, "/boards?wait=20&since=" + first["state"]).json()))
+    t.start()
+    time.sleep(0.3)
+    assert answers == []  # still waiting
+    board_request(server, "/files/version", "late", "none")
+    t.join(TIMEOUT)
+    assert [b["device"] for b in answers[0]["boards"]] == ["late"]
+    assert answers[0]["state"] != first["state"]
+    assert time.monotonic() - started < TIMEOUT
+    # A board polling again changes nothing the page shows: the wait runs out.
+    assert request(server.url, "/boards?wait=0.2&since=" + answers[0]["state"]).json()["state"] == answers[0]["state"]
+    assert request(server.url, "/boards?wait=soon").status == 400
+
+
+def test_the_number_of_boards_kept_is_bounded(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+    for n in range(70):
+        conn.request("GET", "/files/version", headers={"X-OTA-Device": "d%02d" % n, "X-OTA-Version": "none"})
+        conn.getresponse().read()
+    conn.close()
+    assert [b["device"] for b in request(server.url, "/boards").json()["boards"]] == [
+        "d%02d" % n for n in range(69, 5, -1)]
+
+
+# -- The token ----------------------------------------------------------------------------
+
+
+def test_with_a_token_the_page_takes_it_once_in_the_url_for_a_cookie(tree, serve, caplog):
+    write(tree, "main.py", "x = 1\n")
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token="s3cret-t0ken")
+    with caplog.at_level(logging.DEBUG, "ota_promoter"):
+        refused = request(server.url, "/")
+        wrong = request(server.url, "/?token=guess")
+        boards = request(server.url, "/boards")
+        exchanged = request(server.url, "/?token=s3cret-t0ken")
+        cookie = exchanged.headers["Set-Cookie"]
+        value = cookie.split(";")[0]
+        page = request(server.url, "/", headers={"Cookie": "other=1; " + value})
+        with_cookie = request(server.url, "/boards", headers={"Cookie": value})
+        api_with_cookie = request(server.url, "/files", headers={"Cookie": value})
+        bearer = request(server.url, "/boards", headers={"Authorization": "Bearer s3cret-t0ken"})
+        forged = request(server.url, "/boards", headers={"Cookie": "ota_page=s3cret-t0ken"})
+    assert (refused.status, wrong.status, boards.status) == (401, 401, 401)
+    assert refused.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b"/?token=YOUR_TOKEN" in refused.body
+    assert exchanged.status == 303 and exchanged.headers["Location"] == "/"
+    assert [p.strip() for p in cookie.split(";")[1:]] == ["Path=/", "HttpOnly", "SameSite=Strict"]
+    assert "s3cret-t0ken" not in cookie  # the cookie is derived from the token, not the token
+    assert page.status == 200 and b"<title>OTA Promoter" in page.body
+    assert with_cookie.status == 200 and with_cookie.json()["files_total"] == 1
+    assert api_with_cookie.status == 401  # the API keeps its bearer header
+    assert (bearer.status, forged.status) == (200, 401)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GET /?token=(hidden) HTTP/1.1" in logged
+    assert "s3cret-t0ken" not in logged and "guess" not in logged
+
+
+# -- In the browser -----------------------------------------------------------------------
+
+
+@needs_browser
+def test_the_page_follows_a_board_driven_by_the_client_through_a_save(tree, tmp_path, serve, browser,
+                                                                      monkeypatch):
+    write(tree, "main.py", "print('v1')\n")
+    promoter = ota_promoter.Promoter(str(tree))  # watched, as from the command line
+    server = serve(promoter)
+    fake_machine(monkeypatch, b"\xa4\xcf\x12\xf3")
+    board = tmp_path / "board"
+    board.mkdir()
+    assert ota.update(server.url, root=str(board), reset=False) is True
+    assert ota.update(server.url, root=str(board), reset=False) is False  # says it has v1 now
+    v1 = promoter.version
+    browser.get(server.url + "/")
+    shown = until(lambda: card(browser, "a4cf12f3"), "the board on the page")
+    assert shown["facts"]["version"] == v1[:7] and shown["badge"] == "up to date"
+    assert shown["facts"]["address"] == "127.0.0.1"
+    assert shown_version(browser) == v1
+    loaded = browser.execute_script("return performance.timeOrigin")
+
+    write(tree, "main.py", "print('v2')\n")
+    v2 = until(lambda: promoter.version != v1 and promoter.version, "the save to be published")
+    until(lambda: shown_version(browser) == v2, "the page to show the new version")
+    until(lambda: card(browser, "a4cf12f3")["badge"] == "behind", "the board to go behind")
+    assert browser.execute_script("return document.getElementById('changes').textContent") == \
+        "changed: +0 ~1 -0: ~main.py"
+    assert ota.update(server.url, root=str(board), reset=False) is True
+    until(lambda: card(browser, "a4cf12f3")["badge"] == "updating now", "the board to show updating")
+    assert ota.update(server.url, root=str(board), reset=False) is False
+    now = until(lambda: (lambda c: c["badge"] == "up to date" and c)(card(browser, "a4cf12f3")), "up to date")
+    assert now["facts"]["version"] == v2[:7]
+    # One page all along: never reloaded.
+    assert browser.execute_script("return performance.timeOrigin") == loaded
+
+
+@needs_browser
+def test_what_a_board_sends_is_shown_as_text_never_run(server, browser):
+    evil = "<img src=x onerror=alert(1)>"
+    board_request(server, "/files/version", evil, '<img src=y onerror="window.__xss=2">')
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+    conn.request("POST", "/console", body=b"<script>window.__xss=3</script>\n<b onmouseover=alert(4)>bold</b>\n",
+                 headers={"X-OTA-Device": evil})
+    assert conn.getresponse().status == 204
+    conn.close()
+    browser.get(server.url + "/")
+    shown = until(lambda: card(browser, evil), "the board with the odd id")
+    assert shown["id"] == evil
+    assert shown["facts"]["version"] == '<img src=y onerror="window.__xss=2">'
+    assert shown["console"] == "<script>window.__xss=3</script>\n<b onmouseover=alert(4)>bold</b>"
+    assert browser.execute_script(
+        "return [window.__xss, document.querySelectorAll('img, b, main script').length]") == [None, 0]
+    from selenium.common.exceptions import NoAlertPresentException
+
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+
+
+@needs_browser
+def test_the_page_says_when_the_server_is_gone_and_recovers(tree, serve, browser):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600))
+    port = server.server_address[1]
+    board_request(server, "/files/version", "b1", "none")
+    browser.get(server.url + "/")
+    until(lambda: card(browser, "b1"), "the board")
+
+    def banner():
+        return browser.execute_script(
+            "const g = document.getElementById('gone'); return g.className === 'on' && g.textContent")
+
+    assert banner() is False
+    server.close()
+    assert until(banner, "the gone message").startswith("The server is gone: no answer since ")
+    again = ota_promoter.Promoter(str(tree), interval=3600).serve("127.0.0.1", port).start()
+    try:
+        board_request(again, "/files/version", "b2", "none")
+        until(lambda: card(browser, "b2"), "the page to come back with the new server's board")
+        assert banner() is False
+    finally:
+        again.close()
+
+
+@needs_browser
+def test_in_a_browser_the_token_in_the_url_becomes_a_cookie(tree, serve, browser):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token="s3cret")
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer s3cret"})
+    browser.get(server.url + "/")
+    assert "This server needs its token" in browser.find_element("tag name", "h1").text
+    browser.get(server.url + "/?token=s3cret")
+    assert browser.current_url == server.url + "/"  # the token left the address bar
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
+
+
+@needs_browser
+def test_page_latency_from_publish_to_the_dom(tree, serve, browser, capsys):
+    """Not a timed assertion: prints how long the page takes to show a save."""
+    write(tree, "main.py", "n = 0\n")
+    promoter = ota_promoter.Promoter(str(tree))
+    server = serve(promoter)
+    browser.get(server.url + "/")
+    until(lambda: shown_version(browser) == promoter.version, "the first version")
+    from_publish, from_save = [], []
+    for n in range(1, 8):
+        old = promoter.version
+        saved = time.time()
+        write(tree, "main.py", "n = %d\n" % n)
+        version = until(lambda: promoter.version != old and promoter.current, "the save to be published")
+        until(lambda: shown_version(browser) == version.id, "the page to show it")
+        shown = browser.execute_script("return window.__shown[arguments[0]]", version.id) / 1000
+        from_publish.append(shown - version.published)
+        from_save.append(shown - saved)
+        time.sleep(0.3)
+    with capsys.disabled():
+        print("\npage latency over %d saves: publish to DOM median %.1f ms, worst %.1f ms; "
+              "save to DOM median %.0f ms, worst %.0f ms" % (
+                  len(from_publish), statistics.median(from_publish) * 1000, max(from_publish) * 1000,
+                  statistics.median(from_save) * 1000, max(from_save) * 1000))
+    assert all(t > 0 for t in from_publish)
