@@ -1,4 +1,4 @@
-"""The README's screenshot of the status page: python3 tests/screenshot.py [docs/status-page.png]
+"""The README's screenshot of the status page: python3 tests/screenshot.py [tests/status-page.png]
 
 A real server on a small project, three boards played by HTTP requests from
 three loopback addresses, and headless Chromium (as in tests/test_page.py).
