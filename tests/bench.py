@@ -710,7 +710,7 @@ def main():
                   % (manifest, size, update[0], update[1], sum(update)))
         interpreter, live, watch = bench_live(work)
         print()
-        print("9. save -> the new main.py running on a simulated board, the client under %s (%d saves)"
+        print("11. save -> the new main.py running on a simulated board, the client under %s (%d saves)"
               % (interpreter, len(live)))
         for label, i in (("save", 0), ("publish", 1)):
             a = [t[i] for t in live]
