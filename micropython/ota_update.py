@@ -18,27 +18,8 @@ import select
 import socket
 import time
 
-from ota import OTAError, _device, _installed, _reset, _where
-
-try:
-    from micropython import const
-except ImportError:
-
-    def const(x):
-        return x
-
-
-try:
-    from time import ticks_diff, ticks_ms
-except ImportError:  # CPython
-    from time import perf_counter
-
-    def ticks_ms():
-        return int(perf_counter() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
-
+# const and ticks come from ota, which has their fallbacks for CPython.
+from ota import OTAError, _device, _installed, _reset, _where, const, ticks_diff, ticks_ms
 
 _BUF = const(1024)  # the one network buffer
 _LINE = const(256)  # longest header or manifest line: paths up to about 200 bytes
