@@ -1971,17 +1971,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _boards(self, promoter, query):
         """GET /boards: the facts of the page as JSON; ?wait=S&since=<state> long-polls."""
-        text = _first(query, "wait")
-        if text is not None:
-            try:
-                wait = float(text)
-                if not 0 <= wait < float("inf"):
-                    raise ValueError
-            except ValueError:
-                return self._error(400, "wait must be a number of seconds, not %r" % text)
+        wait = _wait_of(query)
+        if wait == -1:
+            return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
+        if wait is not None:
             since = _first(query, "since")
             if since is not None:
-                self.server.boards.wait(since, min(wait, MAX_WAIT))
+                self.server.boards.wait(since, wait)
         body = _json(status(promoter, self.server.boards))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
@@ -2046,16 +2042,11 @@ class Handler(BaseHTTPRequestHandler):
     def _version(self, promoter, query):
         version = promoter.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
-        text = _first(query, "wait")
-        if text is not None:
-            try:
-                wait = float(text)
-                if not 0 <= wait < float("inf"):
-                    raise ValueError
-            except ValueError:
-                return self._error(400, "wait must be a number of seconds, not %r" % text)
-            if since == version.id:
-                version = promoter.wait_for_change(since, min(wait, MAX_WAIT))
+        wait = _wait_of(query)
+        if wait == -1:
+            return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
+        if wait is not None and since == version.id:
+            version = promoter.wait_for_change(since, wait)
         if since == version.id or self._not_modified(version.etag):
             return self._send(304, [("ETag", version.etag), ("Cache-Control", "no-cache")])
         self._send_body(
@@ -2218,6 +2209,18 @@ def _cookie(headers, name):
 def _first(query, name):
     values = query.get(name)
     return values[0] if values else None
+
+
+def _wait_of(query):
+    """A long-poll's ?wait= in seconds, at most MAX_WAIT; None if absent, -1 if not a number."""
+    text = _first(query, "wait")
+    if text is None:
+        return None
+    try:
+        wait = float(text)
+    except ValueError:
+        return -1
+    return min(wait, MAX_WAIT) if 0 <= wait < float("inf") else -1
 
 
 def _etag_value(header):
