@@ -43,7 +43,7 @@ except ImportError:
     IOBase = object
 
 _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux and ESP-IDF alike
-_CONSOLE = const(512)  # console bytes held for the server; more are dropped and counted
+_CONSOLE = const(1024)  # console bytes held for the server; the oldest are dropped and counted
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
 _STATE = ".ota"
 
@@ -153,15 +153,23 @@ class _Console(IOBase):
 
     def __init__(self, keep):
         self.buf = bytearray(_CONSOLE if keep else 0)
-        self.n = self.dropped = self.key = 0
+        self.n = self.dropped = self.key = self.sending = 0
         self.prompt = False
 
     def write(self, data):
-        # Called inside every print: copies what fits and counts the rest. It never
-        # waits and never raises (an exception would make os.dupterm drop the stream).
+        # Called inside every print: keeps the newest output (the last line of a
+        # traceback says what went wrong) and counts what it drops: the oldest bytes
+        # not being sent. It never waits and never raises (an exception would make
+        # os.dupterm drop the stream).
         n = len(data)
-        k = min(n, len(self.buf) - self.n)
-        self.buf[self.n : self.n + k] = data[:k]
+        size = len(self.buf)
+        cut = min(n - size + self.n, self.n - self.sending)
+        if cut > 0:
+            self.buf[self.sending : self.n - cut] = self.buf[self.sending + cut : self.n]
+            self.n -= cut
+            self.dropped += cut
+        k = min(n, size - self.n)
+        self.buf[self.n : self.n + k] = data[n - k :]
         self.n += k
         self.dropped += n - k
         if n:
@@ -182,6 +190,7 @@ class _Console(IOBase):
         self.buf[: self.n - k] = self.buf[k : self.n]
         self.n -= k
         self.dropped -= dropped
+        self.sending = 0
 
 
 class _Link:
@@ -356,7 +365,7 @@ class _Live:
             if link.parts is None:
                 if not c.n and not c.dropped:
                     return
-                self.k = min(c.n, 1024)  # the protocol's largest body
+                self.k = c.sending = min(c.n, 1024)  # the protocol's largest body
                 self.d = c.dropped
                 link.start(self.address, self.family, self.request(
                     "POST %s/console" % self.prefix, "Content-Length: %d\r\n%s" % (
@@ -364,10 +373,12 @@ class _Live:
                     memoryview(c.buf)[: self.k], self.timeout * 1000)
             status = link.step()
         except (OSError, ValueError):
+            c.sending = 0
             return link.fail()
         if status is None:
             return
         link.parts = None
+        c.sending = 0
         if status == 404 or status == 405:
             print("ota: %s has no console: upgrade the server" % self.where)
             link.close()

@@ -186,9 +186,24 @@ def test_a_dead_server_never_blocks_a_print(tmp_path):
     for _ in range(20):
         live.tick()
     took = time.monotonic() - began
-    assert (stream.n, stream.dropped) == (512, 1488)
+    assert (stream.n, stream.dropped) == (1024, 976)
     assert took < 2  # refused connections cost a back-off, not a wait
     live.stop()
+
+
+def test_a_full_console_keeps_the_newest_output_and_never_the_bytes_being_sent():
+    stream = ota._Console(True)
+    stream.write(b"A" * 600)
+    stream.sending = 100  # a POST of the first 100 bytes is on its way
+    stream.write(b"B" * 500)
+    stream.write(b"Traceback (most recent call last):\nNameError: name 'x' isn't defined\n")
+    kept = bytes(stream.buf[: stream.n])
+    tail = b"Traceback (most recent call last):\nNameError: name 'x' isn't defined\n"
+    assert (stream.n, stream.dropped) == (1024, 600 + 500 + len(tail) - 1024)
+    assert kept[:100] == b"A" * 100  # what is being sent stays as it was
+    assert kept.endswith(tail)  # the line that says what went wrong is kept
+    stream.sent(100, 0)
+    assert bytes(stream.buf[: stream.n]) == kept[100:]
 
 
 @needs_console
@@ -198,7 +213,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     caplog.set_level(logging.INFO, logger="ota_promoter")
     port = free_port()
     live = ota.live("http://127.0.0.1:%d" % port, root=str(tmp_path), wait=1, timeout=1)
-    live.console.write(b"hello\n" + b"y" * 1000)
+    live.console.write(b"y" * 1500 + b"\nhello\n")  # the newest output is kept
     live.tick()
     assert live.post.backoff == 1000  # refused: back off a second
     write(tree, "main.py", "m")
@@ -213,7 +228,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
             time.sleep(0.01)
         logged = [r.getMessage() for r in caplog.records]
         assert "127.0.0.1 [%s] | hello" % ota._device()[:12] in logged
-        assert any("(494 bytes of output dropped)" in m for m in logged), logged
+        assert any("(483 bytes of output dropped)" in m for m in logged), logged
     finally:
         live.stop()
         server.close()
