@@ -4,17 +4,14 @@ when it is set."""
 
 import os
 import ssl
-import subprocess
-import sys
-import time
 
 import pytest
 
 import ota
-from conftest import TIMEOUT, write
+from conftest import write
 from proxy import FaultProxy
 from test_client import board, device, files, mpy_dir  # noqa: F401 (fixtures)
-from test_export import certificate, exported, nginx  # noqa: F401 (fixtures)
+from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
 
 def app_files(tree):
@@ -122,26 +119,7 @@ def test_a_url_that_is_not_an_export_is_a_clear_error(app, site, nginx, device):
     assert files(device.root) == {}
 
 
-def test_python_http_server_is_a_static_host_too(app, site, device):
-    from test_cli import free_port
-
+def test_python_http_server_is_a_static_host_too(app, site, device, http_server):
     exported(app, site)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                assert device.update(url) is True
-                break
-            except ota.OTAError:
-                assert process.poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.05)
-        assert files(device.root, own=False) == app_files(app)
-    finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+    assert device.update(http_server(site)) is True
+    assert files(device.root, own=False) == app_files(app)

@@ -501,27 +501,37 @@ def test_nginx_serves_the_export_over_verified_https(app, site, nginx, certifica
         get(host.url, "/files/version", ssl.create_default_context())
 
 
-def test_python_http_server_serves_the_export(app, site):
-    promoter, _ = exported(app, site)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
+@pytest.fixture
+def http_server():
+    """Start python3 -m http.server on a folder, the simplest static host; its url."""
+    started = []
+
+    def start(folder):
+        port = free_port()
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
         url = "http://127.0.0.1:%d" % port
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
                 get(url, "/")
-                break
+                return url
             except OSError:
-                assert process.poll() is None and time.monotonic() < deadline
+                assert started[-1].poll() is None and time.monotonic() < deadline, "http.server did not start"
                 time.sleep(0.02)
-        version, files = board_update(url)
-        assert version == promoter.version
-        assert sorted(files) == sorted(b.path for b in promoter.current.blobs)
-        assert get(url, "/files").status == 301  # a folder: /files needs a rule such as nginx's
-    finally:
+
+    yield start
+    for process in started:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+def test_python_http_server_serves_the_export(app, site, http_server):
+    promoter, _ = exported(app, site)
+    url = http_server(site)
+    version, files = board_update(url)
+    assert version == promoter.version
+    assert sorted(files) == sorted(b.path for b in promoter.current.blobs)
+    assert get(url, "/files").status == 301  # a folder: /files needs a rule such as nginx's
