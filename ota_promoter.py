@@ -84,11 +84,12 @@ QUICK_INTERVAL = 0.1
 HOT_FILES = 8
 SCAN_PACE = 150
 
-# A changed file is published once its stat has not changed for this long after
-# its last write (its mtime): a writer that pauses up to 100 ms in the middle of a
-# file is never published half-way. 100 ms, plus up to 10 ms by which an mtime
-# lags the write (Linux stamps it from a clock that ticks every 1 to 10 ms), plus
-# 10 ms to spare. A writer that pauses longer is published half-way, as before.
+# A changed file is published once its stat has looked the same for this long,
+# counted from when the watcher first saw that stat, not from the file's mtime:
+# while open(O_TRUNC) runs, ext4 can show size 0 with the previous write's mtime,
+# which would look settled at once. A writer that pauses up to 100 ms in the
+# middle of a file is never published half-way (100 ms, and 20 ms to spare); one
+# that pauses longer is published half-way, and again once it is done.
 DEFAULT_SETTLE = 0.12
 
 # While some file keeps changing, publishing waits so that a multi-file save lands
@@ -123,6 +124,11 @@ IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
 SKIP_SUFFIXES = (".pyc", "~", ".swp", ".swx")
 _BAD_NAME = re.compile("[\x00-\x1f\x7f\\\\\ud800-\udfff]")  # control, backslash, not UTF-8
+_FAT_FORBIDS = '< > : " | ? *'
+_NOT_ON_FAT = re.compile('[<>:"|?*]')  # boards refuse them: every update on FAT would fail
+# The longest promoted path, in UTF-8 bytes: a board reads a manifest line
+# ("<checksum> <size> <path>", a size of up to 10 digits) into 256 bytes.
+MAX_PATH = 200
 _CHECKSUM = re.compile("[0-9a-fA-F]{40}")
 _DIGITS = re.compile("[0-9]+")
 _HASH_CHUNK = 1024 * 1024
@@ -498,6 +504,13 @@ def _list_folder(folder, prefix, key, ignored):
                 # HTTP drops them from X-Target-Path, so no board could install it.
                 problems[path] = "name starts or ends with a space"
                 continue
+            if _NOT_ON_FAT.search(name):
+                problems[path] = "name has a character a board's FAT file system cannot hold (%s)" % _FAT_FORBIDS
+                continue
+            if len(path) > MAX_PATH // 4 and len(path.encode("utf-8")) > MAX_PATH:
+                problems[path] = "path is %d bytes long in UTF-8: boards take at most %d" % (
+                    len(path.encode("utf-8")), MAX_PATH)
+                continue
             if ignored is not None and ignored(path, name):
                 continue
             try:
@@ -527,11 +540,13 @@ def diff(old, new):
     return added, changed, removed
 
 
-def case_clashes(paths):
-    """Groups of paths equal but for case: one file on a board's FAT file system."""
+def fat_clashes(paths):
+    """Groups of paths that are one file on a board's FAT file system: equal but
+    for case, or for the dots and spaces FAT drops from the end of a name."""
     groups = {}
     for path in paths:
-        groups.setdefault(path.casefold(), []).append(path)
+        key = "/".join(part.rstrip(". ") for part in path.casefold().split("/"))
+        groups.setdefault(key, []).append(path)
     return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
 
 
@@ -814,12 +829,12 @@ class _Change:
 
     __slots__ = ("key", "real", "st", "since", "looked")
 
-    def __init__(self, key, real, st, since, looked):
+    def __init__(self, key, real, st, since):
         self.key = key
         self.real = real
         self.st = st
-        self.since = since  # time.time_ns() of its last write, as far as we know
-        self.looked = looked  # time.time_ns() of the last look that found the same stat, or 0
+        self.since = since  # time.time_ns() when a look first found this stat
+        self.looked = 0  # time.time_ns() of the last look that found the same stat, or 0
 
 
 def _folders_of(hot):
@@ -873,7 +888,8 @@ class Promoter:
         self.previous = None
         self.current = Version([])
         self.listeners = []  # functions called with no argument after each publish (the status page)
-        self.poll_once(first=True)
+        self._first = True  # no version published yet
+        self._first_version()
 
     @property
     def version(self):
@@ -911,14 +927,30 @@ class Promoter:
         """The promoted paths whose changes wait to settle, sorted."""
         return sorted(self._changes)
 
-    def poll_once(self, first=False):
+    def poll_once(self):
         """Scan the whole folder once; publish a new version if the tree settled on one.
 
-        A change is published once a later look finds the file's stat as it was,
-        settle seconds after its last write. Returns True if a new version was published.
+        A change is published once a look finds the file's stat as it was when
+        first seen, settle seconds later. Returns True if a new version was published.
         """
         with self._poll_lock:
-            return self._poll(first)
+            return self._poll()
+
+    def _first_version(self):
+        """Publish the tree as found, once its files have settled as the watcher
+        waits for them: a file being written when the server starts or an export
+        runs is not taken half-way. A file that never settles is left out after
+        MAX_HOLD seconds, with a warning."""
+        self.poll_once()
+        while self._first:
+            if self._root_lost:
+                raise PromoterError("cannot read folder %r" % self.root)
+            held_for = time.monotonic() - self._held_since
+            time.sleep(max(0.0, min(self._settles_in(), MAX_HOLD - held_for)))
+            self.poll_once()
+        # Every file was a change to settle: only those still changing stay hot.
+        self._hot = collections.OrderedDict((p, r) for p, r in self._hot.items() if p in self._changes)
+        self._hot_folders = _folders_of(self._hot)
 
     def check_once(self):
         """Look again at the files changed last and at their folders only; publish
@@ -926,26 +958,26 @@ class Promoter:
         scan. Returns True if a new version was published."""
         with self._poll_lock:
             if self._root_lost:
-                return self._poll(False)
+                return self._poll()
             for prefix in self._hot_folders:
                 try:
                     # By promoted path, following symlinks, as the scan entered it.
                     st = os.stat(os.path.join(self.root, prefix) if prefix else self.root)
                 except OSError:
-                    return self._poll(False)
+                    return self._poll()
                 key = self._scanner.folder_key(prefix)
                 # None: the scan could not keep its listing (a subfolder it cannot
                 # enter); full scans at their pace see to that folder.
                 if key is not None and key != (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev):
-                    return self._poll(False)
+                    return self._poll()
             now = time.time_ns()
             for path, real in list(self._hot.items()):
                 try:
                     st = os.stat(os.path.join(self.root, real), follow_symlinks=False)
                 except OSError:
-                    return self._poll(False)
+                    return self._poll()
                 if not stat.S_ISREG(st.st_mode):
-                    return self._poll(False)
+                    return self._poll()
                 key = (st.st_size, st.st_mtime_ns, st.st_ino)
                 prev = self._seen.get(path)
                 if prev is not None and prev[0] == key:
@@ -962,7 +994,7 @@ class Promoter:
             try:
                 root = _open_root(self.root)
             except OSError:
-                return self._poll(False)
+                return self._poll()
             try:
                 return self._settle(root, None)
             finally:
@@ -971,14 +1003,16 @@ class Promoter:
     def next_look(self):
         """Seconds until check_once() should look again: QUICK_INTERVAL, or less
         if a change settles sooner."""
-        wait = QUICK_INTERVAL
-        if self._changes:
-            now = time.time_ns()
-            for change in self._changes.values():
-                wait = min(wait, (change.since + self._settle_ns - now) / 1e9)
-        return max(0.0, wait)
+        return min(QUICK_INTERVAL, self._settles_in())
 
-    def _poll(self, first):
+    def _settles_in(self):
+        """Seconds until the first change waiting to settle may be published."""
+        if not self._changes:
+            return QUICK_INTERVAL
+        now = time.time_ns()
+        return max(0.0, min(c.since for c in self._changes.values()) + self._settle_ns - now) / 1e9
+
+    def _poll(self):
         problems = {}
         ignored = self._load_ignore()
         try:
@@ -987,11 +1021,12 @@ class Promoter:
             return self._lost(e)
         try:
             self._scan_started, self._hash_time = time.thread_time(), 0.0
+            before = time.time_ns()
             try:
                 listing = self._scanner.scan(root, ignored, problems)
             except OSError as e:
                 return self._lost(e)
-            return self._observe(root, listing, problems, first)
+            return self._observe(root, listing, problems, before)
         finally:
             _close(root)
 
@@ -1005,12 +1040,12 @@ class Promoter:
             self._root_lost = True
         return False
 
-    def _observe(self, root, listing, problems, first):
-        """Compare a full scan with what was hashed: note the changes, forget what went."""
+    def _observe(self, root, listing, problems, now):
+        """Compare a full scan, begun at time.time_ns() now, with what was hashed:
+        note the changes, forget what went."""
         if self._root_lost:
             log.info("folder %s is readable again", self.root)
             self._root_lost = False
-        now = time.time_ns()
         seen, old, changes = {}, self._seen, self._changes
         for path, st, real in listing:
             key = (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -1044,16 +1079,6 @@ class Promoter:
                         continue
                     self._note(path, real, st, key, now, again=True)
                     continue
-            if first:
-                hashed = time.time_ns()
-                try:
-                    blob = self._hash(root, path, real, st)
-                except OSError as e:
-                    self._unreadable(path, key, e, problems, seen)
-                    continue
-                if blob is not None:  # else swapped or still growing: the next scan takes it
-                    seen[path] = (key, blob, hashed)
-                continue
             self._note(path, real, st, key, now)
         if changes:
             listed = {path for path, _, _ in listing}
@@ -1066,26 +1091,21 @@ class Promoter:
         self._hot_folders = _folders_of(self._hot)
         # What a scan of this tree costs: not the hashing nor the publishing of what changed.
         self.scan_cost = max(0.0, time.thread_time() - self._scan_started - self._hash_time)
-        published = self._settle(root, problems, first)
+        published = self._settle(root, problems)
         self._failed = {p: f for p, f in self._failed.items() if p in problems}
         self._report(problems)
         return published
 
-    def _note(self, path, real, st, key, now, again=False):
-        """A look at a file whose stat differs from when it was hashed."""
+    def _note(self, path, real, st, key, before, again=False):
+        """A look at a file whose stat differs from when it was hashed; before is
+        a time.time_ns() taken before the stat."""
         change = self._changes.get(path)
         if change is not None and change.key == key and not again:
-            change.looked = now
+            change.looked = before
             return
-        since = now
-        if not again and (key[1] % 10**9 or key[1] < now - RACY_NS):
-            # The time of the last write, if the file system keeps it finer than a
-            # second (ext4, APFS, NTFS; not FAT nor HFS+, where first seen is used
-            # unless the mtime is older than RACY_NS).
-            since = min(now, key[1])
-        # A new file not written in the last moments is not being written.
-        looked = now if path not in self._seen and key[1] < now - RACY_NS and not again else 0
-        self._changes[path] = _Change(key, real, st, since, looked)
+        # Dated after the stat, and each later look before its own: the stat has
+        # stayed the same for at least looked - since.
+        self._changes[path] = _Change(key, real, st, time.time_ns())
         self._hot[path] = real
         self._hot.move_to_end(path)
         while len(self._hot) > HOT_FILES:
@@ -1098,7 +1118,7 @@ class Promoter:
         seen.pop(path, None)
         self._changes.pop(path, None)
 
-    def _settle(self, root, problems, first=False):
+    def _settle(self, root, problems):
         """Hash the changes that settled; publish when none is left, or when those
         left have held the others back for MAX_HOLD seconds."""
         settle = self._settle_ns
@@ -1127,7 +1147,7 @@ class Promoter:
             seen[path] = (change.key, blob, hashed)
         if self._hash_time:
             self._keep()
-        if self._changes and not first:
+        if self._changes:
             if self._held_since is None:
                 self._held_since = time.monotonic()
             if time.monotonic() - self._held_since < MAX_HOLD:
@@ -1137,7 +1157,7 @@ class Promoter:
                 self._hold_warned = True
         else:
             self._held_since, self._hold_warned = None, False
-        if not (self._dirty or first):
+        if not (self._dirty or self._first):
             return False
         self._dirty = False
         unsettled = set(self._changes)
@@ -1151,14 +1171,14 @@ class Promoter:
         ]
         blobs = sorted((b for b in blobs if b is not None), key=_walk_key_of)
         version = Version(blobs, held)
-        if version.id == self.current.id:
+        if version.id == self.current.id and not self._first:
             if version.held != self.current.held:
                 version.published, version.changes = self.current.published, self.current.changes
                 with self._changed:
                     self.current = version
                 self._tell()
             return False
-        self._publish(version, first)
+        self._publish(version, self._first)
         return True
 
     def _hash(self, root, path, real, st):
@@ -1217,6 +1237,7 @@ class Promoter:
 
     def _publish(self, version, first):
         old = self.current
+        self._first = False
         if not first:
             version.changes = diff(
                 {b.path: b.checksum for b in old.blobs}, {b.path: b.checksum for b in version.blobs}
@@ -1252,10 +1273,11 @@ class Promoter:
         self.store.keep(blobs)
 
     def _warn_of_clashes(self, version):
-        clashes = case_clashes(version.by_path)
+        clashes = fat_clashes(version.by_path)
         for group in clashes:
             if group not in self._clashes:
-                log.warning("%s differ only in case: they are one file on a board's FAT file system",
+                log.warning("%s are one file on a board's FAT file system (which ignores case and "
+                            "a name's last dots): boards refuse the update until one is renamed",
                             " and ".join(group))
         self._clashes = clashes
 
@@ -1538,18 +1560,49 @@ def _console_line(board):
 # For a fleet, a web server or a CDN serves the files instead of this process:
 #
 #   site/files/<checksum>      every file's bytes, written once, never rewritten
-#   site/files/manifest.txt    the /files?format=text body
+#   site/files/<version>       the manifest of that version (the /files?format=text body)
+#   site/files/manifest.txt    the manifest of the version published last
 #   site/files.json            the /files body (a file "files" cannot sit next to files/)
 #   site/files/version         the /files/version body, written last
-#   site/.ota-export           the exported versions still kept, with their checksums
+#   site/.ota-export           the exported versions, with their checksums: what is ours
 #
-# A board may read the version, then the manifest, then the files, while the next
-# export lands: files go first, the version last, each through a temporary name
-# and a rename, and the files of the previous versions stay until --keep is passed.
+# A board may read the version, then that version's manifest, then the files,
+# while the next export lands: files go first, the version last, each through a
+# temporary name and a rename, and the files of the previous versions stay until
+# --keep is passed. So the version a site names always has its manifest and files
+# in place, even while it is half written or uploaded, or after a killed export.
+# An export removes only what the record says an export wrote.
 
 DEFAULT_KEEP = 3  # versions whose files an export keeps, the current one included
 EXPORT_RECORD = ".ota-export"
 _TEMPORARY = ".ota-tmp-"  # prefix of the names files are written under first
+_OUR_TEMPORARY = re.compile(r"\.ota-tmp-(?:[0-9a-f]{40}|manifest\.txt|files\.json|version|\.ota-export)\.[0-9]+")
+
+
+def check_site(root, site):
+    """Refuse a site that export() must not write: a file, or DIR or a folder inside it."""
+    if os.path.exists(site) and not os.path.isdir(site):
+        raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
+    if _inside(site, root):
+        raise PromoterError("cannot export to %r: it is inside the promoted folder %r, which would then "
+                            "publish the export itself: export to a folder outside it" % (site, root))
+
+
+def _inside(path, folder):
+    """True if path (which need not exist yet) is folder or lies under it; symlinks
+    and a file system that folds case are taken into account."""
+    target = os.stat(folder)
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # not there yet: its nearest folder decides
+    path = os.path.realpath(path)  # then up the real folders, not through a symlink's
+    while True:
+        if os.path.samestat(os.stat(path), target):
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
 
 
 def export(promoter, site, keep=DEFAULT_KEEP):
@@ -1560,8 +1613,7 @@ def export(promoter, site, keep=DEFAULT_KEEP):
     """
     if keep < 1:
         raise PromoterError("--keep must be at least 1, not %r" % keep)
-    if os.path.exists(site) and not os.path.isdir(site):
-        raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
+    check_site(promoter.root, site)
     files = os.path.join(site, "files")
     try:
         os.makedirs(files, exist_ok=True)
@@ -1578,11 +1630,21 @@ def export(promoter, site, keep=DEFAULT_KEEP):
 
 def _export(promoter, site, files, keep):
     version = promoter.current
+    record, dropped = _read_record(site, files)
     for folder in (site, files):
         for name in os.listdir(folder):
-            if name.startswith(_TEMPORARY):
+            if _OUR_TEMPORARY.fullmatch(name):
                 os.remove(os.path.join(folder, name))  # left by an export that was killed
-    record = _read_record(site, files)
+    # What an export wrote, and so may remove: the manifests and files of the
+    # versions recorded, published or not (a killed export records before it writes).
+    manifests = set(version_id for version_id, _ in record + dropped)
+    ours = set(checksum for _, checksums in record + dropped for checksum in checksums)
+    # The record names the new version before any of its files is written, so
+    # that an export killed from here on never loses track of what it wrote.
+    record = [entry for entry in record if entry[0] != version.id]
+    record.append((version.id, [b.checksum for b in version.blobs]))
+    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
+        _sync(site)
     written = kept = 0
     for blob in version.blobs:
         try:
@@ -1596,14 +1658,8 @@ def _export(promoter, site, files, keep):
             raise PromoterError("%r changed while it was exported: export again" % blob.path)
         _replace(files, blob.checksum, data)
         written += 1
-    if written:
+    if _replace_changed(files, version.id, version.files_text) or written:
         _sync(files)  # the renames reach the disk before a manifest names the files
-    # The record names the new version before any board can see it, so that an
-    # export killed from here on never loses track of files a board may fetch.
-    record = [entry for entry in record if entry[0] != version.id]
-    record.append((version.id, [b.checksum for b in version.blobs]))
-    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
-        _sync(site)
     manifest = _replace_changed(files, "manifest.txt", version.files_text)
     if _replace_changed(site, "files.json", version.files_json):
         _sync(site)
@@ -1614,13 +1670,20 @@ def _export(promoter, site, files, keep):
     record = record[-keep:]
     if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
         _sync(site)
+    for name in manifests - set(version_id for version_id, _ in record):
+        _remove(os.path.join(files, name))
     referenced = set(checksum for _, checksums in record for checksum in checksums)
-    pruned = 0
-    for name in os.listdir(files):
-        if _CHECKSUM.fullmatch(name) and name not in referenced:
-            os.remove(os.path.join(files, name))
-            pruned += 1
+    pruned = sum(_remove(os.path.join(files, name)) for name in ours - referenced)
     return written, kept, pruned
+
+
+def _remove(path):
+    """Remove the file at path; True if it was there."""
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _lock_site(site):
@@ -1640,40 +1703,44 @@ def _lock_site(site):
 
 
 def _read_record(site, files):
-    """The kept versions, oldest first, as (version id, checksums) pairs.
+    """(record, dropped): the kept versions, oldest first, as (version id,
+    checksums) pairs, and in the same form the version an export recorded but
+    was killed before it published (named by neither the site's version nor its
+    manifest), if any: its files are ours to remove.
 
-    Only published versions count: a version named by the record but by neither
-    the version nor the manifest of the site is from an export killed before it
-    published anything. A published manifest missing from the record (the record
-    was deleted) is added, so that its files are kept too.
+    A site with no record must hold nothing an export did not write: a folder
+    that holds anything else is refused, never emptied.
     """
+    path = os.path.join(site, EXPORT_RECORD)
     record = []
     try:
-        with open(os.path.join(site, EXPORT_RECORD), encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for number, line in enumerate(f, 1):
                 fields = line.split()
                 if not fields or not all(_CHECKSUM.fullmatch(field) for field in fields):
-                    raise PromoterError("%r line %d is damaged: delete the file and export again"
-                                        % (os.path.join(site, EXPORT_RECORD), number))
+                    raise PromoterError("%r line %d is damaged: delete the site and export again" % (path, number))
                 record.append((fields[0], fields[1:]))
     except FileNotFoundError:
-        pass
+        foreign = [name for name in os.listdir(site) if name != "files" and not _OUR_TEMPORARY.fullmatch(name)]
+        foreign += ["files/" + name for name in os.listdir(files) if not _OUR_TEMPORARY.fullmatch(name)]
+        if foreign:
+            raise PromoterError("%r holds files no export wrote (%s) and no %s record: export to a new "
+                                "or empty folder" % (site, ", ".join(sorted(foreign)[:3]), EXPORT_RECORD))
+        return [], []
     except UnicodeDecodeError:
-        raise PromoterError("%r is damaged: delete the file and export again" % os.path.join(site, EXPORT_RECORD))
+        raise PromoterError("%r is damaged: delete the site and export again" % path)
     published = set()
     manifest = _read_manifest(os.path.join(files, "manifest.txt"))
     if manifest is not None:
         published.add(manifest[0])
-        if manifest[0] not in (entry[0] for entry in record):
-            record.append(manifest)
     try:
         with open(os.path.join(files, "version"), "rb") as f:
             published.add(json.loads(f.read(256))["version"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if record and record[-1][0] not in published:
-        record.pop()
-    return record
+        return record[:-1], record[-1:]
+    return record, []
 
 
 def _read_manifest(path):
@@ -2853,6 +2920,8 @@ def main(argv=None):
     promoter, server, error = None, None, None
     try:
         started = time.monotonic()
+        if args.export is not None and os.path.isdir(args.dir):
+            check_site(args.dir, args.export)  # before a scan that may take a while
         check = SourceCheck.find() if args.check else None
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check)
         if args.export is not None:
@@ -2883,6 +2952,10 @@ def _export_once(promoter, args, started):
         # A release is all or nothing: no fleet gets a boot.py that cannot run.
         raise PromoterError("not exported: %s do%s not compile: fix %s, or pass --no-check"
                             % (", ".join(held), "es" if len(held) == 1 else "", "it" if len(held) == 1 else "them"))
+    changing = promoter.changing
+    if changing:
+        raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved"
+                            % (", ".join(changing[:5]), MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
     written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep)
     log.info(
         "exported version %s to %s: %d written, %d kept, %d pruned, in %.2f s",

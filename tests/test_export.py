@@ -89,7 +89,14 @@ def make_old(site):
 
 
 def content_files(site):
-    return sorted(n for n in os.listdir(os.path.join(str(site), "files")) if len(n) == 40)
+    """The names of files/ that are 40 hex digits long, but for versions' manifests."""
+    names = []
+    for name in os.listdir(os.path.join(str(site), "files")):
+        if len(name) == 40:
+            with open(os.path.join(str(site), "files", name), "rb") as f:
+                if f.read(41) != name.encode() + b"\n":
+                    names.append(name)
+    return sorted(names)
 
 
 def exported(tree, site, keep=ota_promoter.DEFAULT_KEEP):
@@ -121,7 +128,7 @@ def test_export_holds_the_bodies_the_server_answers(app, site, serve):
     server = serve(promoter)
     blobs = promoter.current.blobs
     assert sorted(listing(site)) == sorted(
-        [".ota-export", "files.json", "files/manifest.txt", "files/version"]
+        [".ota-export", "files.json", "files/manifest.txt", "files/version", "files/" + promoter.version]
         + ["files/" + b.checksum for b in blobs]
     )
 
@@ -174,7 +181,7 @@ def test_second_export_writes_only_new_files_and_keeps_the_old(app, site):
     assert counts == (1, 3, 0)
     after = listing(site)
     new = second.current.by_path["main.py"].checksum
-    assert sorted(set(after) - set(before)) == ["files/" + new]
+    assert sorted(set(after) - set(before)) == sorted(["files/" + new, "files/" + second.version])
     changed = sorted(p for p in before if after[p] != before[p])
     assert changed == [".ota-export", "files.json", "files/manifest.txt", "files/version"]
     assert content_files(site) == sorted(
@@ -227,13 +234,15 @@ def test_a_damaged_record_stops_the_export(app, site):
     write(site, ".ota-export", "not a version\n")
     result = run(str(app), "--export", str(site))
     assert (result.returncode, result.stderr) == (2, "ota_promoter.py: error: %r line 1 is damaged: "
-                                                  "delete the file and export again\n" % str(site / ".ota-export"))
+                                                  "delete the site and export again\n" % str(site / ".ota-export"))
+    before = listing(site)
     os.remove(str(site / ".ota-export"))
-    # Without it, the published manifest is what the next export keeps.
-    old = Promoter(str(app)).current
-    write(app, "main.py", "print(2)\n")
-    assert run(str(app), "--export", str(site), "--keep", "2").returncode == 0
-    assert set(b.checksum for b in old.blobs) <= set(content_files(site))
+    # Without it, nothing tells the export's files from anyone else's: it touches none.
+    result = run(str(app), "--export", str(site))
+    assert result.returncode == 2
+    assert result.stderr.startswith("ota_promoter.py: error: %r holds files no export wrote (files.json, " % str(site))
+    del before[".ota-export"]
+    assert listing(site) == before
 
 
 # -- An export killed half-way -----------------------------------------------------------------
@@ -268,7 +277,9 @@ def assert_served_consistently(site, old, new):
     assert manifest == listed.files_text
     assert body("files.json") in (old.files_json, new.files_json)
     assert version == old.id or listed.id == new.id  # the version never runs ahead of its files
-    for blob in old.blobs + listed.blobs:
+    # The version named has its own manifest in place, whatever manifest.txt holds.
+    assert body("files/" + version) == versions[version].files_text
+    for blob in old.blobs + listed.blobs + versions[version].blobs:
         assert checksum(body("files/" + blob.checksum), blob.path) == blob.checksum
 
 
@@ -305,6 +316,158 @@ def test_export_killed_at_any_write_leaves_the_previous_version_served(app, site
 
 
 # -- The command line -------------------------------------------------------------------------
+
+
+def test_each_version_exported_has_its_manifest_under_its_own_name(app, site):
+    first = exported(app, site)[0].current
+    write(app, "main.py", "print(2)\n")
+    second = exported(app, site, keep=2)[0].current
+    files = site / "files"
+    assert (files / first.id).read_bytes() == first.files_text  # immutable, as nginx caches it
+    assert (files / second.id).read_bytes() == (files / "manifest.txt").read_bytes() == second.files_text
+    write(app, "main.py", "print(3)\n")
+    exported(app, site, keep=2)
+    assert not (files / first.id).exists()  # pruned with its files
+
+
+# -- What the export may touch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inside", ["site", "", "lib/site", "link"])
+def test_an_export_into_the_promoted_folder_is_refused(app, inside):
+    if inside == "link":
+        try:
+            os.symlink(str(app / "lib"), str(app.parent / "link"))
+        except (OSError, NotImplementedError):
+            pytest.skip("this user cannot make symlinks")
+        site = str(app.parent / "link" / "site")
+    else:
+        site = os.path.join(str(app), inside) if inside else str(app)
+    before = listing(app)
+    assert_user_error(run(str(app), "--export", site),
+                      "cannot export to %r: it is inside the promoted folder %r, which would then publish "
+                      "the export itself: export to a folder outside it" % (site, str(app)))
+    assert listing(app) == before
+
+
+def test_a_first_export_into_a_folder_of_other_files_is_refused_and_touches_nothing(app, site):
+    write(site, "files/" + "ab" * 20, "someone's file named like a checksum")
+    write(site, "files/version", "someone's version")
+    write(site, ".ota-tmp-notes", "someone's notes")
+    write(site, "index.html", "<p>a web site</p>")
+    make_old(site)
+    before = listing(site)
+    result = run(str(app), "--export", str(site))
+    assert_user_error(result, "%r holds files no export wrote (.ota-tmp-notes, files/%s, files/version) and no "
+                              ".ota-export record: export to a new or empty folder" % (str(site), "ab" * 20))
+    assert listing(site) == before
+
+
+def test_an_export_removes_only_what_an_export_wrote(app, site):
+    exported(app, site)
+    foreign = {"files/" + "cd" * 20: b"named like a checksum", ".ota-tmp-notes": b"notes",
+               "files/.ota-tmp-x": b"x", "files/notes.txt": b"n", "index.html": b"<p>"}
+    for path, data in foreign.items():
+        write(site, path, data)
+    for n in range(4):
+        write(app, "main.py", "print(%d)\n" % n)
+        exported(app, site, keep=1)
+    for path, data in foreign.items():
+        assert (site / path).read_bytes() == data
+    promoter = Promoter(str(app))
+    assert content_files(site) == sorted([b.checksum for b in promoter.current.blobs] + ["cd" * 20])
+    assert (site / "files" / promoter.version).read_bytes() == promoter.current.files_text
+
+
+def test_an_export_killed_before_it_published_has_its_files_removed_by_the_next(app, site, tmp_path):
+    exported(app, site)
+    write(app, "lib/big.bin", os.urandom(5000))
+    killed = Promoter(str(app)).current
+    # Killed at its 4th rename (the record, lib/big.bin, its manifest, manifest.txt):
+    # its record and files are written, nothing of it is published.
+    result = subprocess.run([sys.executable, "-c", _DYING, "replace", "4",
+                             str(app), "--export", str(site)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    big = [b.checksum for b in killed.blobs if b.path == "lib/big.bin"][0]
+    assert (site / "files" / big).exists()
+    os.remove(str(app / "lib" / "big.bin"))
+    exported(app, site, keep=1)
+    assert not (site / "files" / big).exists()
+    assert not (site / "files" / killed.id).exists()
+
+
+# -- Files being written while the export or the server starts -------------------------------
+
+
+def half_written(tree, path, pause=0.1):
+    """Write tree/path in two halves with a pause between them, in a thread; returns
+    (the whole bytes, the thread) once the first half is on disk."""
+    import threading
+
+    data = b"# the first half\n" + b"x = 1\n" * 500 + b"# the second half\n"
+    ready = threading.Event()
+
+    def writer():
+        with open(os.path.join(str(tree), path), "wb") as f:
+            f.write(data[:len(data) // 2])
+            f.flush()
+            ready.set()
+            time.sleep(pause)
+            f.write(data[len(data) // 2:])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert ready.wait(TIMEOUT)
+    return data, thread
+
+
+def test_the_export_waits_for_a_file_being_written(app, site):
+    data, writer = half_written(app, "lib/x.py")
+    try:
+        promoter, _ = exported(app, site)
+    finally:
+        writer.join(TIMEOUT)
+    blob = promoter.current.by_path["lib/x.py"]
+    assert (site / "files" / blob.checksum).read_bytes() == data
+
+
+def test_the_first_version_of_a_server_waits_for_a_file_being_written(app):
+    data, writer = half_written(app, "boot.py")
+    try:
+        promoter = Promoter(str(app), interval=3600)
+    finally:
+        writer.join(TIMEOUT)
+    assert promoter.read(promoter.current.by_path["boot.py"]) == data
+
+
+def test_an_export_of_a_file_that_never_settles_is_refused(app, site, monkeypatch):
+    monkeypatch.setattr(ota_promoter, "MAX_HOLD", 0.5)
+    import threading
+
+    stop = threading.Event()
+
+    def writer():
+        with open(str(app / "main.py"), "wb") as f:
+            while not stop.wait(0.01):
+                f.write(b"# still writing\n")
+                f.flush()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        promoter = Promoter(str(app), interval=3600)
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    assert promoter.changing == ["main.py"]
+    with pytest.raises(ota_promoter.PromoterError) as caught:
+        ota_promoter._export_once(promoter, build_args(site), time.monotonic())
+    assert str(caught.value) == "not exported: main.py kept changing for 0.5 s: export again once it is saved"
+    assert not os.path.exists(str(site))
+
+
+def build_args(site):
+    return ota_promoter.build_parser().parse_args(["--export", str(site)])
 
 
 def test_export_prints_one_summary_line(app, site):

@@ -492,7 +492,57 @@ def test_paths_equal_but_for_case_are_warned_of_once(tree, caplog):
         settle(p)
     assert [f["path"] for f in p.manifest()] == ["Config.py", "config.py", "main.py"]
     assert [r.getMessage() for r in caplog.records] == [
-        "Config.py and config.py differ only in case: they are one file on a board's FAT file system"]
+        "Config.py and config.py are one file on a board's FAT file system (which ignores case and a name's "
+        "last dots): boards refuse the update until one is renamed"]
+
+
+@needs_any_name
+def test_names_equal_on_fat_but_for_their_last_dots_are_warned_of_once(tree, caplog):
+    write(tree, "notes", "a")
+    write(tree, "notes.", "b")
+    write(tree, "lib./x.py", "c")
+    write(tree, "lib/y.py", "d")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        write(tree, "notes", "aa")
+        settle(p)
+    # lib. and lib are one folder on FAT, holding x.py and y.py: no clash.
+    assert [f["path"] for f in p.manifest()] == ["lib/y.py", "lib./x.py", "notes", "notes."]
+    assert [r.getMessage() for r in caplog.records] == [
+        "notes and notes. are one file on a board's FAT file system (which ignores case and a name's last "
+        "dots): boards refuse the update until one is renamed"]
+
+
+@needs_any_name
+def test_names_fat_cannot_hold_are_skipped_with_one_warning_each(tree, caplog):
+    for path in ["main.py", "what?.py", "a:b.py", "star*.txt", "<tag>.html", 'say"hi".py', "pipe|d/x.py"]:
+        write(tree, path, "x")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        p.poll_once()
+    assert [f["path"] for f in p.manifest()] == ["main.py"]
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        "skipping %s: name has a character a board's FAT file system cannot hold (< > : \" | ? *)" % path
+        for path in ["what?.py", "a:b.py", "star*.txt", "<tag>.html", 'say"hi".py', "pipe|d"])
+
+
+def test_a_path_longer_than_a_board_takes_is_skipped_with_one_warning(tree, caplog):
+    longest = "lib/" + "\u00e9" * 95 + "x.py"  # 4 + 190 + 4 = 198 bytes
+    too_long = "lib/" + "\u6f22" * 66 + ".py"  # 4 + 198 + 3 = 205 bytes: 70 characters
+    deep = "/".join(["d" * 49] * 4) + "/x.py"  # 4 * 49 + 3 + 5 = 204 bytes
+    for path in [longest, too_long, deep, "main.py"]:
+        write(tree, path, "x")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        p.poll_once()
+    assert [f["path"] for f in p.manifest()] == [longest, "main.py"]
+    assert sorted(r.getMessage() for r in caplog.records) == sorted([
+        "skipping %s: path is 205 bytes long in UTF-8: boards take at most 200" % too_long,
+        "skipping %s: path is 204 bytes long in UTF-8: boards take at most 200" % deep,
+    ])
+    # The longest manifest line a board may meet fits its 256-byte line.
+    line = "%s %d %s\n" % ("0" * 40, 9999999999, longest)
+    assert len(line.encode("utf-8")) <= 256
 
 
 # -- 8. Request bodies ----------------------------------------------------------------------
