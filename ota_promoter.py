@@ -1491,9 +1491,13 @@ class Boards:
                 lines.append(_console_line(board))
                 start = end + 1
             rest = data[start:]
-            # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not held.
-            board.cut += max(0, len(rest) - CONSOLE_LINE)
-            board.partial = rest[:CONSOLE_LINE]
+            # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not
+            # held. A last \r is held too: it may begin the \r\n that ends the line.
+            kept = rest[:CONSOLE_LINE]
+            if len(rest) > CONSOLE_LINE and rest.endswith(b"\r"):
+                kept += b"\r"
+            board.cut += len(rest) - len(kept)
+            board.partial = kept
             board.lines.extend(lines)
             for line in lines:
                 if line == "Traceback (most recent call last):":
@@ -1523,10 +1527,11 @@ class Boards:
 
 def _console_line(board):
     """The board's current line, escaped, marked if it was cut; starts the next one."""
-    data, cut = board.partial, board.cut + max(0, len(board.partial) - CONSOLE_LINE)
-    board.partial, board.cut = b"", 0
+    data = board.partial
     if data.endswith(b"\r"):
-        data = data[:-1]
+        data = data[:-1]  # of a \r\n: boards end lines so, and it is not part of the line
+    cut = board.cut + max(0, len(data) - CONSOLE_LINE)
+    board.partial, board.cut = b"", 0
     line = printable(data[:CONSOLE_LINE].decode("utf-8", "backslashreplace"))
     if cut:
         line += " ... (%d bytes cut)" % cut
