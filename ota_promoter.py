@@ -49,7 +49,7 @@ import time
 import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 log = logging.getLogger("ota_promoter")
 
@@ -1937,7 +1937,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
-            log.exception("error answering %s %r", self.command, _redact(self.path))
+            log.exception("error answering %s %r", self.command, self.path)
             self.close_connection = True
             if not self._responded:
                 self._error(500, "internal error: see the server's log")
@@ -2001,7 +2001,7 @@ class Handler(BaseHTTPRequestHandler):
         if route == "/boards":
             return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
                                     "or the cookie that opening /?token=<token> gives a browser")
-        log.debug("%s %r: 401 (the page without the token)", self.client_address[0], _redact(self.requestline))
+        log.debug("%s %r: 401 (the page without the token)", self.client_address[0], self.requestline)
         self._send_body(401, REFUSED_PAGE, "text/html; charset=utf-8",
                         [("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")])
 
@@ -2155,7 +2155,8 @@ class Handler(BaseHTTPRequestHandler):
         if code == 405:
             headers.append(("Allow", allow))
             self.close_connection = True  # a body we do not read may follow
-        log.debug("%s %r: %d %s", self.client_address[0], _redact(self.requestline[:200]), code, message)
+        # Not cut short: a cut could keep the start of a token, which _Hide cannot know.
+        log.debug("%s %r: %d %s", self.client_address[0], self.requestline, code, message)
         device = self.headers.get("X-OTA-Device") if code != 401 and getattr(self, "headers", None) else None
         if device:
             self.server.boards.failed(device, "%d: %s" % (code, message))
@@ -2178,11 +2179,14 @@ class Handler(BaseHTTPRequestHandler):
 
     _date = (None, "")
 
+    # What the handler logs may hold the token (a request line, a path, a header):
+    # the server's _Hide filter takes it out of every line, whoever logs it.
+
     def log_request(self, code="-", size="-"):
-        log.debug("%s %r %s", self.client_address[0], _redact(self.requestline), code)
+        log.debug("%s %r %s", self.client_address[0], self.requestline, code)
 
     def log_message(self, format, *args):
-        log.debug("%s %s", self.client_address[0], _redact(format % args))
+        log.debug("%s %s", self.client_address[0], format % args)
 
 
 def _parse_path(path):
@@ -2193,12 +2197,18 @@ def _parse_path(path):
     return unquote(url.path, errors="replace").rstrip("/"), parse_qs(url.query, keep_blank_values=True)
 
 
-_TOKEN_IN_URL = re.compile(r"([?&;]token=)[^&;\s'\"]*", re.IGNORECASE)
+_QUERY_PAIR = re.compile(r"([?&;][^=&;?#\s'\"]*=)[^&;#\s'\"]*")
 
 
 def _redact(text):
-    """text with any ?token= value hidden: the log must never show the token."""
-    return _TOKEN_IN_URL.sub(r"\1(hidden)", text) if "token=" in text.lower() else text
+    """text with the value of every token= in a query hidden, however the key is
+    spelt (%74oken=, TOKEN=): parse_qs decodes keys, so the log must too."""
+    return _QUERY_PAIR.sub(_hide_token_value, text) if "=" in text else text
+
+
+def _hide_token_value(pair):
+    key = pair.group(1)
+    return key + "(hidden)" if unquote_plus(key[1:-1]).strip().lower() == "token" else pair.group(0)
 
 
 def _cookie(headers, name):
@@ -2282,6 +2292,8 @@ class PromoterServer(ThreadingHTTPServer):
             if e.errno == errno.EACCES:
                 raise PromoterError("no permission to listen on port %d: pick a port above 1023 with --port" % port)
             raise PromoterError("cannot listen on %s port %d: %s" % (host, port, e.strerror or e))
+        self._hide = _Hide(token)
+        log.addFilter(self._hide)
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host up with getfqdn: a DNS query that
@@ -2343,6 +2355,7 @@ class PromoterServer(ThreadingHTTPServer):
             self._thread.join()
             self._thread = None
         self.server_close()
+        log.removeFilter(self._hide)
 
     def __enter__(self):
         return self
@@ -2627,6 +2640,54 @@ def printable(text):
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+class _Hide(logging.Filter):
+    """Hides tokens in every record of the log, its traceback included: the value
+    of any token= in a query (_redact), and the server's token wherever it is, as
+    itself, percent-encoded (once or more), escaped by repr(), or with + for a
+    space; also its first HIDE_START characters or more, as a board id cut short
+    for the log may hold them. A server adds one to the log while it runs:
+    whoever logs a request line, a path, a header, a board's output or an
+    exception, no token shows."""
+
+    HIDE_START = 8
+
+    def __init__(self, token=None):
+        super().__init__()
+        self._token = None
+        if token:
+            forms = []
+            for c in token:
+                # The longest spelling first: the optional tail of the token stops
+                # at the first spelling that fits, and "%25" must not stop at "%".
+                spellings = ["%%(?:25)*%02x" % ord(c), re.escape(c)]
+                if c in "\\'\"":
+                    spellings.insert(1, re.escape("\\" + c))
+                elif c == " ":
+                    spellings.append(r"\+")
+                forms.append("(?:%s)" % "|".join(spellings))
+            rest = ""
+            for form in reversed(forms[self.HIDE_START:]):
+                rest = "(?:%s%s)?" % (form, rest)  # as much of the token as is there
+            self._token = re.compile("".join(forms[:self.HIDE_START]) + rest, re.IGNORECASE)
+
+    def hide(self, text):
+        text = _redact(text)
+        return self._token.sub("(hidden)", text) if self._token is not None else text
+
+    def filter(self, record):
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # logging reports a record it cannot format; it is not the filter's to drop
+        record.msg, record.args = self.hide(message), None
+        if record.exc_info:
+            record.exc_text = self.hide(record.exc_text or _TRACEBACK.formatException(record.exc_info))
+        return True
+
+
+_TRACEBACK = logging.Formatter()
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         message = printable(record.getMessage())
@@ -2634,7 +2695,7 @@ class _Formatter(logging.Formatter):
             message = "%s: %s" % (record.levelname.lower(), message)
         line = "%s %s" % (time.strftime("%H:%M:%S", time.localtime(record.created)), message)
         if record.exc_info:
-            trace = self.formatException(record.exc_info)
+            trace = record.exc_text or self.formatException(record.exc_info)  # _Hide's, if it ran
             line += "".join("\n" + printable(part) for part in trace.split("\n"))
         return line
 

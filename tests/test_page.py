@@ -9,16 +9,20 @@ client (micropython/ota.py under CPython, given a board id through a stand-in
 import http.client
 import logging
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import types
+from urllib.parse import quote, quote_plus, unquote
 
 import pytest
 
 import ota
 import ota_promoter
-from conftest import TIMEOUT, request, settle, write
+from conftest import ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, write
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -232,6 +236,150 @@ def test_with_a_token_the_page_takes_it_once_in_the_url_for_a_cookie(tree, serve
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "GET /?token=(hidden) HTTP/1.1" in logged
     assert "s3cret-t0ken" not in logged and "guess" not in logged
+
+
+TOKEN = "s3cret-T0ken"
+
+
+# -- The token never reaches the log ----------------------------------------------------
+
+
+def every_shape_of_the_token(token):
+    """(raw request, the status it gets) for the token in every place and spelling
+    a client could put it."""
+    quoted = "".join("%%%02X" % ord(c) for c in token)  # every character percent-encoded
+    bearer = "\r\nAuthorization: Bearer " + token
+    download = "/files/" + checksum("hello\n", "README.txt")
+    shapes = [
+        ("GET /?token=%s HTTP/1.1" % token, 303),
+        ("GET /?%%74oken=%s HTTP/1.1" % token, 303),
+        ("GET /?to%%6Ben=%s HTTP/1.1" % quoted, 303),
+        ("GET /?TOKEN=%s HTTP/1.1" % token, 401),
+        ("GET /?x=1;token=%s HTTP/1.1" % token, 401),
+        ("GET /?x=1&token=%s&y=2 HTTP/1.1" % token, 303),
+        ("HEAD /?token=%s HTTP/1.1" % token, 303),
+        ("GET /boards?token=%s HTTP/1.1" % token, 401),
+        ("GET /boards?wait=%s HTTP/1.1%s" % (token, bearer), 400),
+        ("GET /files/version?wait=%s HTTP/1.1%s" % (token, bearer), 400),
+        ("GET /%s HTTP/1.1" % token, 401),
+        ("GET /%s HTTP/1.1%s" % (token, bearer), 404),
+        ("GET /%s HTTP/1.1%s" % (quoted, bearer), 404),
+        ("GET /%s HTTP/1.1%s" % (quoted.replace("%", "%25"), bearer), 404),
+        ("GET /files/%s HTTP/1.1%s" % (token, bearer), 400),
+        ("DELETE /files?token=%s HTTP/1.1%s" % (token, bearer), 405),
+        ("POST /console?token=%s HTTP/1.1\r\nContent-Length: 0" % token, 401),
+        ("GET /?token=%s and more HTTP/1.1" % token, 400),  # "Bad request syntax (...)"
+        ("GET /?token=%s HTTP/9" % token, 400),  # "Bad request version (...)"
+        ("GET /?token=%s" % token, 303),  # HTTP/0.9
+        ("GET /?token=%s HTTP/1.1\r\nX-Long: %s" % (token, "y" * 70000), 431),
+        ("GET %s HTTP/1.1\r\nX-OTA-Device: %s%s" % (download, token, bearer), 200),
+        ("POST /?token=%s HTTP/1.1\r\nContent-Length: %d\r\n\r\ntoken=%s" % (token, len(token) + 6, token), 401),
+        ("POST /console HTTP/1.1\r\nX-OTA-Device: %s%s\r\nContent-Length: %d\r\n\r\nmy token is %s\n"
+         % (token, bearer, len(token) + 13, token), 204),
+    ]
+    shaped = []
+    for text, status in shapes:
+        head, _, body = text.partition("\r\n\r\n")
+        shaped.append(((head + "\r\nHost: x\r\nConnection: close\r\n\r\n" + body).encode(), status))
+    return shaped
+
+
+@needs_posix
+def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
+    write(tree, "README.txt", "hello\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = "http://127.0.0.1:%d" % port
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
+         "--port", str(port), "--token", TOKEN, "-v"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                request(url, "/files/version", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        shapes = every_shape_of_the_token(TOKEN)
+        answers = [int(raw_request(url, data).split(b" ", 2)[1]) for data, _ in shapes]
+        server.send_signal(signal.SIGINT)
+        log = server.communicate(timeout=TIMEOUT)[1]
+    finally:
+        server.kill()
+        server.wait(TIMEOUT)
+    lines = log.splitlines()
+    assert len(lines) > len(shapes)  # every request was logged
+    for line in lines:
+        assert TOKEN.lower() not in unquote(unquote(line)).lower(), line
+    for shown in ["'GET /?token=(hidden) HTTP/1.1' 303", "'GET /?%74oken=(hidden) HTTP/1.1' 303",
+                  "'GET /?x=1;token=(hidden) HTTP/1.1': 401 (the page without the token)",
+                  "'GET /?token=(hidden) and more HTTP/1.1': 400 Bad request syntax "
+                  "('GET /?token=(hidden) and more HTTP/1.1')",
+                  "'GET /(hidden) HTTP/1.1': 404 no such endpoint '/(hidden)': try",
+                  "127.0.0.1 [(hidden)] | my token is (hidden)"]:
+        assert any(shown in line for line in lines), shown
+    assert answers == [status for _, status in shapes]
+
+
+def test_the_token_in_a_failing_requests_traceback_is_hidden(tree, serve, monkeypatch, caplog):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+
+    def broken(promoter, boards, lines=0):
+        raise RuntimeError("no status for %s" % TOKEN)
+
+    monkeypatch.setattr(ota_promoter, "status", broken)
+    with caplog.at_level(logging.DEBUG, "ota_promoter"):
+        r = request(server.url, "/boards?token=" + TOKEN, headers={"Authorization": "Bearer " + TOKEN})
+    assert r.status == 500
+    assert "RuntimeError: no status for (hidden)" in caplog.text
+    assert "error answering GET '/boards?token=(hidden)'" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_a_token_is_hidden_however_a_log_line_quotes_encodes_or_cuts_it(tree, serve, caplog):
+    odd = "a'b\"c\\d e&f%g+h"
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token=odd)
+    long = "0123456789abcdef" * 3
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token=long)
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        for form in [odd, repr(odd), repr("x'" + odd), quote(odd), quote_plus(odd), quote(quote(odd)),
+                     odd.upper(), quote(odd).lower(), long[:12], long[:32], long + "-and-more", long[:7]]:
+            ota_promoter.log.info("seen %s here", form)
+    assert [r.getMessage() for r in caplog.records] == [
+        "seen (hidden) here", "seen '(hidden)' here", "seen 'x\\'(hidden)' here"] + ["seen (hidden) here"] * 5 + [
+        "seen (hidden) here", "seen (hidden) here", "seen (hidden)-and-more here", "seen 0123456 here"]
+
+
+def test_a_short_token_hides_the_same_letters_anywhere_in_the_log(tree, serve, caplog):
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token="abc")
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        ota_promoter.log.info("127.0.0.1 got lib/abcd.py (10 B)")
+    assert [r.getMessage() for r in caplog.records] == ["127.0.0.1 got lib/(hidden)d.py (10 B)"]
+
+
+@needs_proc
+def test_a_token_given_as_an_option_is_in_the_process_list_and_from_the_environment_is_not(tree):
+    started = []
+    try:
+        for args, env in [(["--token", "option-T0ken"], {}), ([], {"OTA_TOKEN": "environment-T0ken"})]:
+            started.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
+                 "--port", "0"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=dict(os.environ, **env)))
+        listed = []
+        for process in started:
+            with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+                listed.append(f.read().split(b"\0"))
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(TIMEOUT)
+    assert b"option-T0ken" in listed[0]
+    assert not any(b"environment-T0ken" in arg for arg in listed[1])
 
 
 # -- In the browser -----------------------------------------------------------------------
