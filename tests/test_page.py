@@ -6,16 +6,20 @@ client (micropython/ota.py under CPython, given a board id through a stand-in
 `machine` module).
 """
 
+import html
 import http.client
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, quote_plus, unquote
 
 import pytest
@@ -207,38 +211,82 @@ def test_the_number_of_boards_kept_is_bounded(server):
 
 # -- The token ----------------------------------------------------------------------------
 
+TOKEN = "s3cret-T0ken"
+
+
+def cookie_of(server):
+    """The cookie the page exchange gives a browser, as "name=value"."""
+    return request(server.url, "/?token=" + TOKEN).headers["Set-Cookie"].split(";")[0]
+
 
 def test_with_a_token_the_page_takes_it_once_in_the_url_for_a_cookie(tree, serve, caplog):
     write(tree, "main.py", "x = 1\n")
-    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token="s3cret-t0ken")
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
     with caplog.at_level(logging.DEBUG, "ota_promoter"):
         refused = request(server.url, "/")
         wrong = request(server.url, "/?token=guess")
         boards = request(server.url, "/boards")
-        exchanged = request(server.url, "/?token=s3cret-t0ken")
+        exchanged = request(server.url, "/?token=" + TOKEN)
         cookie = exchanged.headers["Set-Cookie"]
         value = cookie.split(";")[0]
         page = request(server.url, "/", headers={"Cookie": "other=1; " + value})
         with_cookie = request(server.url, "/boards", headers={"Cookie": value})
         api_with_cookie = request(server.url, "/files", headers={"Cookie": value})
-        bearer = request(server.url, "/boards", headers={"Authorization": "Bearer s3cret-t0ken"})
-        forged = request(server.url, "/boards", headers={"Cookie": "ota_page=s3cret-t0ken"})
+        bearer = request(server.url, "/boards", headers={"Authorization": "Bearer " + TOKEN})
+        forged = request(server.url, "/boards", headers={"Cookie": value.split("=")[0] + "=" + TOKEN})
     assert (refused.status, wrong.status, boards.status) == (401, 401, 401)
     assert refused.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert b"/?token=YOUR_TOKEN" in refused.body
+    assert b'<form method="post" action="/">' in refused.body and b"/?token=YOUR_TOKEN" in refused.body
+    assert b'<p id="wrong" style="color:#b00020"></p>' in refused.body
+    assert b'<p id="wrong" style="color:#b00020">That is not the server\'s token.</p>' in wrong.body
     assert exchanged.status == 303 and exchanged.headers["Location"] == "/"
-    assert [p.strip() for p in cookie.split(";")[1:]] == ["Path=/", "HttpOnly", "SameSite=Strict"]
-    assert "s3cret-t0ken" not in cookie  # the cookie is derived from the token, not the token
+    name = "ota_page_%d_%s" % (server.server_address[1], ota_promoter.hashlib.sha256(
+        b"ota-promoter cookie name\n" + TOKEN.encode()).hexdigest()[:8])
+    assert value.split("=")[0] == name
+    assert [p.strip() for p in cookie.split(";")[1:]] == ["Path=/", "HttpOnly", "SameSite=Lax"]
+    assert TOKEN not in cookie  # the cookie is derived from the token, not the token
     assert page.status == 200 and b"<title>OTA Promoter" in page.body
     assert with_cookie.status == 200 and with_cookie.json()["files_total"] == 1
     assert api_with_cookie.status == 401  # the API keeps its bearer header
     assert (bearer.status, forged.status) == (200, 401)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "GET /?token=(hidden) HTTP/1.1" in logged
-    assert "s3cret-t0ken" not in logged and "guess" not in logged
+    assert TOKEN not in logged and "guess" not in logged
 
 
-TOKEN = "s3cret-T0ken"
+def test_the_refusal_pages_form_posts_the_token_for_the_cookie(tree, serve):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    pair = cookie_of(server)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    right = request(server.url, "/", "POST", form, body="token=" + TOKEN.replace("-", "%2D"))
+    wrong = request(server.url, "/", "POST", form, body="token=guess")
+    empty = request(server.url, "/", "POST", form)
+    too_long = request(server.url, "/", "POST", form, body="token=" + "x" * 5000)
+    assert right.status == 303 and right.headers["Location"] == "/"
+    assert right.headers["Set-Cookie"] == pair + "; Path=/; HttpOnly; SameSite=Lax"
+    assert (wrong.status, empty.status) == (401, 401)
+    assert b"That is not the server's token.</p>" in wrong.body and b"<form" in wrong.body
+    assert too_long.status == 413 and too_long.headers["Connection"] == "close"
+
+
+def test_the_page_cookie_authorises_only_reading_the_page_and_boards(tree, serve):
+    """The cookie is SameSite=Lax: another site can make a browser send it with a
+    GET it links to, so nothing it authorises may change anything."""
+    write(tree, "README.txt", "hello\n")
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    cookie = {"Cookie": cookie_of(server)}
+    as_the_board = dict(cookie, **{"X-OTA-Device": "b1", "X-OTA-Version": "forged"})
+    assert request(server.url, "/", headers=as_the_board).status == 200
+    assert request(server.url, "/", "HEAD", as_the_board).status == 200
+    assert request(server.url, "/boards?wait=0", headers=as_the_board).status == 200
+    assert request(server.url, "/boards?wait=soon", headers=as_the_board).status == 400
+    assert request(server.url, "/", "POST", as_the_board).status == 401  # the form, without a token
+    assert request(server.url, "/boards", "POST", as_the_board).status == 401
+    assert request(server.url, "/console", "POST", as_the_board, body="forged\n").status == 401
+    assert request(server.url, "/files", headers=as_the_board).status == 401
+    [board] = request(server.url, "/boards", headers={"Authorization": "Bearer " + TOKEN}).json()["boards"]
+    assert (board["device"], board["version"], board["error"], board["lines"]) == ("b1", "none", None, [])
 
 
 # -- The token never reaches the log ----------------------------------------------------
@@ -273,7 +321,7 @@ def every_shape_of_the_token(token):
         ("GET /?token=%s" % token, 303),  # HTTP/0.9
         ("GET /?token=%s HTTP/1.1\r\nX-Long: %s" % (token, "y" * 70000), 431),
         ("GET %s HTTP/1.1\r\nX-OTA-Device: %s%s" % (download, token, bearer), 200),
-        ("POST /?token=%s HTTP/1.1\r\nContent-Length: %d\r\n\r\ntoken=%s" % (token, len(token) + 6, token), 401),
+        ("POST /?token=%s HTTP/1.1\r\nContent-Length: %d\r\n\r\ntoken=%s" % (token, len(token) + 6, token), 303),
         ("POST /console HTTP/1.1\r\nX-OTA-Device: %s%s\r\nContent-Length: %d\r\n\r\nmy token is %s\n"
          % (token, bearer, len(token) + 13, token), 204),
     ]
@@ -475,6 +523,193 @@ def test_in_a_browser_the_token_in_the_url_becomes_a_cookie(tree, serve, browser
     assert browser.current_url == server.url + "/"  # the token left the address bar
     until(lambda: card(browser, "b1"), "the board, with the cookie")
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
+
+
+def heading(driver):
+    return driver.find_element("tag name", "h1").text
+
+
+def session_history(driver):
+    """The tab's session history, from the current entry back to the first, each
+    reached with the back button."""
+    urls = [driver.current_url]
+    for _ in range(driver.execute_script("return history.length") - 1):
+        driver.back()
+        urls.append(driver.current_url)
+    return urls
+
+
+def history_urls(profile):
+    """The urls table of Chromium's History database in profile, once it has quit."""
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(profile, "Default", "History"), uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT url FROM urls ORDER BY id")]
+    finally:
+        db.close()
+
+
+def files_holding(folder, text):
+    """The files under folder whose bytes hold text (in UTF-8 or UTF-16), relative, sorted."""
+    needles = [text.encode("utf-8"), text.encode("utf-16-le")]
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # a socket or a lock
+            if any(needle in data for needle in needles):
+                found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+@pytest.fixture
+def referers(monkeypatch):
+    """{route: the Referer headers it came with} of the requests the servers get
+    (None for a request without one)."""
+    seen = {}
+    dispatch = ota_promoter.Handler._dispatch
+
+    def recording(handler):
+        route = handler.path.split("?")[0] + ("?token=" if "?token=" in handler.path else "")
+        seen.setdefault(route, set()).add(handler.headers.get("Referer"))
+        return dispatch(handler)
+
+    monkeypatch.setattr(ota_promoter.Handler, "_dispatch", recording)
+    return seen
+
+
+@pytest.fixture
+def other_site():
+    """Another site, http://localhost:<port>/ (the servers are on 127.0.0.1): one
+    page with one link, <a id="login">, to other_site.link. The page is not to be
+    stored (no-store): the browser's cache would hold the link, and the token in it."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ('<!doctype html><title>the wiki</title><a id="login" href="%s">the bench</a>'
+                    % html.escape(site.link)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    site.link = "/"
+    site.url = "http://localhost:%d/" % site.server_address[1]
+    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield site
+    site.shutdown()
+    site.server_close()
+    thread.join(TIMEOUT)
+
+
+def click_the_link(browser, other_site, link):
+    """Open the other site's page, and click its link to link; returns once the
+    link's page has loaded."""
+    other_site.link = link
+    browser.get(other_site.url)
+    browser.find_element("id", "login").click()
+    until(lambda: browser.current_url != other_site.url and
+          browser.execute_script("return document.readyState") == "complete", "the link's page")
+
+
+@needs_browser
+def test_a_login_link_on_another_site_opens_the_page(tree, serve, browser, other_site, referers):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    click_the_link(browser, other_site, server.url + "/?token=" + TOKEN)
+    assert heading(browser) == "OTA Promoter"  # not "This server needs its token"
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", other_site.url, first]
+    # The other site's origin with the link, never the token; none after the 303.
+    assert referers == {"/files/version": {None}, "/?token=": {other_site.url}, "/": {None}, "/boards": {None}}
+
+
+@needs_browser
+def test_chromium_keeps_a_login_links_address_in_its_history_database(tree, tmp_path, serve, browser, other_site,
+                                                                       referers):
+    """What no page can change: Chromium stores the address of every page it
+    opens, a redirect's included. The tab's address and back list, and every
+    Referer, are free of the token."""
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    click_the_link(browser, other_site, server.url + "/?token=" + TOKEN)
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", other_site.url, first]
+    assert referers == {"/files/version": {None}, "/?token=": {other_site.url}, "/": {None}, "/boards": {None}}
+    browser.quit()
+    profile = str(tmp_path / "chromium")
+    assert [url for url in history_urls(profile) if TOKEN in url] == [server.url + "/?token=" + TOKEN]
+    # Also, depending on when Chromium writes them: the tabs to restore, the most
+    # visited sites and the usage metrics it keeps per address.
+    kept = [path.split("_1")[0].replace("-journal", "") for path in files_holding(profile, TOKEN)]
+    assert kept[0] == "Default/History" and set(kept) <= {
+        "Default/History", "Default/Sessions/Session", "Default/Sessions/Tabs", "Default/Top Sites",
+        "segmentation_platform/ukm_db"}, kept
+
+
+@needs_browser
+def test_a_token_typed_into_the_refusal_page_reaches_nothing_the_browser_keeps(tree, tmp_path, serve, browser,
+                                                                               referers):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    browser.get(server.url + "/")
+    assert heading(browser) == "This server needs its token"
+    browser.find_element("name", "token").send_keys(TOKEN)
+    browser.find_element("css selector", "form button").click()
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", server.url + "/", first]
+    browser.quit()
+    profile = str(tmp_path / "chromium")
+    assert server.url + "/" in history_urls(profile)
+    assert files_holding(profile, TOKEN) == []  # not a file of the browser's holds the token
+    assert referers == {"/files/version": {None}, "/": {None}, "/boards": {None}}
+
+
+@needs_browser
+def test_a_wrong_token_in_a_link_or_the_form_says_so(tree, serve, browser):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+
+    def wrong():
+        return browser.execute_script("const e = document.getElementById('wrong'); return e && e.textContent")
+
+    browser.get(server.url + "/")
+    assert wrong() == ""
+    browser.find_element("name", "token").send_keys("guess")
+    browser.find_element("css selector", "form button").click()
+    until(lambda: wrong() == "That is not the server's token.", "the server to say so")
+    browser.get(server.url + "/?token=guess")
+    assert wrong() == "That is not the server's token."
+
+
+@needs_browser
+def test_logging_into_a_second_server_keeps_the_first_logged_in(tree, serve, browser):
+    first = serve(ota_promoter.Promoter(str(tree), interval=3600), token="first-token")
+    second = serve(ota_promoter.Promoter(str(tree), interval=3600), token="second-token")
+    board_request(first, "/files/version", "b1", "none", {"Authorization": "Bearer first-token"})
+    board_request(second, "/files/version", "b2", "none", {"Authorization": "Bearer second-token"})
+    browser.get(first.url + "/?token=first-token")
+    until(lambda: card(browser, "b1"), "the first server's board")
+    browser.get(second.url + "/?token=second-token")
+    until(lambda: card(browser, "b2"), "the second server's board")
+    for server, board in [(first, "b1"), (second, "b2")]:
+        browser.get(server.url + "/")
+        assert heading(browser) == "OTA Promoter"
+        until(lambda: card(browser, board), "the board, with its server's cookie")
 
 
 @needs_browser
