@@ -12,6 +12,7 @@ each board can download just the files whose checksum differs:
     GET /files/<checksum>       the bytes of one file
     POST /console               what a board's REPL printed: logged, the last lines kept
     GET /                       the status page: the version, the files and every board, live
+    POST /                      the page's form: token=<token> for the page's cookie
     GET /boards                 the same as JSON; ?wait=S&since=<state> long-polls for a change
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
@@ -49,7 +50,7 @@ import time
 import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 log = logging.getLogger("ota_promoter")
 
@@ -118,7 +119,8 @@ SILENT_AFTER = 90.0  # seconds without a request before a board is shown silent:
 UPDATING_FOR = 10.0  # seconds a board is shown updating after it fetched a manifest or a file of the version
 PAGE_LINES = 20  # console lines per board on the page and in /boards
 PAGE_FILES = 1000  # files listed on the page and in /boards; the rest are counted
-COOKIE = "ota_page"  # the cookie a browser gets for ?token=
+COOKIE = "ota_page"  # the page's cookie is named ota_page_<port>_<8 hex digits of the token's hash>
+MAX_FORM = 1024  # bytes of the page's form: the token and its name
 
 IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
@@ -1513,9 +1515,13 @@ class Boards:
                 lines.append(_console_line(board))
                 start = end + 1
             rest = data[start:]
-            # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not held.
-            board.cut += max(0, len(rest) - CONSOLE_LINE)
-            board.partial = rest[:CONSOLE_LINE]
+            # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not
+            # held. A last \r is held too: it may begin the \r\n that ends the line.
+            kept = rest[:CONSOLE_LINE]
+            if len(rest) > CONSOLE_LINE and rest.endswith(b"\r"):
+                kept += b"\r"
+            board.cut += len(rest) - len(kept)
+            board.partial = kept
             board.lines.extend(lines)
             for line in lines:
                 if line == "Traceback (most recent call last):":
@@ -1545,10 +1551,11 @@ class Boards:
 
 def _console_line(board):
     """The board's current line, escaped, marked if it was cut; starts the next one."""
-    data, cut = board.partial, board.cut + max(0, len(board.partial) - CONSOLE_LINE)
-    board.partial, board.cut = b"", 0
+    data = board.partial
     if data.endswith(b"\r"):
-        data = data[:-1]
+        data = data[:-1]  # of a \r\n: boards end lines so, and it is not part of the line
+    cut = board.cut + max(0, len(data) - CONSOLE_LINE)
+    board.partial, board.cut = b"", 0
     line = printable(data[:CONSOLE_LINE].decode("utf-8", "backslashreplace"))
     if cut:
         line += " ... (%d bytes cut)" % cut
@@ -1943,6 +1950,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.connections.idle(self.connection)
         self._reader.start()
         self._responded = False
+        self._authorized_request = False  # it carries the token (or the server has none)
         super().handle_one_request()
 
     def __getattr__(self, name):
@@ -1961,8 +1969,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a kept-alive connection must not outlive the server
         try:
             route, query = _parse_path(self.path)
-            page = route in ("", "/boards")
-            authorized = self._authorized(page)
+            authorized = self._authorized_request = self._authorized()
             if authorized:
                 device = self.headers.get("X-OTA-Device")
                 if route == "/console" and self.command == "POST":
@@ -1970,12 +1977,14 @@ class Handler(BaseHTTPRequestHandler):
                 if device:
                     fetch = route.startswith("/files") and route != "/files/version"
                     self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
+            if route == "" and self.command == "POST":
+                return self._login()
             if not self._skip_body(authorized):
                 self.close_connection = True
-            if page and self.command in ("GET", "HEAD"):
+            if route in ("", "/boards") and self.command in ("GET", "HEAD"):
                 if route == "" and "token" in query:
                     return self._exchange(_first(query, "token"))
-                if not authorized:
+                if not (authorized or self._has_page_cookie()):
                     return self._refuse_page(route)
                 if route == "":
                     return self._page()
@@ -1999,7 +2008,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
-            log.exception("error answering %s %r", self.command, _redact(self.path))
+            log.exception("error answering %s %r", self.command, self.path)
             self.close_connection = True
             if not self._responded:
                 self._error(500, "internal error: see the server's log")
@@ -2048,24 +2057,47 @@ class Handler(BaseHTTPRequestHandler):
         body = _json(status(promoter, self.server.boards))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
+    def _login(self):
+        """POST /: the refusal page's form, token=<token>; typed there, the token is
+        in no address the browser keeps."""
+        lengths = self.headers.get_all("Content-Length") or []
+        length = lengths[0].strip() if len(lengths) == 1 else ""
+        if self.headers.get("Transfer-Encoding") is not None or not _DIGITS.fullmatch(length):
+            self.close_connection = True  # the body is not read
+            return self._error(411, "send the form with one Content-Length, not chunked")
+        if len(length) > 6 or int(length) > MAX_FORM:
+            self.close_connection = True
+            return self._error(413, "a form of %s bytes: the token fits in %d" % (length[:20], MAX_FORM))
+        body = self.rfile.read(int(length))
+        if len(body) != int(length):
+            raise ConnectionError("form cut short")
+        return self._exchange(_first(parse_qs(body.decode("utf-8", "replace")), "token") or "")
+
     def _exchange(self, token):
-        """GET /?token=: the right token becomes a cookie, and the address bar loses it."""
+        """GET /?token= or the form: the right token becomes a cookie, and a 303 to /
+        leaves the token out of the address bar and the tab's back list.
+
+        The cookie is SameSite=Lax, so that a link from another site (a wiki, a chat)
+        opens the page; another site can then make a browser send it, so it
+        authorises reading the page and /boards, nothing that changes anything.
+        """
         expected = self.server.token
         if expected is not None and not hmac.compare_digest(
                 token.encode("utf-8", "replace"), expected.encode("utf-8")):
-            return self._refuse_page("")
+            return self._refuse_page("", wrong=True)
         headers = [("Location", "/"), ("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")]
         if expected is not None:
-            headers.append(("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (COOKIE, self.server.cookie)))
+            headers.append(("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Lax" % (
+                self.server.cookie_name, self.server.cookie)))
         self._send(303, headers, 0)
 
-    def _refuse_page(self, route):
+    def _refuse_page(self, route, wrong=False):
         if route == "/boards":
             return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
                                     "or the cookie that opening /?token=<token> gives a browser")
-        log.debug("%s %r: 401 (the page without the token)", self.client_address[0], _redact(self.requestline))
-        self._send_body(401, REFUSED_PAGE, "text/html; charset=utf-8",
-                        [("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")])
+        log.debug("%s %r: 401 (the page without the token)", self.client_address[0], self.requestline)
+        page = REFUSED_PAGE.replace(b"<!--WRONG-->", _WRONG_TOKEN if wrong else b"")
+        self._send_body(401, page, "text/html; charset=utf-8", _REFUSED_HEADERS)
 
     def _skip_body(self, authorized):
         """Read and discard the request's body, if it has a small one; False if the
@@ -2090,21 +2122,21 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
         return True
 
-    def _authorized(self, page=False):
-        """The token is in the bearer header; or, for the page and /boards, in
-        the cookie that ?token= gave this browser."""
+    def _authorized(self):
+        """The token is in the bearer header, or the server has none."""
         token = self.server.token
         if token is None:
             return True
         given = self.headers.get("Authorization", "")
         expected = "Bearer " + token
-        if hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-            return True
-        if page:
-            cookie = _cookie(self.headers.get_all("Cookie") or [], COOKIE)
-            return cookie is not None and hmac.compare_digest(
-                cookie.encode("utf-8", "replace"), self.server.cookie.encode("ascii"))
-        return False
+        return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+    def _has_page_cookie(self):
+        """The browser has the cookie the token gave it: good for reading the page
+        and /boards only (see _exchange)."""
+        cookie = _cookie(self.headers.get_all("Cookie") or [], self.server.cookie_name)
+        return cookie is not None and hmac.compare_digest(
+            cookie.encode("utf-8", "replace"), self.server.cookie.encode("ascii"))
 
     def _version(self, promoter, query):
         version = promoter.current
@@ -2217,8 +2249,9 @@ class Handler(BaseHTTPRequestHandler):
         if code == 405:
             headers.append(("Allow", allow))
             self.close_connection = True  # a body we do not read may follow
-        log.debug("%s %r: %d %s", self.client_address[0], _redact(self.requestline[:200]), code, message)
-        device = self.headers.get("X-OTA-Device") if code != 401 and getattr(self, "headers", None) else None
+        # Not cut short: a cut could keep the start of a token, which _Hide cannot know.
+        log.debug("%s %r: %d %s", self.client_address[0], self.requestline, code, message)
+        device = self.headers.get("X-OTA-Device") if self._authorized_request and code != 401 else None
         if device:
             self.server.boards.failed(device, "%d: %s" % (code, message))
         self._send_body(code, _json({"error": message}), "application/json", headers)
@@ -2240,11 +2273,14 @@ class Handler(BaseHTTPRequestHandler):
 
     _date = (None, "")
 
+    # What the handler logs may hold the token (a request line, a path, a header):
+    # the server's _Hide filter takes it out of every line, whoever logs it.
+
     def log_request(self, code="-", size="-"):
-        log.debug("%s %r %s", self.client_address[0], _redact(self.requestline), code)
+        log.debug("%s %r %s", self.client_address[0], self.requestline, code)
 
     def log_message(self, format, *args):
-        log.debug("%s %s", self.client_address[0], _redact(format % args))
+        log.debug("%s %s", self.client_address[0], format % args)
 
 
 def _parse_path(path):
@@ -2255,12 +2291,18 @@ def _parse_path(path):
     return unquote(url.path, errors="replace").rstrip("/"), parse_qs(url.query, keep_blank_values=True)
 
 
-_TOKEN_IN_URL = re.compile(r"([?&;]token=)[^&;\s'\"]*", re.IGNORECASE)
+_QUERY_PAIR = re.compile(r"([?&;][^=&;?#\s'\"]*=)[^&;#\s'\"]*")
 
 
 def _redact(text):
-    """text with any ?token= value hidden: the log must never show the token."""
-    return _TOKEN_IN_URL.sub(r"\1(hidden)", text) if "token=" in text.lower() else text
+    """text with the value of every token= in a query hidden, however the key is
+    spelt (%74oken=, TOKEN=): parse_qs decodes keys, so the log must too."""
+    return _QUERY_PAIR.sub(_hide_token_value, text) if "=" in text else text
+
+
+def _hide_token_value(pair):
+    key = pair.group(1)
+    return key + "(hidden)" if unquote_plus(key[1:-1]).strip().lower() == "token" else pair.group(0)
 
 
 def _cookie(headers, name):
@@ -2327,6 +2369,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.boards = Boards()
         # The browser's cookie is derived from the token, never the token itself.
         self.cookie = hmac.new(token.encode("utf-8"), b"ota-promoter status page", "sha256").hexdigest() if token else ""
+        self.cookie_name = COOKIE
         self.closing = False
         promoter.listeners.append(self.boards.bump)
         self._thread = None
@@ -2344,6 +2387,13 @@ class PromoterServer(ThreadingHTTPServer):
             if e.errno == errno.EACCES:
                 raise PromoterError("no permission to listen on port %d: pick a port above 1023 with --port" % port)
             raise PromoterError("cannot listen on %s port %d: %s" % (host, port, e.strerror or e))
+        if token:
+            # Browsers keep cookies per host, not per port: two servers on one
+            # machine, or one restarted with another token, need two names.
+            self.cookie_name = "%s_%d_%s" % (COOKIE, self.server_address[1], hashlib.sha256(
+                b"ota-promoter cookie name\n" + token.encode("utf-8")).hexdigest()[:8])
+        self._hide = _Hide(token)
+        log.addFilter(self._hide)
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host up with getfqdn: a DNS query that
@@ -2405,6 +2455,7 @@ class PromoterServer(ThreadingHTTPServer):
             self._thread.join()
             self._thread = None
         self.server_close()
+        log.removeFilter(self._hide)
 
     def __enter__(self):
         return self
@@ -2477,13 +2528,25 @@ def _page_headers(nonce):
             ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
 
 
+# The page without its token: a form, so that the token is typed in no address.
 REFUSED_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OTA Promoter: token needed</title>
 <link rel="icon" href="data:,"></head><body style="font-family:sans-serif;margin:2em">
 <h1>This server needs its token</h1>
-<p>It was started with <code>--token</code>. Open the page once with the token in the address:
-<code>/?token=YOUR_TOKEN</code> (for example <code>http://192.168.0.10:9090/?token=YOUR_TOKEN</code>).
-The browser then keeps a cookie and the token leaves the address bar.</p></body></html>
+<p id="wrong" style="color:#b00020"><!--WRONG--></p>
+<form method="post" action="/"><label>Token: <input type="password" name="token" required autofocus></label>
+<button>Open the page</button></form>
+<p>It was started with <code>--token</code>. The browser keeps a cookie for this server, made from the token,
+not the token: typed here, the token is in no address. A link opens the page too,
+<code>http://192.168.0.10:9090/?token=YOUR_TOKEN</code>, but the browser keeps its address, token
+included, in its history.</p></body></html>
 """
+_WRONG_TOKEN = b"That is not the server's token."
+_REFUSED_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+                                "base-uri 'none'; frame-ancestors 'none'"),
+    ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+]
+
 
 PAGE = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
@@ -2653,7 +2716,7 @@ async function loop() {
     try {
       var r = await fetch("/boards?wait=25&since=" + encodeURIComponent(state),
                           {cache: "no-store", credentials: "same-origin", signal: abort.signal});
-      if (r.status === 401) problem = "The server wants its token: open /?token=YOUR_TOKEN once.";
+      if (r.status === 401) problem = "The server wants its token: reload this page to give it.";
       else if (!r.ok) problem = "The server answered " + r.status + ".";
       else d = await r.json();
     } catch (e) {
@@ -2689,6 +2752,54 @@ def printable(text):
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+class _Hide(logging.Filter):
+    """Hides tokens in every record of the log, its traceback included: the value
+    of any token= in a query (_redact), and the server's token wherever it is, as
+    itself, percent-encoded (once or more), escaped by repr(), or with + for a
+    space; also its first HIDE_START characters or more, as a board id cut short
+    for the log may hold them. A server adds one to the log while it runs:
+    whoever logs a request line, a path, a header, a board's output or an
+    exception, no token shows."""
+
+    HIDE_START = 8
+
+    def __init__(self, token=None):
+        super().__init__()
+        self._token = None
+        if token:
+            forms = []
+            for c in token:
+                # The longest spelling first: the optional tail of the token stops
+                # at the first spelling that fits, and "%25" must not stop at "%".
+                spellings = ["%%(?:25)*%02x" % ord(c), re.escape(c)]
+                if c in "\\'\"":
+                    spellings.insert(1, re.escape("\\" + c))
+                elif c == " ":
+                    spellings.append(r"\+")
+                forms.append("(?:%s)" % "|".join(spellings))
+            rest = ""
+            for form in reversed(forms[self.HIDE_START:]):
+                rest = "(?:%s%s)?" % (form, rest)  # as much of the token as is there
+            self._token = re.compile("".join(forms[:self.HIDE_START]) + rest, re.IGNORECASE)
+
+    def hide(self, text):
+        text = _redact(text)
+        return self._token.sub("(hidden)", text) if self._token is not None else text
+
+    def filter(self, record):
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # logging reports a record it cannot format; it is not the filter's to drop
+        record.msg, record.args = self.hide(message), None
+        if record.exc_info:
+            record.exc_text = self.hide(record.exc_text or _TRACEBACK.formatException(record.exc_info))
+        return True
+
+
+_TRACEBACK = logging.Formatter()
+
+
 class _Formatter(logging.Formatter):
     def format(self, record):
         message = printable(record.getMessage())
@@ -2696,7 +2807,7 @@ class _Formatter(logging.Formatter):
             message = "%s: %s" % (record.levelname.lower(), message)
         line = "%s %s" % (time.strftime("%H:%M:%S", time.localtime(record.created)), message)
         if record.exc_info:
-            trace = self.formatException(record.exc_info)
+            trace = record.exc_text or self.formatException(record.exc_info)  # _Hide's, if it ran
             line += "".join("\n" + printable(part) for part in trace.split("\n"))
         return line
 

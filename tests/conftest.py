@@ -91,12 +91,12 @@ class Response:
         return json.loads(self.body)
 
 
-def request(url, path, method="GET", headers=None, timeout=TIMEOUT):
+def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
     """One HTTP request with http.client; returns a Response."""
     host, port = url[len("http://"):].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
         return Response(r.status, r.headers, r.read())
     finally:

@@ -106,6 +106,21 @@ def test_an_oversized_line_is_cut_and_marked_and_a_binary_blob_escaped(server, c
     assert board["lines"] == ["x" * 256 + " ... (2744 bytes cut)", "\\x1b[2J\\x00\\xff\\xfe\\tend"]
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("cuts", [(), (300,), (200,), (301,), (200, 300, 301)],
+                         ids=["one post", "cut at the end", "cut inside", "cut after 301", "cut thrice"])
+def test_the_bytes_cut_from_a_long_line_are_counted_exactly_whatever_its_ending_and_posts(server, ending, cuts):
+    """A line of 300 bytes keeps its first 256: 44 are cut, wherever the posts
+    split it, and its ending (as boards end lines: \\r\\n) is not one of them."""
+    line = bytes(range(65, 65 + 25)) * 12  # 300 printable bytes
+    data = line + ending + b"next" + ending
+    conn = connect(server)
+    for start, end in zip((0,) + cuts, cuts + (len(data),)):
+        assert post(conn, data[start:end]).status == 204
+    conn.close()
+    assert server.boards.snapshot()[0]["lines"] == [line[:256].decode() + " ... (44 bytes cut)", "next"]
+
+
 def test_a_body_over_4096_bytes_is_413_and_closes(server, caplog):
     with caplog.at_level(logging.INFO, "ota_promoter"):
         answer = raw_request(server.url, b"POST /console HTTP/1.1\r\nHost: x\r\nX-OTA-Device: d\r\n"

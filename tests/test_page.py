@@ -6,19 +6,27 @@ client (micropython/ota.py under CPython, given a board id through a stand-in
 `machine` module).
 """
 
+import html
 import http.client
 import logging
 import os
+import signal
+import socket
+import sqlite3
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, quote_plus, unquote
 
 import pytest
 
 import ota
 import ota_promoter
-from conftest import TIMEOUT, request, settle, write
+from conftest import ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, write
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -203,35 +211,223 @@ def test_the_number_of_boards_kept_is_bounded(server):
 
 # -- The token ----------------------------------------------------------------------------
 
+TOKEN = "s3cret-T0ken"
+
+
+def cookie_of(server):
+    """The cookie the page exchange gives a browser, as "name=value"."""
+    return request(server.url, "/?token=" + TOKEN).headers["Set-Cookie"].split(";")[0]
+
 
 def test_with_a_token_the_page_takes_it_once_in_the_url_for_a_cookie(tree, serve, caplog):
     write(tree, "main.py", "x = 1\n")
-    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token="s3cret-t0ken")
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
     with caplog.at_level(logging.DEBUG, "ota_promoter"):
         refused = request(server.url, "/")
         wrong = request(server.url, "/?token=guess")
         boards = request(server.url, "/boards")
-        exchanged = request(server.url, "/?token=s3cret-t0ken")
+        exchanged = request(server.url, "/?token=" + TOKEN)
         cookie = exchanged.headers["Set-Cookie"]
         value = cookie.split(";")[0]
         page = request(server.url, "/", headers={"Cookie": "other=1; " + value})
         with_cookie = request(server.url, "/boards", headers={"Cookie": value})
         api_with_cookie = request(server.url, "/files", headers={"Cookie": value})
-        bearer = request(server.url, "/boards", headers={"Authorization": "Bearer s3cret-t0ken"})
-        forged = request(server.url, "/boards", headers={"Cookie": "ota_page=s3cret-t0ken"})
+        bearer = request(server.url, "/boards", headers={"Authorization": "Bearer " + TOKEN})
+        forged = request(server.url, "/boards", headers={"Cookie": value.split("=")[0] + "=" + TOKEN})
     assert (refused.status, wrong.status, boards.status) == (401, 401, 401)
     assert refused.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert b"/?token=YOUR_TOKEN" in refused.body
+    assert b'<form method="post" action="/">' in refused.body and b"/?token=YOUR_TOKEN" in refused.body
+    assert b'<p id="wrong" style="color:#b00020"></p>' in refused.body
+    assert b'<p id="wrong" style="color:#b00020">That is not the server\'s token.</p>' in wrong.body
     assert exchanged.status == 303 and exchanged.headers["Location"] == "/"
-    assert [p.strip() for p in cookie.split(";")[1:]] == ["Path=/", "HttpOnly", "SameSite=Strict"]
-    assert "s3cret-t0ken" not in cookie  # the cookie is derived from the token, not the token
+    name = "ota_page_%d_%s" % (server.server_address[1], ota_promoter.hashlib.sha256(
+        b"ota-promoter cookie name\n" + TOKEN.encode()).hexdigest()[:8])
+    assert value.split("=")[0] == name
+    assert [p.strip() for p in cookie.split(";")[1:]] == ["Path=/", "HttpOnly", "SameSite=Lax"]
+    assert TOKEN not in cookie  # the cookie is derived from the token, not the token
     assert page.status == 200 and b"<title>OTA Promoter" in page.body
     assert with_cookie.status == 200 and with_cookie.json()["files_total"] == 1
     assert api_with_cookie.status == 401  # the API keeps its bearer header
     assert (bearer.status, forged.status) == (200, 401)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "GET /?token=(hidden) HTTP/1.1" in logged
-    assert "s3cret-t0ken" not in logged and "guess" not in logged
+    assert TOKEN not in logged and "guess" not in logged
+
+
+def test_the_refusal_pages_form_posts_the_token_for_the_cookie(tree, serve):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    pair = cookie_of(server)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    right = request(server.url, "/", "POST", form, body="token=" + TOKEN.replace("-", "%2D"))
+    wrong = request(server.url, "/", "POST", form, body="token=guess")
+    empty = request(server.url, "/", "POST", form)
+    too_long = request(server.url, "/", "POST", form, body="token=" + "x" * 5000)
+    assert right.status == 303 and right.headers["Location"] == "/"
+    assert right.headers["Set-Cookie"] == pair + "; Path=/; HttpOnly; SameSite=Lax"
+    assert (wrong.status, empty.status) == (401, 401)
+    assert b"That is not the server's token.</p>" in wrong.body and b"<form" in wrong.body
+    assert too_long.status == 413 and too_long.headers["Connection"] == "close"
+
+
+def test_the_page_cookie_authorises_only_reading_the_page_and_boards(tree, serve):
+    """The cookie is SameSite=Lax: another site can make a browser send it with a
+    GET it links to, so nothing it authorises may change anything."""
+    write(tree, "README.txt", "hello\n")
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    cookie = {"Cookie": cookie_of(server)}
+    as_the_board = dict(cookie, **{"X-OTA-Device": "b1", "X-OTA-Version": "forged"})
+    assert request(server.url, "/", headers=as_the_board).status == 200
+    assert request(server.url, "/", "HEAD", as_the_board).status == 200
+    assert request(server.url, "/boards?wait=0", headers=as_the_board).status == 200
+    assert request(server.url, "/boards?wait=soon", headers=as_the_board).status == 400
+    assert request(server.url, "/", "POST", as_the_board).status == 401  # the form, without a token
+    assert request(server.url, "/boards", "POST", as_the_board).status == 401
+    assert request(server.url, "/console", "POST", as_the_board, body="forged\n").status == 401
+    assert request(server.url, "/files", headers=as_the_board).status == 401
+    [board] = request(server.url, "/boards", headers={"Authorization": "Bearer " + TOKEN}).json()["boards"]
+    assert (board["device"], board["version"], board["error"], board["lines"]) == ("b1", "none", None, [])
+
+
+# -- The token never reaches the log ----------------------------------------------------
+
+
+def every_shape_of_the_token(token):
+    """(raw request, the status it gets) for the token in every place and spelling
+    a client could put it."""
+    quoted = "".join("%%%02X" % ord(c) for c in token)  # every character percent-encoded
+    bearer = "\r\nAuthorization: Bearer " + token
+    download = "/files/" + checksum("hello\n", "README.txt")
+    shapes = [
+        ("GET /?token=%s HTTP/1.1" % token, 303),
+        ("GET /?%%74oken=%s HTTP/1.1" % token, 303),
+        ("GET /?to%%6Ben=%s HTTP/1.1" % quoted, 303),
+        ("GET /?TOKEN=%s HTTP/1.1" % token, 401),
+        ("GET /?x=1;token=%s HTTP/1.1" % token, 401),
+        ("GET /?x=1&token=%s&y=2 HTTP/1.1" % token, 303),
+        ("HEAD /?token=%s HTTP/1.1" % token, 303),
+        ("GET /boards?token=%s HTTP/1.1" % token, 401),
+        ("GET /boards?wait=%s HTTP/1.1%s" % (token, bearer), 400),
+        ("GET /files/version?wait=%s HTTP/1.1%s" % (token, bearer), 400),
+        ("GET /%s HTTP/1.1" % token, 401),
+        ("GET /%s HTTP/1.1%s" % (token, bearer), 404),
+        ("GET /%s HTTP/1.1%s" % (quoted, bearer), 404),
+        ("GET /%s HTTP/1.1%s" % (quoted.replace("%", "%25"), bearer), 404),
+        ("GET /files/%s HTTP/1.1%s" % (token, bearer), 400),
+        ("DELETE /files?token=%s HTTP/1.1%s" % (token, bearer), 405),
+        ("POST /console?token=%s HTTP/1.1\r\nContent-Length: 0" % token, 401),
+        ("GET /?token=%s and more HTTP/1.1" % token, 400),  # "Bad request syntax (...)"
+        ("GET /?token=%s HTTP/9" % token, 400),  # "Bad request version (...)"
+        ("GET /?token=%s" % token, 303),  # HTTP/0.9
+        ("GET /?token=%s HTTP/1.1\r\nX-Long: %s" % (token, "y" * 70000), 431),
+        ("GET %s HTTP/1.1\r\nX-OTA-Device: %s%s" % (download, token, bearer), 200),
+        ("POST /?token=%s HTTP/1.1\r\nContent-Length: %d\r\n\r\ntoken=%s" % (token, len(token) + 6, token), 303),
+        ("POST /console HTTP/1.1\r\nX-OTA-Device: %s%s\r\nContent-Length: %d\r\n\r\nmy token is %s\n"
+         % (token, bearer, len(token) + 13, token), 204),
+    ]
+    shaped = []
+    for text, status in shapes:
+        head, _, body = text.partition("\r\n\r\n")
+        shaped.append(((head + "\r\nHost: x\r\nConnection: close\r\n\r\n" + body).encode(), status))
+    return shaped
+
+
+@needs_posix
+def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
+    write(tree, "README.txt", "hello\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = "http://127.0.0.1:%d" % port
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
+         "--port", str(port), "--token", TOKEN, "-v"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                request(url, "/files/version", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        shapes = every_shape_of_the_token(TOKEN)
+        answers = [int(raw_request(url, data).split(b" ", 2)[1]) for data, _ in shapes]
+        server.send_signal(signal.SIGINT)
+        log = server.communicate(timeout=TIMEOUT)[1]
+    finally:
+        server.kill()
+        server.wait(TIMEOUT)
+    lines = log.splitlines()
+    assert len(lines) > len(shapes)  # every request was logged
+    for line in lines:
+        assert TOKEN.lower() not in unquote(unquote(line)).lower(), line
+    for shown in ["'GET /?token=(hidden) HTTP/1.1' 303", "'GET /?%74oken=(hidden) HTTP/1.1' 303",
+                  "'GET /?x=1;token=(hidden) HTTP/1.1': 401 (the page without the token)",
+                  "'GET /?token=(hidden) and more HTTP/1.1': 400 Bad request syntax "
+                  "('GET /?token=(hidden) and more HTTP/1.1')",
+                  "'GET /(hidden) HTTP/1.1': 404 no such endpoint '/(hidden)': try",
+                  "127.0.0.1 [(hidden)] | my token is (hidden)"]:
+        assert any(shown in line for line in lines), shown
+    assert answers == [status for _, status in shapes]
+
+
+def test_the_token_in_a_failing_requests_traceback_is_hidden(tree, serve, monkeypatch, caplog):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+
+    def broken(promoter, boards, lines=0):
+        raise RuntimeError("no status for %s" % TOKEN)
+
+    monkeypatch.setattr(ota_promoter, "status", broken)
+    with caplog.at_level(logging.DEBUG, "ota_promoter"):
+        r = request(server.url, "/boards?token=" + TOKEN, headers={"Authorization": "Bearer " + TOKEN})
+    assert r.status == 500
+    assert "RuntimeError: no status for (hidden)" in caplog.text
+    assert "error answering GET '/boards?token=(hidden)'" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_a_token_is_hidden_however_a_log_line_quotes_encodes_or_cuts_it(tree, serve, caplog):
+    odd = "a'b\"c\\d e&f%g+h"
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token=odd)
+    long = "0123456789abcdef" * 3
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token=long)
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        for form in [odd, repr(odd), repr("x'" + odd), quote(odd), quote_plus(odd), quote(quote(odd)),
+                     odd.upper(), quote(odd).lower(), long[:12], long[:32], long + "-and-more", long[:7]]:
+            ota_promoter.log.info("seen %s here", form)
+    assert [r.getMessage() for r in caplog.records] == [
+        "seen (hidden) here", "seen '(hidden)' here", "seen 'x\\'(hidden)' here"] + ["seen (hidden) here"] * 5 + [
+        "seen (hidden) here", "seen (hidden) here", "seen (hidden)-and-more here", "seen 0123456 here"]
+
+
+def test_a_short_token_hides_the_same_letters_anywhere_in_the_log(tree, serve, caplog):
+    serve(ota_promoter.Promoter(str(tree), interval=3600), token="abc")
+    with caplog.at_level(logging.INFO, "ota_promoter"):
+        ota_promoter.log.info("127.0.0.1 got lib/abcd.py (10 B)")
+    assert [r.getMessage() for r in caplog.records] == ["127.0.0.1 got lib/(hidden)d.py (10 B)"]
+
+
+@needs_proc
+def test_a_token_given_as_an_option_is_in_the_process_list_and_from_the_environment_is_not(tree):
+    started = []
+    try:
+        for args, env in [(["--token", "option-T0ken"], {}), ([], {"OTA_TOKEN": "environment-T0ken"})]:
+            started.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
+                 "--port", "0"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=dict(os.environ, **env)))
+        listed = []
+        for process in started:
+            with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+                listed.append(f.read().split(b"\0"))
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(TIMEOUT)
+    assert b"option-T0ken" in listed[0]
+    assert not any(b"environment-T0ken" in arg for arg in listed[1])
 
 
 # -- In the browser -----------------------------------------------------------------------
@@ -327,6 +523,193 @@ def test_in_a_browser_the_token_in_the_url_becomes_a_cookie(tree, serve, browser
     assert browser.current_url == server.url + "/"  # the token left the address bar
     until(lambda: card(browser, "b1"), "the board, with the cookie")
     assert browser.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
+
+
+def heading(driver):
+    return driver.find_element("tag name", "h1").text
+
+
+def session_history(driver):
+    """The tab's session history, from the current entry back to the first, each
+    reached with the back button."""
+    urls = [driver.current_url]
+    for _ in range(driver.execute_script("return history.length") - 1):
+        driver.back()
+        urls.append(driver.current_url)
+    return urls
+
+
+def history_urls(profile):
+    """The urls table of Chromium's History database in profile, once it has quit."""
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(profile, "Default", "History"), uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT url FROM urls ORDER BY id")]
+    finally:
+        db.close()
+
+
+def files_holding(folder, text):
+    """The files under folder whose bytes hold text (in UTF-8 or UTF-16), relative, sorted."""
+    needles = [text.encode("utf-8"), text.encode("utf-16-le")]
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # a socket or a lock
+            if any(needle in data for needle in needles):
+                found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+@pytest.fixture
+def referers(monkeypatch):
+    """{route: the Referer headers it came with} of the requests the servers get
+    (None for a request without one)."""
+    seen = {}
+    dispatch = ota_promoter.Handler._dispatch
+
+    def recording(handler):
+        route = handler.path.split("?")[0] + ("?token=" if "?token=" in handler.path else "")
+        seen.setdefault(route, set()).add(handler.headers.get("Referer"))
+        return dispatch(handler)
+
+    monkeypatch.setattr(ota_promoter.Handler, "_dispatch", recording)
+    return seen
+
+
+@pytest.fixture
+def other_site():
+    """Another site, http://localhost:<port>/ (the servers are on 127.0.0.1): one
+    page with one link, <a id="login">, to other_site.link. The page is not to be
+    stored (no-store): the browser's cache would hold the link, and the token in it."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ('<!doctype html><title>the wiki</title><a id="login" href="%s">the bench</a>'
+                    % html.escape(site.link)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    site.link = "/"
+    site.url = "http://localhost:%d/" % site.server_address[1]
+    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield site
+    site.shutdown()
+    site.server_close()
+    thread.join(TIMEOUT)
+
+
+def click_the_link(browser, other_site, link):
+    """Open the other site's page, and click its link to link; returns once the
+    link's page has loaded."""
+    other_site.link = link
+    browser.get(other_site.url)
+    browser.find_element("id", "login").click()
+    until(lambda: browser.current_url != other_site.url and
+          browser.execute_script("return document.readyState") == "complete", "the link's page")
+
+
+@needs_browser
+def test_a_login_link_on_another_site_opens_the_page(tree, serve, browser, other_site, referers):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    click_the_link(browser, other_site, server.url + "/?token=" + TOKEN)
+    assert heading(browser) == "OTA Promoter"  # not "This server needs its token"
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", other_site.url, first]
+    # The other site's origin with the link, never the token; none after the 303.
+    assert referers == {"/files/version": {None}, "/?token=": {other_site.url}, "/": {None}, "/boards": {None}}
+
+
+@needs_browser
+def test_chromium_keeps_a_login_links_address_in_its_history_database(tree, tmp_path, serve, browser, other_site,
+                                                                       referers):
+    """What no page can change: Chromium stores the address of every page it
+    opens, a redirect's included. The tab's address and back list, and every
+    Referer, are free of the token."""
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    click_the_link(browser, other_site, server.url + "/?token=" + TOKEN)
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", other_site.url, first]
+    assert referers == {"/files/version": {None}, "/?token=": {other_site.url}, "/": {None}, "/boards": {None}}
+    browser.quit()
+    profile = str(tmp_path / "chromium")
+    assert [url for url in history_urls(profile) if TOKEN in url] == [server.url + "/?token=" + TOKEN]
+    # Also, depending on when Chromium writes them: the tabs to restore, the most
+    # visited sites and the usage metrics it keeps per address.
+    kept = [path.split("_1")[0].replace("-journal", "") for path in files_holding(profile, TOKEN)]
+    assert kept[0] == "Default/History" and set(kept) <= {
+        "Default/History", "Default/Sessions/Session", "Default/Sessions/Tabs", "Default/Top Sites",
+        "segmentation_platform/ukm_db"}, kept
+
+
+@needs_browser
+def test_a_token_typed_into_the_refusal_page_reaches_nothing_the_browser_keeps(tree, tmp_path, serve, browser,
+                                                                               referers):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    board_request(server, "/files/version", "b1", "none", {"Authorization": "Bearer " + TOKEN})
+    first = browser.current_url
+    browser.get(server.url + "/")
+    assert heading(browser) == "This server needs its token"
+    browser.find_element("name", "token").send_keys(TOKEN)
+    browser.find_element("css selector", "form button").click()
+    until(lambda: card(browser, "b1"), "the board, with the cookie")
+    assert browser.current_url == server.url + "/"
+    assert session_history(browser) == [server.url + "/", server.url + "/", first]
+    browser.quit()
+    profile = str(tmp_path / "chromium")
+    assert server.url + "/" in history_urls(profile)
+    assert files_holding(profile, TOKEN) == []  # not a file of the browser's holds the token
+    assert referers == {"/files/version": {None}, "/": {None}, "/boards": {None}}
+
+
+@needs_browser
+def test_a_wrong_token_in_a_link_or_the_form_says_so(tree, serve, browser):
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+
+    def wrong():
+        return browser.execute_script("const e = document.getElementById('wrong'); return e && e.textContent")
+
+    browser.get(server.url + "/")
+    assert wrong() == ""
+    browser.find_element("name", "token").send_keys("guess")
+    browser.find_element("css selector", "form button").click()
+    until(lambda: wrong() == "That is not the server's token.", "the server to say so")
+    browser.get(server.url + "/?token=guess")
+    assert wrong() == "That is not the server's token."
+
+
+@needs_browser
+def test_logging_into_a_second_server_keeps_the_first_logged_in(tree, serve, browser):
+    first = serve(ota_promoter.Promoter(str(tree), interval=3600), token="first-token")
+    second = serve(ota_promoter.Promoter(str(tree), interval=3600), token="second-token")
+    board_request(first, "/files/version", "b1", "none", {"Authorization": "Bearer first-token"})
+    board_request(second, "/files/version", "b2", "none", {"Authorization": "Bearer second-token"})
+    browser.get(first.url + "/?token=first-token")
+    until(lambda: card(browser, "b1"), "the first server's board")
+    browser.get(second.url + "/?token=second-token")
+    until(lambda: card(browser, "b2"), "the second server's board")
+    for server, board in [(first, "b1"), (second, "b2")]:
+        browser.get(server.url + "/")
+        assert heading(browser) == "OTA Promoter"
+        until(lambda: card(browser, board), "the board, with its server's cookie")
 
 
 @needs_browser
