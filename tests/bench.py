@@ -84,17 +84,17 @@ class Row:
     """One figure of one run, its baseline measured in the same run, its target.
 
     value and baseline are in the unit's base (seconds, bytes, a fraction of a
-    core); ratio(value, baseline) is what `words` formats ("%.2fx faster");
+    core); ratio(value, baseline) is what ratio_format formats ("%.2fx faster");
     target is (on, op, limit, text) with on "value" or "ratio", op "<=" or ">=".
     """
 
-    __slots__ = ("figure", "label", "value", "unit", "baseline_label", "baseline", "ratio", "words", "target")
+    __slots__ = ("figure", "label", "value", "unit", "baseline_label", "baseline", "ratio", "ratio_format", "target")
 
-    def __init__(self, figure, label, value, unit, baseline_label=None, baseline=None, ratio=None, words="%.2fx",
-                 target=None):
+    def __init__(self, figure, label, value, unit, baseline_label=None, baseline=None, ratio=None,
+                 ratio_format="%.2fx", target=None):
         self.figure, self.label, self.value, self.unit = figure, label, value, unit
         self.baseline_label, self.baseline = baseline_label, baseline
-        self.ratio, self.words, self.target = ratio, words, target
+        self.ratio, self.ratio_format, self.target = ratio, ratio_format, target
 
 
 def slower(value, baseline):
@@ -165,7 +165,7 @@ def table(rows_by_run, runs):
         if first.ratio is not None:
             ratios = [r.ratio(r.value, r.baseline) for r in rows]
             ratio_of_medians = first.ratio(statistics.median(values), statistics.median([r.baseline for r in rows]))
-            text = first.words % ratio_of_medians
+            text = first.ratio_format % ratio_of_medians
             if len(rows) > 1:
                 text += " (%.2f-%.2f)" % (min(ratios), max(ratios))
             cells.append(text)
@@ -1007,7 +1007,8 @@ JOBS = [
     ((10,), bench_wire),
     ((11,), bench_live),
 ]
-DURATIONS = "1-2: 30 s, 3: 25 s, 4: 5 s, 5: 5 s, 6: 5 s, 7: 70 s, 8: 35 s, 9: 40 s, 10: 2 s, 11: 35 s"
+DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s;"
+             " all of them with --runs 3: about 7 minutes")
 
 
 def figure_numbers(text):
@@ -1050,7 +1051,7 @@ def build_parser():
                     "(min-max), the ratio of the medians and whether each target was met in every run.",
         epilog="figures (as the README numbers them):\n"
                + "".join("  %2d  %s\n" % (n, text) for n, text in FIGURES.items())
-               + "\nabout how long one run of each takes on 2 cores: %s.\n" % DURATIONS
+               + "\nabout how long one run of each takes on 2 shared cores: %s.\n" % DURATIONS
                + "examples:\n  python3 tests/bench.py --runs 3            every figure, 3 runs\n"
                  "  python3 tests/bench.py 3 4                 figures 3 and 4\n"
                  "  python3 tests/bench.py --figures 1-6,9,10\n"
