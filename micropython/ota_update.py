@@ -290,8 +290,8 @@ def _safe(path):
     for part in path.split("/"):
         if part == "" or part == "." or part == "..":
             return False
-    for c in path:
-        if c < " ":
+    for c in path.encode():  # bytes: iterating a str interns each character as a qstr
+        if c < 32:
             return False
     return True
 
