@@ -28,7 +28,7 @@ _EEXIST = const(17)
 _STATE = ".ota"
 _JOURNAL = ".ota-journal"
 _STAGE = ".ota-new"
-_MANIFEST = "/files/manifest.txt"  # where a static export has it too
+_MANIFEST = "/files/manifest.txt"  # the newest manifest, where older servers and exports have it
 
 
 # -- HTTP ---------------------------------------------------------------------
@@ -329,17 +329,12 @@ def _entry(state):
 # -- Update -------------------------------------------------------------------
 
 
-def _plan(server, length, root, stage, delete, block):
-    # Merge the server's manifest (sorted by path) with the installed state (same
-    # order) line by line: memory stays flat however many files there are.
-    # Writes the new state and the plan; returns (version, changes, bytes needed).
-    line = server.readline()
+def _plan(server, line, length, root, stage, delete, block):
+    # Merge the server's manifest (sorted by path; line, its first, read already)
+    # with the installed state (same order) line by line: memory stays flat however
+    # many files there are. Writes the new state and the plan; returns (changes,
+    # bytes needed).
     got = len(line)
-    if line[:1] == b"{":
-        raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
-                       % server.where)
-    version = line[:-1].decode()
-    _hex(version)
     old = None
     if _kind(root + "/" + _STATE):  # see _installed: no open() of a missing file
         old = open(root + "/" + _STATE, "rb")
@@ -409,7 +404,7 @@ def _plan(server, length, root, stage, delete, block):
             old.close()
     # Each new folder takes two blocks (a littlefs metadata pair); the new state and
     # the plan are as big as the manifest at most; four blocks spare for metadata.
-    return version, changes, need + 2 * got + (2 * folders + 4) * block
+    return changes, need + 2 * got + (2 * folders + 4) * block
 
 
 def _check_target(root, path, last):
@@ -451,17 +446,41 @@ def _fetch(server, checksum, size, path, dest):
         server.close()
 
 
-def _stage(server, root, stage, delete):
+def _stage(server, named, old, root, stage, delete):
     # Download and check every changed file; nothing outside stage is touched.
+    # Returns (version, changes); None, with nothing written, if the manifest
+    # lists old, the installed version.
     block = 1
     free = None
     if hasattr(os, "statvfs"):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    status, length, target = server.get(_MANIFEST)
+    # The text manifest of the version the server named; if it has none (a server
+    # or an export older than that route: 404; the original server: 400; S3: 403),
+    # the newest, whatever version it lists.
     try:
-        version, changes, need = _plan(server, length, root, stage, delete, block)
+        length = server.get("/files/" + named)[1]
+    except OTAError:
+        named = None
+        length = server.get(_MANIFEST)[1]
+    try:
+        line = server.readline()
+        if line[:1] == b"{":
+            raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
+                           % server.where)
+        version = line[:-1].decode()
+        _hex(version)
+        if named and version != named:
+            raise OTAError("%s: /files/%s is not the manifest of that version" % (server.where, named))
+        if version == old:
+            return None
+        try:
+            os.mkdir(stage)
+        except OSError as e:
+            if e.args[0] != _EEXIST:
+                raise OTAError("cannot write to %s: %s" % (root or "/", e))
+        changes, need = _plan(server, line, length, root, stage, delete, block)
     finally:
         server.close()
     if free is not None and need > free:
@@ -563,22 +582,27 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=No
     no longer has only if this client installed them (and delete is true).
     Raises OTAError, with the board's files as they were, if anything fails.
     """
+    return _update(url, root, token, reset, delete, timeout, ca)[1] > 0
+
+
+def _update(url, root, token, reset, delete, timeout, ca):
+    # update(), returning (the version the server named, the changes installed).
+    # Nothing is written when the server names, or its manifest lists, the
+    # installed version (a site whose export was killed may name an older one).
     root = root.rstrip("/")
     recover(root)
     installed = _installed(root)
     server = _Server(url, token, timeout, installed, ca)
-    version = server.version()
-    if version == installed:
-        return False
+    named = server.version()
+    if named == installed:
+        return named, 0
     stage = root + "/" + _STAGE
-    try:
-        os.mkdir(stage)
-    except OSError as e:
-        if e.args[0] != _EEXIST:
-            raise OTAError("cannot write to %s: %s" % (root or "/", e))
     why = None
     try:
-        version, changes = _stage(server, root, stage, delete)
+        staged = _stage(server, named, installed, root, stage, delete)
+        if not staged:
+            return named, 0
+        version, changes = staged
         with open(stage + "/plan", "ab") as f:
             f.write(b"end\n")
         _sync()
@@ -595,29 +619,31 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=No
     print("ota: version %s installed, %d change%s" % (version[:7], changes, "" if changes == 1 else "s"))
     if changes and reset:
         _reset()
-    return changes > 0
+    return named, changes
 
 
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
     """Update on every new version the server publishes, forever (for development).
 
-    Long-polls the server (wait: seconds, at least 1); retries with a growing
-    delay while it is away.
+    Long-polls the server (wait: seconds, at least 1) for a version other than
+    the one it named at the last update; retries with a growing delay while it
+    is away.
     """
     wait = max(int(wait), 1)
     delay = 1
+    named = None  # the version the server named at the last update
     while True:
         try:
-            update(url, root, token, reset, True, timeout, ca)
-            installed = _installed(root.rstrip("/"))
+            if named is None:
+                named = _update(url, root, token, reset, True, timeout, ca)[0]
             start = ticks_ms()
-            if (
-                _Server(url, token, timeout + wait, installed, ca).version(installed, wait) == installed
-                and ticks_diff(ticks_ms(), start) < wait * 1000
-            ):
-                time.sleep(1)  # back early with nothing new (a server ignoring wait): do not hammer it
+            if _Server(url, token, timeout + wait, _installed(root.rstrip("/")), ca).version(named, wait) != named:
+                named = None  # a new version: installed at the top of the loop
             delay = 1
         except OTAError as e:
             print("ota: %s; retrying in %d s" % (e, delay))
             time.sleep(delay)
             delay = min(delay * 2, 10)
+            continue
+        if ticks_diff(ticks_ms(), start) < 1000:
+            time.sleep(1)  # answered at once (a static host, a server ignoring wait): never hammer it

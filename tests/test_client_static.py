@@ -9,7 +9,7 @@ import pytest
 
 import ota
 from conftest import write
-from proxy import FaultProxy
+from proxy import FaultProxy, is_download
 from test_client import board, device, files, mpy_dir  # noqa: F401 (fixtures)
 from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
@@ -63,7 +63,7 @@ def test_a_board_mid_update_finishes_the_version_it_started_while_the_next_expor
     landed = []
 
     def export_a_third_version(path, response):
-        if path.startswith("/files/") and len(path) == 47 and not landed:  # the first download
+        if is_download(path, response) and not landed:  # the first download
             write(app, "main.py", "print('v3')\n")
             landed.append(exported(app, site)[0].version)
         return response
@@ -123,3 +123,4 @@ def test_python_http_server_is_a_static_host_too(app, site, device, http_server)
     exported(app, site)
     assert device.update(http_server(site)) is True
     assert files(device.root, own=False) == app_files(app)
+
