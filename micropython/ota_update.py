@@ -72,6 +72,8 @@ class _Server:
             line = self.readline()
             if not line:
                 raise OSError("connection closed")
+            if line[-1:] != b"\n":
+                raise ValueError  # a status line longer than _LINE
             status = int(line[9:12])  # ValueError if this is not HTTP
             length = -1
             target = where = None
@@ -79,16 +81,26 @@ class _Server:
                 line = self.readline()
                 if line == b"\r\n" or line == b"\n":
                     break
-                if line[-1:] != b"\n":
-                    raise OTAError("bad header from %s" % self.where)
-                kv = line.split(b":", 1)
-                key = kv[0].lower()
+                i = line.find(b":")
+                key = line[:i].lower()  # no copy of the value unless it is read
                 if key == b"content-length":
-                    length = int(kv[1])
+                    length = int(line[i + 1 :])
                 elif key == b"x-target-path":
-                    target = kv[1].strip()
+                    target = line[i + 1 :].strip()
                 elif key == b"location":
-                    where = kv[1].strip().decode()
+                    where = line[i + 1 :].strip().decode()
+                elif len(line) == _LINE and line[-1:] != b"\n":
+                    # Cut at _LINE bytes: a line not read here (CDNs send Report-To, NEL
+                    # or Content-Security-Policy lines of 2 KB) is dropped, whatever
+                    # its length, through the one buffer.
+                    while self.i < self.n or self._fill():
+                        j = self.buf.find(b"\n", self.i, self.n) + 1
+                        self.i = j or self.n
+                        if j:
+                            break
+                    continue
+                if line[-1:] != b"\n":  # a line read here, cut, or the answer's end
+                    raise OTAError("bad header from %s" % self.where)
             else:
                 raise OTAError("too many header lines from %s" % self.where)
             if status == 200 or status == 304:

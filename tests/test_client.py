@@ -379,11 +379,25 @@ FAULTS = {
     "404 on a download": (
         lambda p, r: damage_download(p, r, lambda r: b'HTTP/1.0 404 NF\r\n\r\n{"error":"changed"}'),
         "HTTP 404 for /files/[0-9a-f]{40}: changed"),
+    "33 header lines of 1 KB": (
+        lambda p, r: header_lines(r, [b"X-Pad-%d: %s" % (i, b"x" * 1024) for i in range(33)]),
+        r"^too many header lines from 127.0.0.1:\d+$"),
+    "an X-Target-Path over 256 bytes": (
+        lambda p, r: damage_download(p, r, lambda r: set_header(r, b"X-Target-Path", b"lib/" * 70)),
+        r"^bad header from 127.0.0.1:\d+$"),
+    "a Location over 256 bytes": (
+        lambda p, r: b"HTTP/1.0 302 Found\r\nLocation: http://elsewhere/%s\r\n\r\n" % (b"x" * 300),
+        r"^bad header from 127.0.0.1:\d+$"),
     "the manifest of another version at /files/<version>": (
         lambda p, r: b"%s%s%s" % (r[:r.index(b"\r\n\r\n") + 4], b"0" * 40, r[r.index(b"\r\n\r\n") + 44:])
         if is_manifest(p, r) else r,
         r"^127.0.0.1:\d+: /files/[0-9a-f]{40} is not the manifest of that version$"),
 }
+
+
+def header_lines(response, lines):
+    """response with lines added to its head, right after the status line."""
+    return response.replace(b"\r\n", b"\r\n" + b"".join(line + b"\r\n" for line in lines), 1)
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -494,6 +508,14 @@ def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, 
     with pytest.raises(ota.OTAError, match=r"manifest line cut off or too long: b?'[0-9a-f]{40} 4 lib/xxx"):
         device.update(proxy.url)
     assert files(device.root) == installed
+
+
+def test_a_64_kb_header_line_the_client_does_not_read_is_skipped(app, promoter, proxy, board):
+    # CDNs send Report-To, NEL or Content-Security-Policy lines of 300 to 2,000 bytes
+    proxy.fault = lambda p, r: header_lines(r, [b"Report-To: " + b"x" * 65536])
+    assert board.update(proxy.url) is True
+    assert files(board.root, own=False) == promoted(app)
+    assert len(proxy.paths) == 2 + len(APP)  # the version, the manifest and each file, once
 
 
 def test_bad_url(device):
