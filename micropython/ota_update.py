@@ -312,6 +312,27 @@ def _refuse(path, where):
     raise OTAError("refusing unsafe or unsorted path %r in %s" % (path, where))
 
 
+def _fat(path):
+    # The path as FAT sees it: each name in lower case, its trailing dots and spaces
+    # dropped (FatFs strips them: notes. is notes). Refused if FAT cannot hold it:
+    # a name of dots and spaces only, or one of these characters. (Worked on bytes:
+    # iterating a str makes a string of each character.)
+    low = path.lower()
+    raw = low.encode()
+    bad = False
+    for c in b'<>:"|?*':
+        bad = bad or c in raw
+    if b"./" in raw or b" /" in raw or raw[-1] in b". ":
+        names = raw.split(b"/")
+        for i in range(len(names)):
+            names[i] = names[i].rstrip(b". ")
+            bad = bad or not names[i]
+        low = b"/".join(names).decode()
+    if bad:
+        raise OTAError("%r: FAT cannot hold this name: rename it" % path)
+    return low
+
+
 def _ops(journal):
     # The lines of a plan or journal, each [kind, checksum, size, path]: "g" to get
     # a file, "d" to delete one; ["end"] last in a complete journal. Paths read
@@ -372,20 +393,25 @@ def _plan(server, line, length, root, stage, delete, block):
                 if not _safe(path) or path <= last or size < 0:
                     _refuse(path, "the manifest")
                 _hex(checksum)
-                # A path that is also a folder of another, or equal to another but
-                # for case (one file on FAT): refused now, or the switch would fail.
+                # A name FAT cannot hold, a path that is also a folder of another,
+                # or equal to another on FAT (but for case, trailing dots and spaces:
+                # one file there): refused now, or the switch would fail. Sorted, a
+                # path comes after one it folds to only if that one is its start and
+                # the rest folds away ("notes", "notes."; "lib", "lib./x.py"): chain.
+                low = _fat(path)
                 while chain and path[: len(chain[-1])] != chain[-1]:
                     chain.pop()
-                low = path.lower()
                 clash = fold.get(low) or fold.get(low + "/")
-                if chain and path[len(chain[-1]) : len(chain[-1]) + 1] == "/":
+                if chain and not path[len(chain[-1]) :].encode().split(b"/", 1)[0].strip(b". "):
                     clash = chain[-1]
                 i = path.find("/")
+                j = low.find("/")
                 while i > 0:
-                    clash = clash or fold.get(low[:i])
-                    if low[:i] != path[:i]:
-                        fold[low[:i] + "/"] = path
+                    clash = clash or fold.get(low[:j])
+                    if low[:j] != path[:i]:
+                        fold[low[:j] + "/"] = path
                     i = path.find("/", i + 1)
+                    j = low.find("/", j + 1)
                 if clash:
                     raise OTAError("%r and %r clash: rename one" % (clash, path))
                 chain.append(path)

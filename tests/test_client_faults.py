@@ -135,6 +135,31 @@ def test_paths_equal_but_for_case_are_refused_naming_both(tree, promoter, device
     assert files(device.root, own=False) == promoted(tree)
 
 
+@pytest.mark.parametrize("first, second", [
+    ("notes", "notes."), ("a/b ", "a/B"), ("Notes", "notes. ."), ("pkg", "pkg./x.py"), ("pkg.", "pkg/x.py"),
+    ("pkg./x.py", "pkg/x.py"), ("pkg /x.py", "Pkg/X.py"),
+])
+def test_paths_equal_on_fat_are_refused_naming_both_before_any_download(installed, proxy, device, first, second):
+    # FatFs drops a name's trailing dots and spaces: "notes." is "notes" there
+    proxy.fault = inject({first: b"one", second: b"two"})
+    del proxy.heads[:]
+    with pytest.raises(ota.OTAError, match="^%s and %s clash: rename one$" % tuple(
+            re.escape(repr(path)) for path in sorted([first, second]))):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+    assert len(proxy.paths) == 2  # the version and the manifest: refused while merging it
+
+
+@pytest.mark.parametrize("path", ["what?.py", "a:b.py", 'say"hi".py', "x<y>.py", "pipe|.py", "lib/star*.py", "lib/..."])
+def test_a_name_fat_cannot_hold_is_refused_naming_it_before_any_download(installed, proxy, device, path):
+    proxy.fault = inject({path: b"x"})
+    del proxy.heads[:]
+    with pytest.raises(ota.OTAError, match="^%s: FAT cannot hold this name: rename it$" % re.escape(repr(path))):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+    assert len(proxy.paths) == 2
+
+
 def test_a_file_renamed_in_case_on_the_server_follows_on_a_case_folding_board(tree, promoter, device, monkeypatch):
     publish(promoter, tree, {"Config.py": "C = 1\n", "main.py": "m"})
     on(FoldingFS(device.root), monkeypatch)
