@@ -9,6 +9,7 @@ each board can download just the files whose checksum differs:
     GET /files                  {"files": [{"path": ..., "checksum": ...}], "version": ...}
     GET /files?format=text      the same as lines, sorted by path, for small devices
     GET /files/manifest.txt     the same lines, at the path a static export gives them
+    GET /files/<version>        the lines of that version (the published one or the one before)
     GET /files/<checksum>       the bytes of one file
     POST /console               what a board's REPL printed: logged, the last lines kept
     GET /                       the status page: the version, the files and every board, live
@@ -2174,6 +2175,11 @@ class Handler(BaseHTTPRequestHandler):
         checksum = checksum.lower()
         blob = promoter.blob(checksum)
         if blob is None:
+            # /files/<version>: the text manifest of exactly that version, as an
+            # export has it, so that a board reads the manifest of the version it was told.
+            for version in (promoter.current, promoter.previous):
+                if version is not None and version.id == checksum:
+                    return self._manifest(version)
             return self._gone(checksum)
         etag = '"%s"' % checksum
         name = blob.path.rsplit("/", 1)[-1]
@@ -2207,6 +2213,13 @@ class Handler(BaseHTTPRequestHandler):
             "%s%s got %s (%d B)", self.client_address[0],
             " [%s]" % device[:32] if device else "", blob.path, blob.size,
         )
+
+    def _manifest(self, version):
+        etag = '"%s-text"' % version.id  # the same bytes as ?format=text of that version
+        headers = [("ETag", etag), ("Cache-Control", "public, max-age=31536000, immutable")]
+        if self._not_modified(etag):
+            return self._send(304, headers)
+        self._send_body(200, version.files_text, "text/plain; charset=utf-8", headers)
 
     def _gone(self, checksum):
         return self._error(

@@ -12,6 +12,7 @@
 # Runs on CPython 3.9+ as well, for the tests.
 
 import binascii
+import json
 import os
 import select
 import socket
@@ -198,17 +199,27 @@ class _Link:
 
     def __init__(self):
         self.s = self.parts = None
-        self.buf = bytearray(64)  # answers are read only up to the end of their head
-        self.backoff = 0
-        self.since = 0
+        # Answers are read up to the end of their head, through this buffer; the
+        # body of a version answer (a 200 of /files/version, under 64 bytes) into it.
+        self.buf = bytearray(64)
+        self.mv = memoryview(self.buf)
+        self.backoff = self.since = 0
+        self.next = 1000
 
     def resting(self):
-        # True while backing off after a failure: 1, 2, 4, 8, then 10 s.
+        # True for backoff ms: after a failure (1, 2, 4, 8, then 10 s) or an early answer.
         return self.backoff and ticks_diff(ticks_ms(), self.since) < self.backoff
+
+    def rest(self, ms):
+        # After an exchange that succeeded: the next failure backs off 1 s again.
+        self.next = 1000
+        self.backoff = ms
+        self.since = ticks_ms()
 
     def fail(self):
         self.close()
-        self.backoff = min(self.backoff * 2 or 1000, 10000)
+        self.backoff = self.next
+        self.next = min(self.next * 2, 10000)
         self.since = ticks_ms()
 
     def close(self):
@@ -217,7 +228,7 @@ class _Link:
         self.s = None
         self.parts = None
 
-    def start(self, address, family, head, body, ms):
+    def start(self, address, family, head, body, ms, version=False):
         # A kept-alive connection the server has closed in the meantime reads as ready.
         if self.s and self.poll.poll(0):
             self.close()
@@ -232,14 +243,18 @@ class _Link:
             self.poll = select.poll()
         self.poll.register(self.s, select.POLLOUT)
         self.parts = [head, body]
-        self.status = self.seen = 0
-        self.tail = b""
+        self.status = self.n = 0
+        # None: the answer is read up to the end of its head; with version, False
+        # until then, and True while the body of a 200, a version answer, is read.
+        self.body = False if version else None
         self.ms = ms
         self.started = ticks_ms()
 
     def step(self):
-        # None while the exchange is under way, then the answer's status. Raises
-        # OSError if the connection fails or the exchange takes over its time.
+        # None while the exchange is under way, then the answer's status; for a
+        # version answer, once its body is in buf[:n]. Raises OSError if the
+        # connection fails or the exchange takes over its time, ValueError if the
+        # answer is not HTTP or the version answer is too long.
         if ticks_diff(ticks_ms(), self.started) > self.ms:
             raise OSError("timed out")
         for _ in range(8):  # a bound on the work of one tick
@@ -258,20 +273,39 @@ class _Link:
                     if not self.parts:
                         self.poll.modify(self.s, select.POLLIN)
                 continue
-            n = (self.s.readinto if hasattr(self.s, "readinto") else self.s.recv_into)(self.buf)
+            # After the bytes kept in buf[:n]: the status line's start, the last 3
+            # bytes of the head (its end may be cut between two reads), the body.
+            if self.n == len(self.buf):
+                raise ValueError  # a version answer too long
+            n = (self.s.readinto if hasattr(self.s, "readinto") else self.s.recv_into)(self.mv[self.n :])
             if n is None:
                 return None
             if not n:
-                raise OSError("connection closed")
-            chunk = bytes(self.buf[:n])
-            if not self.status:
-                self.tail += chunk
-                if len(self.tail) < 12:
+                if not self.body:
+                    raise OSError("connection closed")
+                return self.status  # the body ends with the connection
+            n += self.n
+            if not self.body:
+                if not self.status:
+                    if n < 12:
+                        self.n = n
+                        continue
+                    self.status = int(self.buf[9:12])  # ValueError if this is not HTTP
+                end = self.buf.find(b"\r\n\r\n", 0, n)
+                if end < 0:
+                    self.buf[:3] = self.buf[n - 3 : n]
+                    self.n = 3
                     continue
-                self.status = int(self.tail[9:12])  # ValueError if this is not HTTP
-            found = (self.tail + chunk).find(b"\r\n\r\n")
-            self.tail = (self.tail + chunk)[-3:]
-            if found >= 0:
+                if self.body is None or self.status != 200:
+                    return self.status
+                self.body = True
+                end += 4
+                n -= end
+                self.buf[:n] = self.buf[end : end + n]
+            self.n = n
+            end = self.buf.find(b"}", 0, n) + 1  # the end of {"version": "..."}
+            if end:
+                self.n = end
                 return self.status
         return None
 
@@ -280,6 +314,8 @@ class _Live:
     """Live mode's state, advanced by tick() from a Timer's soft callback."""
 
     def __init__(self, url, root, token, console, wait, timeout):
+        # version: what the board has installed; named: what the server named at
+        # the last update, which the long-poll waits to change.
         self.url = url
         self.root = root
         self.token = token
@@ -292,7 +328,7 @@ class _Live:
         self.head = "Host: %s\r\nX-OTA-Device: %s\r\n%s" % (
             self.where, _device(), "Authorization: Bearer %s\r\n" % token if token else "")
         self.host = host, port
-        self.version = _installed(root)
+        self.version = self.named = _installed(root)
         self.check = _Link()
         self.post = _Link() if console else None
         self.console = None
@@ -330,31 +366,36 @@ class _Live:
             if link.parts is None:
                 link.start(self.address, self.family, self.request(
                     "GET %s/files/version?wait=%d" % (self.prefix, self.wait),
-                    'If-None-Match: "%s"\r\n' % self.version if self.version else ""), b"",
-                    (self.wait + self.timeout) * 1000)
+                    'If-None-Match: "%s"\r\n' % self.named if self.named else ""), b"",
+                    (self.wait + self.timeout) * 1000, True)
                 return
             status = link.step()
+            if status is None:
+                return
+            link.close()  # a long-poll's connection is not kept
+            version = self.named
+            if status == 200:
+                version = json.loads(link.buf[: link.n])["version"]  # ValueError if not JSON
         except (OSError, ValueError):
             return link.fail()
-        if status is None:
-            return
-        link.close()  # a long-poll's connection is not kept
-        if status == 304:
-            link.backoff = 0
-            return
-        if status != 200:
+        if status != 200 and status != 304:
             print("ota: live mode: HTTP %d from %s" % (status, self.where))
             return link.fail()
-        try:
-            changed = update(self.url, self.root, self.token, False, True, self.timeout)
-        except OTAError as e:
-            print("ota: %s; live mode retries" % e)
-            return link.fail()
-        self.version = _installed(self.root)
-        if changed:
-            self.restart = ticks_ms()
-            return self._restarting()
-        link.fail()  # the same version again (a server without long-poll): do not hammer it
+        # Nothing new, or an update that changed nothing: answered at once (a server
+        # that ignores wait, a static host), the next long-poll waits a second.
+        early = ticks_diff(ticks_ms(), link.started) < 1000
+        if version != self.named and version != self.version:
+            try:  # the app pauses for the download
+                self.named, changed = _run("_update", self.url, self.root, self.token, False, True, self.timeout, None)
+            except OTAError as e:
+                print("ota: %s; live mode retries" % e)
+                return link.fail()
+            self.version = _installed(self.root)
+            if changed:
+                self.restart = ticks_ms()
+                return self._restarting()
+            early = True
+        link.rest(1000 if early else 0)
 
     def _post(self):
         link = self.post
@@ -387,7 +428,7 @@ class _Live:
         if status != 204:
             print("ota: console: HTTP %d from %s" % (status, self.where))
             return link.fail()  # the output waits; what no longer fits is counted
-        link.backoff = 0
+        link.rest(0)
         c.sent(self.k, self.d)
 
     def _restarting(self):

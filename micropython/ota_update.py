@@ -28,7 +28,7 @@ _EEXIST = const(17)
 _STATE = ".ota"
 _JOURNAL = ".ota-journal"
 _STAGE = ".ota-new"
-_MANIFEST = "/files/manifest.txt"  # where a static export has it too
+_MANIFEST = "/files/manifest.txt"  # the newest manifest, where older servers and exports have it
 
 
 # -- HTTP ---------------------------------------------------------------------
@@ -72,6 +72,8 @@ class _Server:
             line = self.readline()
             if not line:
                 raise OSError("connection closed")
+            if line[-1:] != b"\n":
+                raise ValueError  # a status line longer than _LINE
             status = int(line[9:12])  # ValueError if this is not HTTP
             length = -1
             target = where = None
@@ -79,16 +81,26 @@ class _Server:
                 line = self.readline()
                 if line == b"\r\n" or line == b"\n":
                     break
-                if line[-1:] != b"\n":
-                    raise OTAError("bad header from %s" % self.where)
-                kv = line.split(b":", 1)
-                key = kv[0].lower()
+                i = line.find(b":")
+                key = line[:i].lower()  # no copy of the value unless it is read
                 if key == b"content-length":
-                    length = int(kv[1])
+                    length = int(line[i + 1 :])
                 elif key == b"x-target-path":
-                    target = kv[1].strip()
+                    target = line[i + 1 :].strip()
                 elif key == b"location":
-                    where = kv[1].strip().decode()
+                    where = line[i + 1 :].strip().decode()
+                elif len(line) == _LINE and line[-1:] != b"\n":
+                    # Cut at _LINE bytes: a line not read here (CDNs send Report-To, NEL
+                    # or Content-Security-Policy lines of 2 KB) is dropped, whatever
+                    # its length, through the one buffer.
+                    while self.i < self.n or self._fill():
+                        j = self.buf.find(b"\n", self.i, self.n) + 1
+                        self.i = j or self.n
+                        if j:
+                            break
+                    continue
+                if line[-1:] != b"\n":  # a line read here, cut, or the answer's end
+                    raise OTAError("bad header from %s" % self.where)
             else:
                 raise OTAError("too many header lines from %s" % self.where)
             if status == 200 or status == 304:
@@ -290,14 +302,35 @@ def _safe(path):
     for part in path.split("/"):
         if part == "" or part == "." or part == "..":
             return False
-    for c in path:
-        if c < " ":
+    for c in path.encode():  # bytes: iterating a str interns each character as a qstr
+        if c < 32:
             return False
     return True
 
 
 def _refuse(path, where):
     raise OTAError("refusing unsafe or unsorted path %r in %s" % (path, where))
+
+
+def _fat(path):
+    # The path as FAT sees it: each name in lower case, its trailing dots and spaces
+    # dropped (FatFs strips them: notes. is notes). Refused if FAT cannot hold it:
+    # a name of dots and spaces only, or one of these characters. (Worked on bytes:
+    # iterating a str makes a string of each character.)
+    low = path.lower()
+    raw = low.encode()
+    bad = False
+    for c in b'<>:"|?*':
+        bad = bad or c in raw
+    if b"./" in raw or b" /" in raw or raw[-1] in b". ":
+        names = raw.split(b"/")
+        for i in range(len(names)):
+            names[i] = names[i].rstrip(b". ")
+            bad = bad or not names[i]
+        low = b"/".join(names).decode()
+    if bad:
+        raise OTAError("%r: FAT cannot hold this name: rename it" % path)
+    return low
 
 
 def _ops(journal):
@@ -329,17 +362,12 @@ def _entry(state):
 # -- Update -------------------------------------------------------------------
 
 
-def _plan(server, length, root, stage, delete, block):
-    # Merge the server's manifest (sorted by path) with the installed state (same
-    # order) line by line: memory stays flat however many files there are.
-    # Writes the new state and the plan; returns (version, changes, bytes needed).
-    line = server.readline()
+def _plan(server, line, length, root, stage, delete, block):
+    # Merge the server's manifest (sorted by path; line, its first, read already)
+    # with the installed state (same order) line by line: memory stays flat however
+    # many files there are. Writes the new state and the plan; returns (changes,
+    # bytes needed).
     got = len(line)
-    if line[:1] == b"{":
-        raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
-                       % server.where)
-    version = line[:-1].decode()
-    _hex(version)
     old = None
     if _kind(root + "/" + _STATE):  # see _installed: no open() of a missing file
         old = open(root + "/" + _STATE, "rb")
@@ -365,20 +393,25 @@ def _plan(server, length, root, stage, delete, block):
                 if not _safe(path) or path <= last or size < 0:
                     _refuse(path, "the manifest")
                 _hex(checksum)
-                # A path that is also a folder of another, or equal to another but
-                # for case (one file on FAT): refused now, or the switch would fail.
+                # A name FAT cannot hold, a path that is also a folder of another,
+                # or equal to another on FAT (but for case, trailing dots and spaces:
+                # one file there): refused now, or the switch would fail. Sorted, a
+                # path comes after one it folds to only if that one is its start and
+                # the rest folds away ("notes", "notes."; "lib", "lib./x.py"): chain.
+                low = _fat(path)
                 while chain and path[: len(chain[-1])] != chain[-1]:
                     chain.pop()
-                low = path.lower()
                 clash = fold.get(low) or fold.get(low + "/")
-                if chain and path[len(chain[-1]) : len(chain[-1]) + 1] == "/":
+                if chain and not path[len(chain[-1]) :].encode().split(b"/", 1)[0].strip(b". "):
                     clash = chain[-1]
                 i = path.find("/")
+                j = low.find("/")
                 while i > 0:
-                    clash = clash or fold.get(low[:i])
-                    if low[:i] != path[:i]:
-                        fold[low[:i] + "/"] = path
+                    clash = clash or fold.get(low[:j])
+                    if low[:j] != path[:i]:
+                        fold[low[:j] + "/"] = path
                     i = path.find("/", i + 1)
+                    j = low.find("/", j + 1)
                 if clash:
                     raise OTAError("%r and %r clash: rename one" % (clash, path))
                 chain.append(path)
@@ -409,7 +442,7 @@ def _plan(server, length, root, stage, delete, block):
             old.close()
     # Each new folder takes two blocks (a littlefs metadata pair); the new state and
     # the plan are as big as the manifest at most; four blocks spare for metadata.
-    return version, changes, need + 2 * got + (2 * folders + 4) * block
+    return changes, need + 2 * got + (2 * folders + 4) * block
 
 
 def _check_target(root, path, last):
@@ -451,17 +484,41 @@ def _fetch(server, checksum, size, path, dest):
         server.close()
 
 
-def _stage(server, root, stage, delete):
+def _stage(server, named, old, root, stage, delete):
     # Download and check every changed file; nothing outside stage is touched.
+    # Returns (version, changes); None, with nothing written, if the manifest
+    # lists old, the installed version.
     block = 1
     free = None
     if hasattr(os, "statvfs"):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    status, length, target = server.get(_MANIFEST)
+    # The text manifest of the version the server named; if it has none (a server
+    # or an export older than that route: 404; the original server: 400; S3: 403),
+    # the newest, whatever version it lists.
     try:
-        version, changes, need = _plan(server, length, root, stage, delete, block)
+        length = server.get("/files/" + named)[1]
+    except OTAError:
+        named = None
+        length = server.get(_MANIFEST)[1]
+    try:
+        line = server.readline()
+        if line[:1] == b"{":
+            raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
+                           % server.where)
+        version = line[:-1].decode()
+        _hex(version)
+        if named and version != named:
+            raise OTAError("%s: /files/%s is not the manifest of that version" % (server.where, named))
+        if version == old:
+            return None
+        try:
+            os.mkdir(stage)
+        except OSError as e:
+            if e.args[0] != _EEXIST:
+                raise OTAError("cannot write to %s: %s" % (root or "/", e))
+        changes, need = _plan(server, line, length, root, stage, delete, block)
     finally:
         server.close()
     if free is not None and need > free:
@@ -563,22 +620,27 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=No
     no longer has only if this client installed them (and delete is true).
     Raises OTAError, with the board's files as they were, if anything fails.
     """
+    return _update(url, root, token, reset, delete, timeout, ca)[1] > 0
+
+
+def _update(url, root, token, reset, delete, timeout, ca):
+    # update(), returning (the version the server named, the changes installed).
+    # Nothing is written when the server names, or its manifest lists, the
+    # installed version (a site whose export was killed may name an older one).
     root = root.rstrip("/")
     recover(root)
     installed = _installed(root)
     server = _Server(url, token, timeout, installed, ca)
-    version = server.version()
-    if version == installed:
-        return False
+    named = server.version()
+    if named == installed:
+        return named, 0
     stage = root + "/" + _STAGE
-    try:
-        os.mkdir(stage)
-    except OSError as e:
-        if e.args[0] != _EEXIST:
-            raise OTAError("cannot write to %s: %s" % (root or "/", e))
     why = None
     try:
-        version, changes = _stage(server, root, stage, delete)
+        staged = _stage(server, named, installed, root, stage, delete)
+        if not staged:
+            return named, 0
+        version, changes = staged
         with open(stage + "/plan", "ab") as f:
             f.write(b"end\n")
         _sync()
@@ -595,29 +657,31 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=No
     print("ota: version %s installed, %d change%s" % (version[:7], changes, "" if changes == 1 else "s"))
     if changes and reset:
         _reset()
-    return changes > 0
+    return named, changes
 
 
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
     """Update on every new version the server publishes, forever (for development).
 
-    Long-polls the server (wait: seconds, at least 1); retries with a growing
-    delay while it is away.
+    Long-polls the server (wait: seconds, at least 1) for a version other than
+    the one it named at the last update; retries with a growing delay while it
+    is away.
     """
     wait = max(int(wait), 1)
     delay = 1
+    named = None  # the version the server named at the last update
     while True:
         try:
-            update(url, root, token, reset, True, timeout, ca)
-            installed = _installed(root.rstrip("/"))
+            if named is None:
+                named = _update(url, root, token, reset, True, timeout, ca)[0]
             start = ticks_ms()
-            if (
-                _Server(url, token, timeout + wait, installed, ca).version(installed, wait) == installed
-                and ticks_diff(ticks_ms(), start) < wait * 1000
-            ):
-                time.sleep(1)  # back early with nothing new (a server ignoring wait): do not hammer it
+            if _Server(url, token, timeout + wait, _installed(root.rstrip("/")), ca).version(named, wait) != named:
+                named = None  # a new version: installed at the top of the loop
             delay = 1
         except OTAError as e:
             print("ota: %s; retrying in %d s" % (e, delay))
             time.sleep(delay)
             delay = min(delay * 2, 10)
+            continue
+        if ticks_diff(ticks_ms(), start) < 1000:
+            time.sleep(1)  # answered at once (a static host, a server ignoring wait): never hammer it

@@ -2,8 +2,11 @@
 
 import hashlib
 import http.client
+import http.server
 import os
+import socketserver
 import sys
+import threading
 import time
 
 import pytest
@@ -156,3 +159,106 @@ def server(tree, serve):
     write(tree, "README.txt", "hello\n")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
     return serve(promoter)
+
+
+class Hostile:
+    """A loopback server that reads each request's head, then lets answer(socket,
+    request line, stopped) do what it likes; records the request lines, and when
+    each arrived (time.monotonic())."""
+
+    def __init__(self, answer):
+        self.stopped = threading.Event()
+        self.requests = []
+        self.times = []
+        hostile = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(TIMEOUT)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                hostile.times.append(time.monotonic())
+                hostile.requests.append(head.split(b"\r\n")[0].decode())
+                try:
+                    answer(self.request, hostile.requests[-1], hostile.stopped)
+                except OSError:
+                    pass  # the client gave up
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stopped.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def hostile():
+    """Start a Hostile server with an answer function; closed at teardown."""
+    started = []
+
+    def start(answer):
+        started.append(Hostile(answer))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+class StaticHost:
+    """http.server serving a folder in a thread, as the simplest static host does;
+    records the path of each request, and when it arrived (time.monotonic())."""
+
+    def __init__(self, folder):
+        self.requests = []
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def send_head(self):
+                host.requests.append((time.monotonic(), self.path))
+                return super().send_head()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def since(self, moment):
+        """The paths requested after moment."""
+        return [path for when, path in self.requests if when > moment]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def static_host():
+    """Serve a folder over HTTP with a StaticHost; closed at teardown."""
+    started = []
+
+    def start(folder):
+        started.append(StaticHost(folder))
+        return started[-1]
+
+    yield start
+    for host in started:
+        host.close()

@@ -23,8 +23,9 @@ def server_block():
     return blocks[0]
 
 
-def configure(block, site, port, token=None, certificate=None):
-    """The README's block with this test's root, port and, if given, token and TLS."""
+def configure(block, site, port, token=None, certificate=None, headers=()):
+    """The README's block with this test's root, port and, if given, token, TLS and
+    (name, value) header lines added to every answer, as a CDN adds its own."""
     assert "    listen 80;\n" in block and "    root /srv/ota/site;\n" in block
     listen = "    listen 127.0.0.1:%d;\n" % port
     if certificate is not None:
@@ -32,6 +33,12 @@ def configure(block, site, port, token=None, certificate=None):
             port, certificate[0], certificate[1])
     block = block.replace("    listen 80;\n", listen)
     block = block.replace("    root /srv/ota/site;\n", "    root %s;\n" % site)
+    for name, value in headers:
+        # A location's own add_header hides the server block's: each gets the line.
+        line = 'add_header %s "%s" always;\n' % (name, value)
+        block = re.sub(r"\n( +)(add_header Cache-Control [^\n]*\n)", lambda m: "\n%s%s%s%s" % (
+            m.group(1), m.group(2), m.group(1), line), block)
+        block = block.replace("    server_tokens off;\n", "    server_tokens off;\n    " + line)
     if token is not None:
         line = '    # if ($http_authorization != "Bearer SECRET") { return 401; }\n'
         assert line in block
@@ -48,7 +55,7 @@ def free_port():
 class Nginx:
     """nginx in the foreground, one process, with its config, pid, logs and temp in work."""
 
-    def __init__(self, work, site, token=None, certificate=None, timeout=10):
+    def __init__(self, work, site, token=None, certificate=None, timeout=10, headers=()):
         self.work = work
         os.makedirs(os.path.join(work, "temp"), exist_ok=True)
         self.port = free_port()
@@ -65,7 +72,7 @@ class Nginx:
             "types {{ text/plain txt; application/json json; }}\n"
             "default_type application/octet-stream;\n"
             "{server}}}\n"
-        ).format(work=work, temp=temp, server=configure(server_block(), site, self.port, token, certificate))
+        ).format(work=work, temp=temp, server=configure(server_block(), site, self.port, token, certificate, headers))
         self.config = os.path.join(work, "nginx.conf")
         with open(self.config, "w") as f:
             f.write(config)

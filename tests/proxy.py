@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy: sits between a board and the real server."""
 
+import re
 import socket
 import socketserver
 import struct
@@ -10,6 +11,20 @@ def split(response):
     """(head, body) of a raw HTTP response."""
     head, _, body = response.partition(b"\r\n\r\n")
     return head, body
+
+
+def is_manifest(path, response):
+    """True for a text manifest: /files/manifest.txt, or /files/<version> answered
+    with the manifest of that version (its first line)."""
+    if path == "/files/manifest.txt":
+        return True
+    return response[9:12] == b"200" and split(response)[1][:41] == path[len("/files/"):].encode() + b"\n"
+
+
+def is_download(path, response):
+    """True for a file's bytes: /files/<40 hex> answered 200, not a manifest."""
+    return re.fullmatch(r"/files/[0-9a-fA-F]{40}", path) is not None and response[9:12] == b"200" and \
+        not is_manifest(path, response)
 
 
 def set_header(response, name, value):

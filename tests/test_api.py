@@ -345,6 +345,29 @@ def test_previous_version_is_downloadable_after_a_save(tree, server):
     assert (r.status, r.body) == (200, b"one")
 
 
+def test_the_manifest_of_the_published_version_and_of_the_one_before_by_version(tree, server):
+    versions = [server.promoter.version]
+    for data in ("one", "two"):
+        write(tree, "main.py", data)
+        settle(server.promoter)
+        versions.append(server.promoter.version)
+    text = request(server.url, "/files?format=text").body
+    r = request(server.url, "/files/" + versions[2].upper())
+    assert (r.status, r.body) == (200, text)
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert r.headers["ETag"] == '"%s-text"' % versions[2]  # the same bytes as ?format=text
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"  # never other bytes
+    assert "X-Target-Path" not in r.headers
+    head = request(server.url, "/files/" + versions[2], method="HEAD")
+    assert (head.status, head.body, head.headers["Content-Length"]) == (200, b"", str(len(text)))
+    r = request(server.url, "/files/" + versions[2], headers={"If-None-Match": '"%s-text"' % versions[2]})
+    assert (r.status, r.body, r.headers["ETag"]) == (304, b"", '"%s-text"' % versions[2])
+    r = request(server.url, "/files/" + versions[1])
+    assert (r.status, r.body) == (200, (
+        "%s\n%s 6 README.txt\n%s 3 main.py\n" % (versions[1], README_CHECKSUM, checksum("one", "main.py"))).encode())
+    assert request(server.url, "/files/" + versions[0]).status == 404  # kept no longer
+
+
 # -- Token -----------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import ota
 import ota_update
 import ota_promoter
 from conftest import ROOT, TIMEOUT, request, settle, write
-from proxy import FaultProxy, Reset, set_header, split
+from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
 CLIENT_FILES = ("ota.py", "ota_update.py")  # what a board holds: ota.py imports the other for an update
@@ -210,10 +210,10 @@ def test_add_modify_delete_and_nested_folders(app, promoter, proxy, board):
     assert board.update(proxy.url) is True
     assert files(board.root, own=False) == promoted(app)
     downloads = sorted(
-        promoter.blob(p[len("/files/"):]).path for p in proxy.paths if len(p) == len("/files/") + 40
+        promoter.blob(p[len("/files/"):]).path for p in proxy.paths[2:] if len(p) == len("/files/") + 40
     )
     assert downloads == ["lib/new/deep/y.py", "main.py", "new.py"]  # only what changed
-    assert proxy.paths[:2] == ["/files/version", "/files/manifest.txt"]
+    assert proxy.paths[:2] == ["/files/version", "/files/" + promoter.version]  # the manifest of that version
 
 
 def test_a_file_of_several_megabytes(tree, promoter, board):
@@ -330,7 +330,7 @@ def installed(app, promoter, proxy, device):
 
 
 def damage_download(path, response, change):
-    return change(response) if re.match(r"/files/[0-9a-f]{40}$", path) else response
+    return change(response) if is_download(path, response) else response
 
 
 def flip_last_byte(response):
@@ -372,14 +372,32 @@ FAULTS = {
         lambda p, r: b"HTTP/1.0 302 Found\r\nLocation: http://elsewhere:9090/\r\n\r\n",
         "redirects to http://elsewhere:9090/: use that url"),
     "manifest cut off in a line": (
-        lambda p, r: r[:-30] if p == "/files/manifest.txt" else r, r"manifest line cut off or too long: b?'[0-9a-f]+"),
+        lambda p, r: r[:-30] if is_manifest(p, r) else r, r"manifest line cut off or too long: b?'[0-9a-f]+"),
     "manifest cut off at a line's end": (
-        lambda p, r: r[:r.rstrip(b"\n").rfind(b"\n") + 1] if p == "/files/manifest.txt" else r,
+        lambda p, r: r[:r.rstrip(b"\n").rfind(b"\n") + 1] if is_manifest(p, r) else r,
         r"manifest cut off after \d+ of \d+ bytes"),
     "404 on a download": (
         lambda p, r: damage_download(p, r, lambda r: b'HTTP/1.0 404 NF\r\n\r\n{"error":"changed"}'),
         "HTTP 404 for /files/[0-9a-f]{40}: changed"),
+    "33 header lines of 1 KB": (
+        lambda p, r: header_lines(r, [b"X-Pad-%d: %s" % (i, b"x" * 1024) for i in range(33)]),
+        r"^too many header lines from 127.0.0.1:\d+$"),
+    "an X-Target-Path over 256 bytes": (
+        lambda p, r: damage_download(p, r, lambda r: set_header(r, b"X-Target-Path", b"lib/" * 70)),
+        r"^bad header from 127.0.0.1:\d+$"),
+    "a Location over 256 bytes": (
+        lambda p, r: b"HTTP/1.0 302 Found\r\nLocation: http://elsewhere/%s\r\n\r\n" % (b"x" * 300),
+        r"^bad header from 127.0.0.1:\d+$"),
+    "the manifest of another version at /files/<version>": (
+        lambda p, r: b"%s%s%s" % (r[:r.index(b"\r\n\r\n") + 4], b"0" * 40, r[r.index(b"\r\n\r\n") + 44:])
+        if is_manifest(p, r) else r,
+        r"^127.0.0.1:\d+: /files/[0-9a-f]{40} is not the manifest of that version$"),
 }
+
+
+def header_lines(response, lines):
+    """response with lines added to its head, right after the status line."""
+    return response.replace(b"\r\n", b"\r\n" + b"".join(line + b"\r\n" for line in lines), 1)
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -395,7 +413,7 @@ def test_fault_raises_otaerror_and_changes_nothing(installed, proxy, device, fau
 
 
 def rewrite_manifest(path, response, add):
-    if path != "/files/manifest.txt":
+    if not is_manifest(path, response):
         return response
     head, body = split(response)
     lines = body.decode().splitlines(True)
@@ -418,7 +436,7 @@ def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, e
 
 def test_unsorted_manifest_is_refused(installed, proxy, device):
     def swap(path, response):
-        if path != "/files/manifest.txt":
+        if not is_manifest(path, response):
             return response
         head, body = split(response)
         lines = body.split(b"\n")
@@ -467,7 +485,7 @@ def test_not_enough_space_fails_before_touching_anything(installed, promoter, pr
     with pytest.raises(ota.OTAError, match=r"not enough space: the update needs %d B, 4096 B are free" % need):
         device.update(proxy.url)
     assert files(device.root) == installed
-    assert [p for p in proxy.paths if len(p) == 47] == []  # nothing was downloaded
+    assert [p for p in proxy.paths if len(p) == 47 and p != "/files/" + promoter.version] == []  # nothing downloaded
 
 
 def test_a_folder_where_a_file_goes_or_the_reverse_refuses_the_update(installed, promoter, proxy, device):
@@ -491,6 +509,14 @@ def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, 
     with pytest.raises(ota.OTAError, match=r"manifest line cut off or too long: b?'[0-9a-f]{40} 4 lib/xxx"):
         device.update(proxy.url)
     assert files(device.root) == installed
+
+
+def test_a_64_kb_header_line_the_client_does_not_read_is_skipped(app, promoter, proxy, board):
+    # CDNs send Report-To, NEL or Content-Security-Policy lines of 300 to 2,000 bytes
+    proxy.fault = lambda p, r: header_lines(r, [b"Report-To: " + b"x" * 65536])
+    assert board.update(proxy.url) is True
+    assert files(board.root, own=False) == promoted(app)
+    assert len(proxy.paths) == 2 + len(APP)  # the version, the manifest and each file, once
 
 
 def test_bad_url(device):
@@ -808,6 +834,113 @@ def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch,
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 7
     assert all(re.match(r"ota: no answer from 127.0.0.1:\d+: .*; retrying in \d+ s$", line) for line in lines)
+
+
+# -- A site an export was killed in: nothing is written, nothing is hammered ---------
+
+V1 = {"main.py": "print('v1')\n", "lib/x.py": "X = 1\n"}
+V2 = {"main.py": "print('v2')\n", "lib/x.py": "X = 1\n", "lib/y.py": "Y = 2\n"}
+
+
+def killed_export(tree, site, by_version=False):
+    """Export V1, then V2, to site, the second killed between writing the manifest
+    and the version: files/version names V1 and files/manifest.txt lists V2. With
+    by_version, files/<V1> holds V1's manifest (an export that writes it); else no
+    manifest by version is there (an older export). Returns (V1's version, V2's)."""
+    versions = []
+    for release in (V1, V2):
+        for path, data in release.items():
+            write(tree, path, data)
+        promoter = ota_promoter.Promoter(str(tree), interval=3600)
+        ota_promoter.export(promoter, str(site))
+        versions.append(promoter.version)
+        if release is V1:
+            first = files(site)["files/version"], promoter.current.files_text
+    write(site, "files/version", first[0])
+    for version in versions:
+        if os.path.exists(os.path.join(str(site), "files", version)):
+            os.remove(os.path.join(str(site), "files", version))
+    if by_version:
+        write(site, "files/" + versions[0], first[1])
+    return versions
+
+
+def untouched(folder):
+    """What a rewrite of .ota, or anything written in folder, would change."""
+    state = os.stat(os.path.join(str(folder), ".ota"))
+    return state.st_ino, state.st_mtime_ns, sorted(os.listdir(str(folder))), files(folder)
+
+
+def test_an_update_to_the_installed_version_writes_nothing(tree, tmp_path, static_host, board):
+    v1, v2 = killed_export(tree, tmp_path / "site")
+    host = static_host(tmp_path / "site")
+    assert board.update(host.url) is True  # the manifest it got: V2
+    assert files(board.root)[".ota"].decode().splitlines()[0] == v2
+    before = untouched(board.root)
+    moment = time.monotonic()
+    assert board.update(host.url) is False  # the site names V1, and its manifest lists V2
+    assert host.since(moment) == ["/files/version", "/files/" + v1, "/files/manifest.txt"]
+    assert untouched(board.root) == before
+    write(tmp_path / "site", "files/version", json.dumps({"version": v2}))  # the export completed
+    moment = time.monotonic()
+    assert board.update(host.url) is False  # the site names V2
+    assert host.since(moment) == ["/files/version"]
+    assert untouched(board.root) == before
+
+
+def test_a_board_installs_the_manifest_of_the_version_the_site_names(tree, tmp_path, static_host, board):
+    v1, v2 = killed_export(tree, tmp_path / "site", by_version=True)  # the manifest of V2 written, not its version
+    host = static_host(tmp_path / "site")
+    assert board.update(host.url) is True
+    assert files(board.root, own=False) == {path: data.encode() for path, data in V1.items()}
+    assert files(board.root)[".ota"].decode().splitlines()[0] == v1
+    assert host.since(0)[:2] == ["/files/version", "/files/" + v1]
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def client(request):
+    """(interpreter command, folder of the client) to run a board's script in: CPython,
+    or MicroPython with an ESP8266's heap, loading the .mpy files."""
+    if request.param == "cpython":
+        return [sys.executable, "-u"], os.path.dirname(CLIENT)
+    if not MICROPYTHON:
+        pytest.skip("set MICROPYTHON to a MicroPython unix interpreter to run the client under it")
+    return [MICROPYTHON, "-X", "heapsize=" + MicroPythonBoard.heap], str(request.getfixturevalue("mpy_dir"))
+
+
+def test_watch_against_a_site_left_by_a_killed_export_installs_once_then_rests(
+        tree, tmp_path, static_host, client):
+    v1, v2 = killed_export(tree, tmp_path / "site")
+    host = static_host(tmp_path / "site")
+    device = tmp_path / "device"
+    device.mkdir()
+    log = open(str(tmp_path / "watch.log"), "w")
+    watcher = subprocess.Popen(client[0] + ["-c", "import sys\nsys.path.insert(0, %r)\nimport ota\n"
+                                            "ota.watch(%r, root=%r, reset=False, wait=5, timeout=2)"
+                                            % (client[1], host.url, str(device))], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while files(device, own=False) != {path: data.encode() for path, data in V2.items()} or \
+                files(device)[".ota"].decode().splitlines()[0] != v2:
+            assert watcher.poll() is None and time.monotonic() < deadline, "V2 was not installed"
+            time.sleep(0.02)
+        before = untouched(device)
+        moment = time.monotonic()
+        time.sleep(3)
+        after = untouched(device)
+        polls = host.since(moment)
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+        log.close()
+    assert after == before  # .ota is not rewritten
+    # Each file downloaded once; then, as the site names V1 still, only long-polls,
+    # each answered at once and followed by a second's pause.
+    downloads = [path for _, path in host.requests if path[len("/files/"):] in
+                 [line.split(" ")[0] for line in files(device)[".ota"].decode().splitlines()[1:]]]
+    assert sorted(downloads) == sorted(set(downloads)) and len(downloads) == len(V2)
+    assert set(polls) == {"/files/version?wait=5"}
+    assert 2 <= len(polls) <= 4
 
 
 # -- Memory, under CPython as a stand-in for the board --------------------------------

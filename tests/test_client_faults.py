@@ -9,8 +9,6 @@ import errno
 import os
 import re
 import socket
-import socketserver
-import threading
 import time
 
 import pytest
@@ -19,7 +17,7 @@ import ota
 import ota_update
 import ota_promoter
 from conftest import TIMEOUT, checksum, request, write
-from proxy import set_header, split
+from proxy import is_manifest, set_header, split
 from test_client import (  # noqa: F401  (fixtures)
     app, board, device, files, folders, installed, mpy_dir, promoted, promoter, proxy, publish,
 )
@@ -33,7 +31,7 @@ def inject(extra):
     served = {checksum(data, path): (path, data) for path, data in extra.items()}
 
     def fault(path, response):
-        if path == "/files/manifest.txt":
+        if is_manifest(path, response):
             head, body = split(response)
             lines = body.decode().splitlines(True)
             added = ["%s %d %s\n" % (c, len(data), p) for c, (p, data) in served.items()]
@@ -137,6 +135,31 @@ def test_paths_equal_but_for_case_are_refused_naming_both(tree, promoter, device
     assert files(device.root, own=False) == promoted(tree)
 
 
+@pytest.mark.parametrize("first, second", [
+    ("notes", "notes."), ("a/b ", "a/B"), ("Notes", "notes. ."), ("pkg", "pkg./x.py"), ("pkg.", "pkg/x.py"),
+    ("pkg./x.py", "pkg/x.py"), ("pkg /x.py", "Pkg/X.py"),
+])
+def test_paths_equal_on_fat_are_refused_naming_both_before_any_download(installed, proxy, device, first, second):
+    # FatFs drops a name's trailing dots and spaces: "notes." is "notes" there
+    proxy.fault = inject({first: b"one", second: b"two"})
+    del proxy.heads[:]
+    with pytest.raises(ota.OTAError, match="^%s and %s clash: rename one$" % tuple(
+            re.escape(repr(path)) for path in sorted([first, second]))):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+    assert len(proxy.paths) == 2  # the version and the manifest: refused while merging it
+
+
+@pytest.mark.parametrize("path", ["what?.py", "a:b.py", 'say"hi".py', "x<y>.py", "pipe|.py", "lib/star*.py", "lib/..."])
+def test_a_name_fat_cannot_hold_is_refused_naming_it_before_any_download(installed, proxy, device, path):
+    proxy.fault = inject({path: b"x"})
+    del proxy.heads[:]
+    with pytest.raises(ota.OTAError, match="^%s: FAT cannot hold this name: rename it$" % re.escape(repr(path))):
+        device.update(proxy.url)
+    assert files(device.root) == installed
+    assert len(proxy.paths) == 2
+
+
 def test_a_file_renamed_in_case_on_the_server_follows_on_a_case_folding_board(tree, promoter, device, monkeypatch):
     publish(promoter, tree, {"Config.py": "C = 1\n", "main.py": "m"})
     on(FoldingFS(device.root), monkeypatch)
@@ -230,56 +253,6 @@ def test_an_unsafe_path_in_the_journal_is_refused_before_anything_is_touched(dev
 # -- 3. A deadline for each whole request ----------------------------------------------
 
 
-class Hostile:
-    """A loopback server that reads each request's head, then lets answer(socket,
-    request line, stopped) do what it likes; records the request lines."""
-
-    def __init__(self, answer):
-        self.stopped = threading.Event()
-        self.requests = []
-        hostile = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                self.request.settimeout(TIMEOUT)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = self.request.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                hostile.requests.append(head.split(b"\r\n")[0].decode())
-                try:
-                    answer(self.request, hostile.requests[-1], hostile.stopped)
-                except OSError:
-                    pass  # the client gave up
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stopped.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(TIMEOUT)
-
-
-@pytest.fixture
-def hostile():
-    started = []
-
-    def start(answer):
-        started.append(Hostile(answer))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
-
-
 HOLD = 8  # seconds a hostile answer goes on at most (the old client waited that long)
 
 
@@ -325,7 +298,8 @@ def test_an_endless_or_trickling_answer_fails_within_the_deadline(hostile, board
 
 def same_version_at_once(s, line, stopped):
     """Like the original Go server: ignores ?wait and answers at once."""
-    body = ("%s\n" % VERSION if "manifest.txt" in line else '{"version": "%s"}' % VERSION).encode()
+    manifest = "manifest.txt" in line or VERSION in line  # /files/<version> too
+    body = ("%s\n" % VERSION if manifest else '{"version": "%s"}' % VERSION).encode()
     s.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
@@ -350,9 +324,9 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
     assert sleeps == [1, 1, 1]
     poll = "GET /files/version?wait=%d HTTP/1.0" % sent
     assert server.requests == [
-        "GET /files/version HTTP/1.0", "GET /files/manifest.txt HTTP/1.0", poll,  # installs the state
-        "GET /files/version HTTP/1.0", poll,
-        "GET /files/version HTTP/1.0", poll,
+        "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % VERSION, poll,  # installs the state
+        poll,  # nothing new since the version the server named: no update
+        poll,
     ]
 
 
@@ -375,7 +349,7 @@ def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, pr
     if answer is None:
         listing = request(promoter.url, "/files").body
         answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(listing), listing)
-    proxy.fault = lambda path, response: answer if path == "/files/manifest.txt" else response
+    proxy.fault = lambda path, response: answer if is_manifest(path, response) else response
     with pytest.raises(ota.OTAError, match=message):
         board.update(proxy.url)
     assert files(board.root) == {}

@@ -4,12 +4,13 @@ when it is set."""
 
 import os
 import ssl
+import time
 
 import pytest
 
 import ota
-from conftest import write
-from proxy import FaultProxy
+from conftest import TIMEOUT, request, write
+from proxy import FaultProxy, is_download
 from test_client import board, device, files, mpy_dir  # noqa: F401 (fixtures)
 from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
@@ -63,7 +64,7 @@ def test_a_board_mid_update_finishes_the_version_it_started_while_the_next_expor
     landed = []
 
     def export_a_third_version(path, response):
-        if path.startswith("/files/") and len(path) == 47 and not landed:  # the first download
+        if is_download(path, response) and not landed:  # the first download
             write(app, "main.py", "print('v3')\n")
             landed.append(exported(app, site)[0].version)
         return response
@@ -122,4 +123,36 @@ def test_a_url_that_is_not_an_export_is_a_clear_error(app, site, nginx, device):
 def test_python_http_server_is_a_static_host_too(app, site, device, http_server):
     exported(app, site)
     assert device.update(http_server(site)) is True
+    assert files(device.root, own=False) == app_files(app)
+
+
+# A CDN's Content-Security-Policy line: 2 KB
+CSP = "default-src 'self' " + " ".join("https://cdn%02d.example.com" % i for i in range(80))
+
+
+def test_a_2_kb_header_line_from_nginx_does_not_break_updates(app, site, nginx, board):
+    exported(app, site)
+    host = nginx(site, headers=[("Content-Security-Policy", CSP)])
+    for path in ("/files/version", "/files/manifest.txt"):
+        assert request(host.url, path).headers["Content-Security-Policy"] == CSP  # nginx sends it
+    assert len("Content-Security-Policy: %s\r\n" % CSP) > 2048
+    assert board.update(host.url) is True
+    assert files(board.root, own=False) == app_files(app)
+
+
+def test_live_mode_reads_the_version_through_a_2_kb_header_line_from_nginx(app, site, nginx, device):
+    exported(app, site)
+    host = nginx(site, headers=[("Content-Security-Policy", CSP)])
+    device.update(host.url)
+    write(app, "main.py", "print('v2')\n")
+    exported(app, site)
+    live = ota.live(host.url, root=str(device.root), console=False)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while live.restart is None:  # installed, and the restart begun
+            assert time.monotonic() < deadline, "live mode did not see the new version"
+            live.tick()
+            time.sleep(0.02)
+    finally:
+        live.stop()
     assert files(device.root, own=False) == app_files(app)

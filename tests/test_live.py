@@ -234,6 +234,71 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
         server.close()
 
 
+# -- A check never holds the app, and never hammers the server ---------------------------
+
+VERSION = "5" * 40  # what the board has installed
+OLDER = "4" * 40
+CHECKS = """import sys, time
+sys.path.insert(0, %r)
+import ota
+live = ota.live(%r, root=%r, console=False, wait=30, timeout=10)
+began = ota.ticks_ms()
+slowest = 0
+while ota.ticks_diff(ota.ticks_ms(), began) < 3500:
+    t = ota.ticks_ms()
+    live.tick()
+    slowest = max(slowest, ota.ticks_diff(ota.ticks_ms(), t))
+    time.sleep(0.02)
+live.stop()
+print("slowest", slowest)
+"""
+POLL = "GET /files/version?wait=30 HTTP/1.1"
+
+
+def at_once(head, body=b""):
+    def answer(s, line, stopped):
+        s.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return answer
+
+
+OWN_VERSION = at_once(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n", b'{"version":"%s"}' % VERSION.encode())
+ANSWERS = {
+    # like the original Go server, which ignores ?wait and If-None-Match
+    "a 200 naming the board's own version": ({POLL: OWN_VERSION}, [POLL]),
+    "a 304 at once": ({POLL: at_once(b'HTTP/1.1 304 Not Modified\r\nETag: "%s"\r\n' % VERSION.encode())}, [POLL]),
+    # a site whose export was killed: it names an older version, its manifest lists the board's
+    "an older version, whose update changes nothing": ({
+        POLL: at_once(b"HTTP/1.1 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
+        "GET /files/version HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
+        "GET /files/%s HTTP/1.0" % OLDER: at_once(b"HTTP/1.0 404 Not Found\r\n", b"<html>404"),
+        "GET /files/manifest.txt HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", VERSION.encode() + b"\n"),
+    }, [POLL, "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % OLDER, "GET /files/manifest.txt HTTP/1.0"]),
+}
+
+
+@pytest.mark.parametrize("answers", sorted(ANSWERS))
+def test_a_check_answered_at_once_rests_a_second_and_never_holds_a_tick(hostile, interpreter, tmp_path, answers,
+                                                                         capsys):
+    """Any other request (a blocking version check, the manifest) is held until the
+    test ends: a tick that made one would wait for the client's 10 s timeout."""
+    answer, first = ANSWERS[answers]
+    server = hostile(lambda s, line, stopped: (answer.get(line) or (lambda *_: stopped.wait(TIMEOUT)))(s, line, stopped))
+    device = tmp_path / "device"
+    write(device, ".ota", VERSION + "\n")
+    out = subprocess.run(interpreter[0] + ["-c", CHECKS % (interpreter[1], server.url, str(device))],
+                         capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert out.returncode == 0, out.stdout + out.stderr
+    slowest = int(re.search(r"^slowest (\d+)$", out.stdout, re.M).group(1))
+    with capsys.disabled():
+        print("\n  %s: the slowest tick %d ms" % (answers, slowest))
+    assert slowest < 2000  # ms: far below the 10 s a held request would take
+    polls = [when for when, line in zip(server.times, server.requests) if line == POLL]
+    assert server.requests == first + [POLL] * (len(server.requests) - len(first))
+    assert 3 <= len(polls) <= 4  # in 3.5 s
+    assert min(b - a for a, b in zip(polls, polls[1:])) > 0.95  # a second's rest after each
+    assert files(device) == {".ota": VERSION.encode() + b"\n"}  # nothing written
+
+
 # -- Memory, on the 32-bit unix port ---------------------------------------------------
 
 MEASURE = """import sys, gc
