@@ -290,7 +290,7 @@ class _Link:
                     if n < 12:
                         self.n = n
                         continue
-                    self.status = int(self.buf[9:12])  # ValueError if this is not HTTP
+                    self.status = int(bytes(self.buf[9:12]))  # ValueError if not HTTP; 1.20 has no int(bytearray)
                 end = self.buf.find(b"\r\n\r\n", 0, n)
                 if end < 0:
                     self.buf[:3] = self.buf[n - 3 : n]

@@ -846,12 +846,13 @@ def bench_wire(work, sizes, run):
                 ota_promoter.export(promoter, site)
                 changed = promoter.current.by_path["module00.py"]
                 manifest = len(promoter.current.files_text)
+                version = promoter.version
             finally:
                 promoter.stop()
 
             def update():
                 board_get(proxy.port, "/files/version", context)
-                board_get(proxy.port, "/files/manifest.txt", context)
+                board_get(proxy.port, "/files/" + version, context)  # the manifest, as a board reads it
                 board_get(proxy.port, "/files/" + changed.checksum, context)
 
             update = proxy.count(update)

@@ -140,6 +140,7 @@ def test_export_holds_the_bodies_the_server_answers(app, site, serve):
     assert body("files.json") == request(server.url, "/files").body
     assert body("files/manifest.txt") == request(server.url, "/files?format=text").body
     assert body("files/manifest.txt") == request(server.url, "/files/manifest.txt").body
+    assert body("files/" + promoter.version) == request(server.url, "/files/" + promoter.version).body
     for b in blobs:
         assert body("files/" + b.checksum) == request(server.url, "/files/" + b.checksum).body
     assert body(".ota-export") == (
