@@ -106,6 +106,17 @@ def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
         conn.close()
 
 
+def wait_for_server(url, timeout=TIMEOUT):
+    """Wait until a server process just started answers /files/version; its Response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return request(url, "/files/version", timeout=1)
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+
 def raw_request(url, data, timeout=TIMEOUT):
     """Send raw bytes to the server and return everything it answers until it closes.
 

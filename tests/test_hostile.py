@@ -20,7 +20,7 @@ import ota_promoter
 from ota_promoter import Promoter
 from conftest import (
     ROOT, TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
-    raw_request, request, settle, write,
+    raw_request, request, settle, wait_for_server, write,
 )
 from test_cli import free_port, running  # noqa: F401 (a fixture)
 
@@ -337,14 +337,8 @@ def start_limited(tree, soft, hard):
         [sys.executable, "-c", LIMITED, str(soft), str(hard), str(tree), "--host", "127.0.0.1",
          "--port", str(port), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = "http://127.0.0.1:%d" % port
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            assert request(url, "/files/version", timeout=1).status == 200
-            return server, port
-        except OSError:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+    assert wait_for_server(url).status == 200
+    return server, port
 
 
 def cpu_seconds(pid):
@@ -615,14 +609,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
     os.close(write_end)
     url = "http://127.0.0.1:%d" % port
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                request(url, "/files/version", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        wait_for_server(url)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         for _ in range(1300):  # -v logs each: more than the queue (1,000) and the pipe hold
             conn.request("GET", "/files/version")

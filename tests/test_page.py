@@ -26,7 +26,9 @@ import pytest
 
 import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, write
+from conftest import (
+    ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, wait_for_server, write,
+)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -344,14 +346,7 @@ def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
          "--port", str(port), "--token", TOKEN, "-v"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                request(url, "/files/version", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        wait_for_server(url)
         shapes = every_shape_of_the_token(TOKEN)
         answers = [int(raw_request(url, data).split(b" ", 2)[1]) for data, _ in shapes]
         server.send_signal(signal.SIGINT)
