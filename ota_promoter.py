@@ -544,13 +544,18 @@ def diff(old, new):
 
 
 def fat_clashes(paths):
-    """Groups of paths that are one file on a board's FAT file system: equal but
-    for case, or for the dots and spaces FAT drops from the end of a name."""
-    groups = {}
+    """Groups of paths that clash on a board's FAT file system, which ignores case
+    and the dots and spaces at the end of a name: two files that are one there
+    (Config.py, config.py), or a file that is a folder of another (Lib, lib/x.py)."""
+    groups, folders = {}, {}
     for path in paths:
-        key = "/".join(part.rstrip(". ") for part in path.casefold().split("/"))
-        groups.setdefault(key, []).append(path)
-    return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+        parts = [part.rstrip(". ") for part in path.casefold().split("/")]
+        groups.setdefault("/".join(parts), []).append(path)
+        for i in range(1, len(parts)):
+            folders.setdefault("/".join(parts[:i]), path)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    clashes += [[group[0], folders[key]] for key, group in groups.items() if key in folders]
+    return sorted(tuple(sorted(g)) for g in clashes)
 
 
 # -- Checking sources before they are published ------------------------------------
@@ -947,7 +952,7 @@ class Promoter:
         self.poll_once()
         while self._first:
             if self._root_lost:
-                raise PromoterError("cannot read folder %r" % self.root)
+                raise PromoterError("cannot read folder %r: it went while it was read" % self.root)
             held_for = time.monotonic() - self._held_since
             time.sleep(max(0.0, min(self._settles_in(), MAX_HOLD - held_for)))
             self.poll_once()
@@ -1035,12 +1040,12 @@ class Promoter:
 
     def _lost(self, e):
         """Say once that DIR cannot be read: the last version stays published."""
-        if not self._root_lost:
+        if not self._root_lost and not self._first:  # at start, the constructor raises instead
             log.error(
                 "cannot read folder %s (%s); still serving version %s",
                 self.root, e.strerror or e, self.version[:7],
             )
-            self._root_lost = True
+        self._root_lost = True
         return False
 
     def _observe(self, root, listing, problems, now):
@@ -1279,9 +1284,8 @@ class Promoter:
         clashes = fat_clashes(version.by_path)
         for group in clashes:
             if group not in self._clashes:
-                log.warning("%s are one file on a board's FAT file system (which ignores case and "
-                            "a name's last dots): boards refuse the update until one is renamed",
-                            " and ".join(group))
+                log.warning("%s clash on a board's FAT file system (which ignores case and a name's "
+                            "last dots): boards refuse the update until one is renamed", " and ".join(group))
         self._clashes = clashes
 
     def _load_ignore(self):
@@ -1588,25 +1592,30 @@ _OUR_TEMPORARY = re.compile(r"\.ota-tmp-(?:[0-9a-f]{40}|manifest\.txt|files\.jso
 
 
 def check_site(root, site):
-    """Refuse a site that export() must not write: a file, or DIR or a folder inside it."""
+    """Refuse a site that export() must not write: a file, DIR, a folder inside
+    DIR, or one that holds DIR."""
     if os.path.exists(site) and not os.path.isdir(site):
         raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
     if _inside(site, root):
         raise PromoterError("cannot export to %r: it is inside the promoted folder %r, which would then "
                             "publish the export itself: export to a folder outside it" % (site, root))
+    if os.path.exists(site) and _inside(root, site):
+        raise PromoterError("cannot export to %r: it holds the promoted folder %r, where the export could "
+                            "write: export to a folder apart from it" % (site, root))
 
 
 def _inside(path, folder):
-    """True if path (which need not exist yet) is folder or lies under it; symlinks
-    and a file system that folds case are taken into account."""
+    """True if path (which need not exist yet) is the existing folder or lies under
+    it, as the system resolves it: symlinks first, then "..", and a file system
+    that folds case."""
     target = os.stat(folder)
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)  # not there yet: its nearest folder decides
-    path = os.path.realpath(path)  # then up the real folders, not through a symlink's
+    path = os.path.realpath(path)
     while True:
-        if os.path.samestat(os.stat(path), target):
-            return True
+        try:
+            if os.path.samestat(os.stat(path), target):
+                return True
+        except OSError:
+            pass  # not there yet: the folders above it decide
         parent = os.path.dirname(path)
         if parent == path:
             return False

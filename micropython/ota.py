@@ -386,7 +386,7 @@ class _Live:
         early = ticks_diff(ticks_ms(), link.started) < 1000
         if version != self.named and version != self.version:
             try:  # the app pauses for the download
-                self.named, changed = _run("_update", self.url, self.root, self.token, False, True, self.timeout, None)
+                changed = _run("_update", self.url, self.root, self.token, False, True, self.timeout, None)[1]
             except OTAError as e:
                 print("ota: %s; live mode retries" % e)
                 return link.fail()
@@ -394,6 +394,10 @@ class _Live:
             if changed:
                 self.restart = ticks_ms()
                 return self._restarting()
+            # Tried, and nothing to install: the long-poll now waits for another
+            # version than this one, even where it and /files/version disagree
+            # (a cache, two servers behind one address).
+            self.named = version
             early = True
         link.rest(1000 if early else 0)
 

@@ -183,7 +183,9 @@ class _Server:
         )
         try:
             if status == 304:
-                return since
+                if since:
+                    return since
+                raise OTAError("bad version answer from %s: 304 to a request without a version" % self.where)
             body = self.readline() if 0 < length <= _LINE else b""
             try:
                 version = json.loads(body)["version"]

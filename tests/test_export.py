@@ -334,14 +334,15 @@ def test_each_version_exported_has_its_manifest_under_its_own_name(app, site):
 # -- What the export may touch -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inside", ["site", "", "lib/site", "link"])
+@pytest.mark.parametrize("inside", ["site", "", "lib/site", "link", "link/.."])
 def test_an_export_into_the_promoted_folder_is_refused(app, inside):
-    if inside == "link":
+    if inside.startswith("link"):
         try:
             os.symlink(str(app / "lib"), str(app.parent / "link"))
         except (OSError, NotImplementedError):
             pytest.skip("this user cannot make symlinks")
-        site = str(app.parent / "link" / "site")
+        # link/.. is DIR, as the system resolves it: the link first, then ..
+        site = os.path.join(str(app.parent), inside, "site")
     else:
         site = os.path.join(str(app), inside) if inside else str(app)
     before = listing(app)
@@ -349,6 +350,16 @@ def test_an_export_into_the_promoted_folder_is_refused(app, inside):
                       "cannot export to %r: it is inside the promoted folder %r, which would then publish "
                       "the export itself: export to a folder outside it" % (site, str(app)))
     assert listing(app) == before
+
+
+def test_an_export_to_a_folder_that_holds_the_promoted_folder_is_refused(tmp_path):
+    app = tmp_path / "site" / "files"  # where the export would write its files
+    write(app, "main.py", "print(1)\n")
+    before = listing(tmp_path)
+    assert_user_error(run(str(app), "--export", str(tmp_path / "site")),
+                      "cannot export to %r: it holds the promoted folder %r, where the export could write: "
+                      "export to a folder apart from it" % (str(tmp_path / "site"), str(app)))
+    assert listing(tmp_path) == before
 
 
 def test_a_first_export_into_a_folder_of_other_files_is_refused_and_touches_nothing(app, site):

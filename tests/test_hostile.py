@@ -486,7 +486,7 @@ def test_paths_equal_but_for_case_are_warned_of_once(tree, caplog):
         settle(p)
     assert [f["path"] for f in p.manifest()] == ["Config.py", "config.py", "main.py"]
     assert [r.getMessage() for r in caplog.records] == [
-        "Config.py and config.py are one file on a board's FAT file system (which ignores case and a name's "
+        "Config.py and config.py clash on a board's FAT file system (which ignores case and a name's "
         "last dots): boards refuse the update until one is renamed"]
 
 
@@ -503,8 +503,22 @@ def test_names_equal_on_fat_but_for_their_last_dots_are_warned_of_once(tree, cap
     # lib. and lib are one folder on FAT, holding x.py and y.py: no clash.
     assert [f["path"] for f in p.manifest()] == ["lib/y.py", "lib./x.py", "notes", "notes."]
     assert [r.getMessage() for r in caplog.records] == [
-        "notes and notes. are one file on a board's FAT file system (which ignores case and a name's last "
+        "notes and notes. clash on a board's FAT file system (which ignores case and a name's last "
         "dots): boards refuse the update until one is renamed"]
+
+
+@needs_case_sensitive_fs
+def test_a_file_that_is_a_folder_of_another_on_fat_is_warned_of_once(tree, caplog):
+    for path in ["main.py", "Lib", "lib/x.py", "CFG", "cfg./a.py"]:
+        write(tree, path, "x")
+    with caplog.at_level(logging.WARNING, "ota_promoter"):
+        p = Promoter(str(tree))
+        write(tree, "main.py", "y")
+        settle(p)
+    assert len(p.manifest()) == 5
+    assert [r.getMessage() for r in caplog.records] == [
+        "%s clash on a board's FAT file system (which ignores case and a name's last dots): boards refuse "
+        "the update until one is renamed" % pair for pair in ["CFG and cfg./a.py", "Lib and lib/x.py"]]
 
 
 @needs_any_name

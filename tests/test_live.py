@@ -273,6 +273,12 @@ ANSWERS = {
         "GET /files/%s HTTP/1.0" % OLDER: at_once(b"HTTP/1.0 404 Not Found\r\n", b"<html>404"),
         "GET /files/manifest.txt HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", VERSION.encode() + b"\n"),
     }, [POLL, "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % OLDER, "GET /files/manifest.txt HTTP/1.0"]),
+    # a cache, or a second server behind the address, keeps naming another version
+    # at the long-poll than /files/version, which names the board's: tried once
+    "a long-poll naming another version than /files/version": ({
+        POLL: at_once(b"HTTP/1.1 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
+        "GET /files/version HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", b'{"version": "%s"}\n' % VERSION.encode()),
+    }, [POLL, "GET /files/version HTTP/1.0"]),
 }
 
 

@@ -41,7 +41,7 @@ def _browser_missing():
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return "needs selenium: python3 -m pip install -r requirements-dev.txt"
+        return "needs selenium: .venv/bin/pip install -r requirements-dev.txt"
     return None
 
 
