@@ -225,6 +225,7 @@ def test_lan_addresses_are_ipv4_and_not_loopback():
 
 
 def test_server_and_client_need_nothing_newer_than_python_3_9():
+    pytest.importorskip("vermin", reason="needs vermin: .venv/bin/pip install -r requirements-dev.txt")
     result = subprocess.run(
         [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
          "-t=3.9-", "--no-tips", "--violations",
