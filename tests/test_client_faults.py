@@ -16,11 +16,9 @@ import pytest
 import ota
 import ota_update
 import ota_promoter
-from conftest import TIMEOUT, checksum, request, write
+from conftest import checksum, request, write
 from proxy import is_manifest, set_header, split
-from test_client import (  # noqa: F401  (fixtures)
-    app, board, device, files, folders, installed, mpy_dir, promoted, promoter, proxy, publish,
-)
+from conftest import files, folders, promoted, publish
 
 VERSION = "5" * 40
 

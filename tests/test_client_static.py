@@ -11,7 +11,7 @@ import pytest
 import ota
 from conftest import TIMEOUT, request, write
 from proxy import FaultProxy, is_download
-from test_client import board, device, files, mpy_dir  # noqa: F401 (fixtures)
+from conftest import files
 from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
 

@@ -15,7 +15,7 @@ import pytest
 import ota
 import ota_promoter
 from conftest import ROOT, TIMEOUT, checksum, settle, write
-from test_client import MICROPYTHON, files, mpy_dir, promoted  # noqa: F401  (fixture)
+from conftest import MICROPYTHON, NO_MICROPYTHON, files, heap_for, promoted
 
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
 needs_console = pytest.mark.skipif(
@@ -76,7 +76,7 @@ def interpreter(request):
     if request.param == "cpython":
         return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
     if not MICROPYTHON:
-        pytest.skip("set MICROPYTHON to a MicroPython unix interpreter to run the client under it")
+        pytest.skip(NO_MICROPYTHON)
     # the simulated board's own code takes heap too: test_memory holds the client to 38 KB
     return [MICROPYTHON, "-X", "heapsize=96k"], str(request.getfixturevalue("mpy_dir"))
 
@@ -324,7 +324,7 @@ print("updated", live.restart is not None)
 """
 
 
-@pytest.mark.skipif(not MICROPYTHON, reason="set MICROPYTHON to measure the heap on a MicroPython unix port")
+@pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_live_mode_holds_little_heap_and_a_full_update_runs_in_38_kb(tree, promoter, mpy_dir, tmp_path, capsys):
     device = tmp_path / "device"
     device.mkdir()

@@ -24,7 +24,7 @@ import ota_update
 import ota_promoter
 from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
 from test_cli import free_port
-from test_client import CPythonBoard, files, promoted, publish
+from conftest import CPythonBoard, files, promoted, publish
 
 # ota_promoter.py in its own process, telling (on stdout) when each version was
 # published, so that wake-up latencies are measured from the publish itself.
