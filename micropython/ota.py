@@ -113,14 +113,28 @@ def _reset():
 # -- Update, recover and watch: in ota_update.py -------------------------------------
 
 
+_named = None  # the version the server named at this boot's last update, set by ota_update
+
+
 def _run(name, *args):
     # Call ota_update's function; the module is dropped afterwards if this call
-    # imported it, so that live mode keeps only this file in memory.
+    # imported it, so that live mode keeps only this file in memory. Whatever goes
+    # wrong (no memory to import it, a bug) is an OTAError: nothing escapes boot.py.
     mine = "ota_update" not in sys.modules
     try:
         import ota_update
 
         return getattr(ota_update, name)(*args)
+    except Exception as e:
+        if isinstance(e, OTAError):
+            raise
+        if mine:
+            sys.modules.pop("ota_update", None)  # first: what it held is free for the message
+        try:
+            e = OTAError("%s failed: %r" % (name, e))
+        except MemoryError:
+            e = OTAError("not enough memory")
+        raise e
     finally:
         if mine:
             sys.modules.pop("ota_update", None)
