@@ -9,33 +9,27 @@
 # console, which a machine.Timer drives without ever blocking the app, and the
 # fronts of update(), recover() and watch(), which import ota_update.py (the
 # download, the checks, the journal) only when called and drop it afterwards.
-# Runs on CPython 3.9+ as well, for the tests.
+# Live mode never downloads beside the app: it stops the app first (it is
+# restarted on the new files anyway), so the app is never frozen mid-step and
+# an update never needs the app's memory. Runs on CPython 3.9+ too, for the tests.
 
-import binascii
+import gc
 import json
-import os
 import select
 import socket
 import sys
 
 try:
     from micropython import const
-except ImportError:
-
-    def const(x):
-        return x
-
-
-try:
     from time import ticks_diff, ticks_ms
 except ImportError:  # CPython
     from time import perf_counter
 
+    const = int
+    ticks_diff = int.__sub__
+
     def ticks_ms():
         return int(perf_counter() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
 
 
 try:
@@ -44,61 +38,11 @@ except ImportError:
     IOBase = object
 
 _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux and ESP-IDF alike
-_CONSOLE = const(1024)  # console bytes held for the server; the oldest are dropped and counted
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
-_STATE = ".ota"
 
 
 class OTAError(Exception):
     pass
-
-
-def _installed(root):
-    # Not open() of a missing file: on the unix port of 1.20 its object is left with
-    # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
-    try:
-        os.stat(root + "/" + _STATE)
-        with open(root + "/" + _STATE, "rb") as f:
-            return f.readline()[:-1].decode()
-    except OSError:
-        return ""
-
-
-def _where(url):
-    # (host:port as written, host, port, address family, path prefix, https?) of a url.
-    i = url.find("://")
-    tls = url[:i] == "https"
-    if not tls and url[:i] != "http":
-        raise OTAError("url must start with http:// or https://, not %r" % url)
-    rest = url[i + 3 :].rstrip("/")
-    i = rest.find("/")
-    if i < 0:
-        i = len(rest)
-    where = host = rest[:i]
-    try:
-        port = 443 if tls else 80
-        i = host.rfind(":")
-        if i > host.rfind("]"):  # a port, after a name or a [v6 address]
-            port = int(host[i + 1 :])
-            host = host[:i]
-        family = socket.AF_INET
-        if host[:1] == "[" and host[-1:] == "]":
-            host = host[1:-1]
-            family = socket.AF_INET6
-        elif ":" in host or "]" in host:
-            raise ValueError
-    except Exception:
-        raise OTAError("bad host or port in %r" % url)
-    return where, host, port, family, rest[len(where) :], tls
-
-
-def _device():
-    try:
-        import machine
-
-        return binascii.hexlify(machine.unique_id()).decode()
-    except (ImportError, AttributeError):
-        return "unknown"
 
 
 def _reset():
@@ -112,11 +56,14 @@ def _reset():
 
 # -- Update, recover and watch: in ota_update.py -------------------------------------
 
+# What this boot's update() learnt: False until it runs, then the version the
+# server named (set by ota_update), or None if it named none. live() runs update()
+# if it has not run, and waits for a version other than the one it named.
+_named = False
+_live = None  # live mode's state, once armed
 
-_named = None  # the version the server named at this boot's last update, set by ota_update
 
-
-def _run(name, *args):
+def _run(name, args, kw={}):
     # Call ota_update's function; the module is dropped afterwards if this call
     # imported it, so that live mode keeps only this file in memory. Whatever goes
     # wrong (no memory to import it, a bug) is an OTAError: nothing escapes boot.py.
@@ -124,385 +71,313 @@ def _run(name, *args):
     try:
         import ota_update
 
-        return getattr(ota_update, name)(*args)
+        return getattr(ota_update, name)(*args, **kw)
+    except OTAError:
+        raise
     except Exception as e:
-        if isinstance(e, OTAError):
-            raise
-        if mine:
-            sys.modules.pop("ota_update", None)  # first: what it held is free for the message
-        try:
-            e = OTAError("%s failed: %r" % (name, e))
-        except MemoryError:
-            e = OTAError("not enough memory")
-        raise e
+        raise OTAError("not enough memory" if isinstance(e, MemoryError) else "%s failed: %r" % (name, e))
     finally:
         if mine:
             sys.modules.pop("ota_update", None)
+            _scrub(40)
 
 
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
-    """Install the files that changed on the server; True if any did.
-
-    Resets the board after a change when reset is true. Deletes files the server
-    no longer has only if this client installed them (and delete is true).
-    Raises OTAError, with the board's files as they were, if anything fails.
-    """
-    return _run("update", url, root, token, reset, delete, timeout, ca)
+def _scrub(n):
+    # Covers the C stack where the update ran with frames of its own, then collects:
+    # the GC scans the stack conservatively, and a stale word left in a frame's
+    # unused slots would keep the whole dropped module alive, by chance, beside the app.
+    return _scrub(n - 1) if n else gc.collect()
 
 
-def recover(root="/"):
+# The functions: their arguments and defaults are ota_update's (README: "The
+# functions"), which these only import.
+
+
+def update(url, *args, **kw):
+    """Install the files that changed on the server; True if any did."""
+    global _named
+    _named = None
+    return _run("update", (url,) + args, kw)
+
+
+def recover(*args):
     """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
-    return _run("recover", root)
+    return _run("recover", args)
 
 
-def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
+def watch(*args, **kw):
     """Update on every new version the server publishes, forever (for development)."""
-    return _run("watch", url, root, token, reset, wait, timeout, ca)
+    return _run("watch", args, kw)
+
+
+def live(*args, **kw):
+    """Arm live mode and return: a new version stops the app, is installed, and
+    main.py restarts on it. Runs update() first if it has not run since boot.
+    Returns the live-mode object (tests call its tick() where there is no Timer)."""
+    return _run("_live", args, kw)
 
 
 # -- Live mode: a Timer callback that never waits --------------------------------------
 
 
-class _Console(IOBase):
-    """The stream given to os.dupterm: holds what the REPL prints for the server."""
+class _Live(IOBase):
+    """Live mode, advanced one step at a time by tick(), from a Timer's soft callback,
+    and the console: the stream given to os.dupterm, which holds what the REPL prints
+    for the server (one object: what stays in memory beside the app is the budget).
 
-    def __init__(self, keep):
-        self.buf = bytearray(_CONSOLE if keep else 0)
-        self.n = self.dropped = self.key = self.sending = 0
-        self.prompt = False
+    Two tasks, each a generator that yields whenever it would wait: the checks (a
+    long-poll of the server's version) and the console's posts. A version other
+    than the one installed (which the app runs) and the one the server named when
+    nothing could be installed is confirmed with a plain GET /files/version (what
+    update() reads), then the app is stopped (Ctrl-C through the console stream),
+    and ota_update installs it while the REPL idles and restarts main.py (_restart).
+    Its state is set by ota_update._live, once (see there).
+    """
 
     def write(self, data):
         # Called inside every print: keeps the newest output (the last line of a
         # traceback says what went wrong) and counts what it drops: the oldest bytes
-        # not being sent. It never waits and never raises (an exception would make
-        # os.dupterm drop the stream).
+        # not being sent. It never waits and never raises: os.dupterm drops a stream
+        # whose write() raises, MemoryError included (extmod/os_dupterm.c).
         n = len(data)
-        size = len(self.buf)
-        cut = min(n - size + self.n, self.n - self.sending)
-        if cut > 0:
-            self.buf[self.sending : self.n - cut] = self.buf[self.sending + cut : self.n]
-            self.n -= cut
-            self.dropped += cut
-        k = min(n, size - self.n)
-        self.buf[self.n : self.n + k] = data[n - k :]
-        self.n += k
-        self.dropped += n - k
-        if n:
-            # The friendly REPL writes its prompt alone (shared/readline: readline_init)
-            self.prompt = data == b">>> "
+        buf = self.buf
+        held = self.n
+        sending = self.sending
+        try:
+            cut = min(n - len(buf) + held, held - sending)
+            if cut > 0:
+                buf[sending : held - cut] = buf[sending + cut : held]
+                held -= cut
+                self.n = held
+                self.dropped += cut
+            k = min(n, len(buf) - held)
+            buf[held : held + k] = data if k == n else data[n - k :]  # no copy when all fits
+            self.n = held + k
+            self.dropped += n - k
+            if n:
+                # The friendly REPL writes its prompt alone (shared/readline: readline_init)
+                self.prompt = data == b">>> "
+        except Exception:  # no memory for a slice: this output is lost, and counted
+            self.dropped += n
         return n
 
     def readinto(self, b):
-        # The key live mode presses to restart the app (Ctrl-C, then Ctrl-D), once.
+        # The key live mode presses (Ctrl-C, then Ctrl-D), once.
         if self.key:
             b[0] = self.key
             self.key = 0
             return 1
-        return None  # no input: os.dupterm takes it as EAGAIN
-
-    def sent(self, k, dropped):
-        # The server took the first k bytes and the count of dropped ones.
-        self.buf[: self.n - k] = self.buf[k : self.n]
-        self.n -= k
-        self.dropped -= dropped
-        self.sending = 0
-
-
-class _Link:
-    """One HTTP exchange at a time on a non-blocking socket; step() never waits."""
-
-    def __init__(self):
-        self.s = self.parts = None
-        # Answers are read up to the end of their head, through this buffer; the
-        # body of a version answer (a 200 of /files/version, under 64 bytes) into it.
-        self.buf = bytearray(64)
-        self.mv = memoryview(self.buf)
-        self.backoff = self.since = 0
-        self.next = 1000
-
-    def resting(self):
-        # True for backoff ms: after a failure (1, 2, 4, 8, then 10 s) or an early answer.
-        return self.backoff and ticks_diff(ticks_ms(), self.since) < self.backoff
-
-    def rest(self, ms):
-        # After an exchange that succeeded: the next failure backs off 1 s again.
-        self.next = 1000
-        self.backoff = ms
-        self.since = ticks_ms()
-
-    def fail(self):
-        self.close()
-        self.backoff = self.next
-        self.next = min(self.next * 2, 10000)
-        self.since = ticks_ms()
-
-    def close(self):
-        if self.s:
-            self.s.close()
-        self.s = None
-        self.parts = None
-
-    def start(self, address, family, head, body, ms, version=False):
-        # A kept-alive connection the server has closed in the meantime reads as ready.
-        if self.s and self.poll.poll(0):
-            self.close()
-        if not self.s:
-            s = self.s = socket.socket(family)
-            s.setblocking(False)
-            try:
-                s.connect(address)
-            except OSError as e:
-                if e.args[0] != _EINPROGRESS:
-                    raise
-            self.poll = select.poll()
-        self.poll.register(self.s, select.POLLOUT)
-        self.parts = [head, body]
-        self.status = self.n = 0
-        # None: the answer is read up to the end of its head; with version, False
-        # until then, and True while the body of a 200, a version answer, is read.
-        self.body = False if version else None
-        self.ms = ms
-        self.started = ticks_ms()
-
-    def step(self):
-        # None while the exchange is under way, then the answer's status; for a
-        # version answer, once its body is in buf[:n]. Raises OSError if the
-        # connection fails or the exchange takes over its time, ValueError if the
-        # answer is not HTTP or the version answer is too long.
-        if ticks_diff(ticks_ms(), self.started) > self.ms:
-            raise OSError("timed out")
-        for _ in range(8):  # a bound on the work of one tick
-            ready = self.poll.poll(0)
-            if not ready:
-                return None
-            if ready[0][1] & (select.POLLERR | select.POLLHUP) and not ready[0][1] & select.POLLIN:
-                raise OSError("connection refused or lost")
-            if self.parts:
-                part = self.parts[0]
-                n = self.s.send(part)
-                if n < len(part):
-                    self.parts[0] = part[n:]
-                else:
-                    self.parts.pop(0)
-                    if not self.parts:
-                        self.poll.modify(self.s, select.POLLIN)
-                continue
-            # After the bytes kept in buf[:n]: the status line's start, the last 3
-            # bytes of the head (its end may be cut between two reads), the body.
-            if self.n == len(self.buf):
-                raise ValueError  # a version answer too long
-            n = (self.s.readinto if hasattr(self.s, "readinto") else self.s.recv_into)(self.mv[self.n :])
-            if n is None:
-                return None
-            if not n:
-                if not self.body:
-                    raise OSError("connection closed")
-                return self.status  # the body ends with the connection
-            n += self.n
-            if not self.body:
-                if not self.status:
-                    if n < 12:
-                        self.n = n
-                        continue
-                    self.status = int(bytes(self.buf[9:12]))  # ValueError if not HTTP; 1.20 has no int(bytearray)
-                end = self.buf.find(b"\r\n\r\n", 0, n)
-                if end < 0:
-                    self.buf[:3] = self.buf[n - 3 : n]
-                    self.n = 3
-                    continue
-                if self.body is None or self.status != 200:
-                    return self.status
-                self.body = True
-                end += 4
-                n -= end
-                self.buf[:n] = self.buf[end : end + n]
-            self.n = n
-            end = self.buf.find(b"}", 0, n) + 1  # the end of {"version": "..."}
-            if end:
-                self.n = end
-                return self.status
-        return None
-
-
-class _Live:
-    """Live mode's state, advanced by tick() from a Timer's soft callback."""
-
-    def __init__(self, url, root, token, console, wait, timeout):
-        # version: what the board has installed; named: what the server named at
-        # the last update, which the long-poll waits to change.
-        self.url = url
-        self.root = root
-        self.token = token
-        self.wait = max(int(wait), 1)
-        self.timeout = timeout
-        self.where, host, port, self.family, self.prefix, tls = _where(url)
-        if tls:
-            raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
-        self.address = None
-        self.head = "Host: %s\r\nX-OTA-Device: %s\r\n%s" % (
-            self.where, _device(), "Authorization: Bearer %s\r\n" % token if token else "")
-        self.host = host, port
-        self.version = self.named = _installed(root)
-        self.check = _Link()
-        self.post = _Link() if console else None
-        self.console = None
-        self.timer = None
-        self.restart = None
-
-    def request(self, line, extra):
-        return ("%s HTTP/1.1\r\n%sX-OTA-Version: %s\r\n%s\r\n" % (
-            line, self.head, self.version or "none", extra)).encode()
+        # else None: no input, which os.dupterm takes as EAGAIN
 
     def tick(self, timer=None):
-        """One step of live mode: returns at once, never raises."""
-        c = self.console
-        prompt = c and c.prompt  # what this prints is live mode's: the REPL still waits
+        """One step of each task: returns at once, never raises."""
+        prompt = self.prompt  # what this prints is live mode's: the REPL still waits
         try:
-            if self.restart is not None:
-                return self._restarting()
-            if self.address is None:  # resolved once: a name costs a DNS lookup here
-                self.address = socket.getaddrinfo(self.host[0], self.host[1], self.family)[0][-1]
-            self._check()
-            if self.post:
-                self._post()
-        except Exception as e:  # a bug must not stop live mode: said once per failure
-            print("ota: live mode: %r" % e)
-            self.check.fail()
-        finally:
-            if c:
-                c.prompt = c.prompt or prompt
-
-    def _check(self):
-        link = self.check
-        if link.resting():
-            return
+            if self.checks:
+                next(self.checks)
+        except StopIteration:  # the app is being restarted
+            self.checks = None
+        except Exception:  # no memory to begin them (they catch the rest): begun again
+            self.checks = self._checks(1000)
         try:
-            if link.parts is None:
-                link.start(self.address, self.family, self.request(
-                    "GET %s/files/version?wait=%d" % (self.prefix, self.wait),
-                    'If-None-Match: "%s"\r\n' % self.named if self.named else ""), b"",
-                    (self.wait + self.timeout) * 1000, True)
-                return
-            status = link.step()
-            if status is None:
-                return
-            link.close()  # a long-poll's connection is not kept
-            version = self.named
-            if status == 200:
-                version = json.loads(link.buf[: link.n])["version"]  # ValueError if not JSON
-        except (OSError, ValueError):
-            return link.fail()
-        if status != 200 and status != 304:
-            print("ota: live mode: HTTP %d from %s" % (status, self.where))
-            return link.fail()
-        # Nothing new, or an update that changed nothing: answered at once (a server
-        # that ignores wait, a static host), the next long-poll waits a second.
-        early = ticks_diff(ticks_ms(), link.started) < 1000
-        if version != self.named and version != self.version:
-            try:  # the app pauses for the download
-                changed = _run("_update", self.url, self.root, self.token, False, True, self.timeout, None)[1]
-            except OTAError as e:
-                print("ota: %s; live mode retries" % e)
-                return link.fail()
-            self.version = _installed(self.root)
-            if changed:
-                self.restart = ticks_ms()
-                return self._restarting()
-            # Tried, and nothing to install: the long-poll now waits for another
-            # version than this one, even where it and /files/version disagree
-            # (a cache, two servers behind one address).
-            self.named = version
-            early = True
-        link.rest(1000 if early else 0)
+            if self.posts:  # apart: a failure to post never holds the checks
+                next(self.posts)
+        except Exception:  # the server has no console
+            self.posts = None
+        self.prompt = self.prompt or prompt
 
-    def _post(self):
-        link = self.post
-        c = self.console
-        if link.resting():
-            return
+    def _ask(self, s, line, extra, body, ms, buf, version):
+        # One HTTP/1.1 exchange on a non-blocking socket: s, kept alive, or a new one.
+        # A generator: it yields whenever it would wait, and after 8 reads, so each
+        # step returns at once. Sends the request, reads the answer's head through
+        # buf and, with version, the body of a 200 ({"version": "..."}) into buf.
+        # Returns (socket, status, bytes of body in buf). Raises OSError if the
+        # connection fails or the exchange takes over ms, ValueError if the answer
+        # is not HTTP or its body does not fit; the socket is closed then.
+        p = select.poll()
+        if s:
+            p.register(s, select.POLLIN)
+            if p.poll(0):  # a kept-alive connection the server has closed reads as ready
+                s.close()
+                s = None
         try:
-            if link.parts is None:
-                if not c.n and not c.dropped:
-                    return
-                self.k = c.sending = min(c.n, 1024)  # the protocol's largest body
-                self.d = c.dropped
-                link.start(self.address, self.family, self.request(
-                    "POST %s/console" % self.prefix, "Content-Length: %d\r\n%s" % (
-                        self.k, "X-OTA-Dropped: %d\r\n" % self.d if self.d else "")),
-                    memoryview(c.buf)[: self.k], self.timeout * 1000)
-            status = link.step()
-        except (OSError, ValueError):
-            c.sending = 0
-            return link.fail()
-        if status is None:
-            return
-        link.parts = None
-        c.sending = 0
-        if status == 404 or status == 405:
-            print("ota: %s has no console: upgrade the server" % self.where)
-            link.close()
-            self.post = None
-            return
-        if status != 204:
-            print("ota: console: HTTP %d from %s" % (status, self.where))
-            return link.fail()  # the output waits; what no longer fits is counted
-        link.rest(0)
-        c.sent(self.k, self.d)
+            if not s:
+                s = socket.socket(self.family)
+                s.setblocking(False)
+                try:
+                    s.connect(self.address)
+                except OSError as e:
+                    if e.args[0] != _EINPROGRESS:
+                        raise
+            p.register(s, select.POLLOUT)
+            began = ticks_ms()
+            data = [("%s HTTP/1.1\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
+            if body:
+                data.append(body)
+            mv = memoryview(buf)
+            n = status = reads = 0
+            head = True
+            while True:
+                if ticks_diff(ticks_ms(), began) > ms:
+                    raise OSError  # timed out: the reason is never shown, and costs memory
+                ready = p.poll(0)
+                if not ready or reads == 8:
+                    reads = 0
+                    yield
+                    continue
+                if data:
+                    data[0] = data[0][s.send(data[0]) :]
+                    if not data[0]:
+                        data.pop(0)
+                        if not data:
+                            p.modify(s, select.POLLIN)
+                    continue
+                # After the bytes kept in buf[:n]: the status line's start, the last 3
+                # bytes of the head (its end may be cut between two reads), the body.
+                reads += 1
+                if n == len(buf):
+                    raise ValueError  # a version answer too long
+                k = (s.readinto if hasattr(s, "readinto") else s.recv_into)(mv[n:])
+                if k is None:
+                    continue
+                if not k:
+                    if head:
+                        raise OSError  # closed
+                    return s, status, n  # the body ends with the connection
+                n += k
+                if head:
+                    if not status:
+                        if n < 12:
+                            continue
+                        status = int(bytes(buf[9:12]))  # ValueError if not HTTP; 1.20 has no int(bytearray)
+                    end = buf.find(b"\r\n\r\n", 0, n)
+                    if end < 0:
+                        buf[:3] = buf[n - 3 : n]
+                        n = 3
+                        continue
+                    if not version or status != 200:
+                        return s, status, 0
+                    head = False
+                    end += 4
+                    n -= end
+                    buf[:n] = buf[end : end + n]
+                end = buf.find(b"}", 0, n) + 1  # the end of {"version": "..."}
+                if end:
+                    return s, status, end
+        except BaseException:
+            s.close()
+            raise
 
-    def _restarting(self):
-        # Restart main.py on the new files as a remote REPL does: Ctrl-C through the
-        # console stream, then, once the REPL shows its prompt, Ctrl-D: a soft reset.
-        c = self.console
-        notify = getattr(os, "dupterm_notify", None)
-        if c and notify and ticks_diff(ticks_ms(), self.restart) < _PROMPT:
-            if not c.prompt:
-                if c.key != 3 and not self.interrupted:
-                    self.interrupted = True
-                    c.key = 3
-                    notify(None)
-                if self.post:
-                    self._post()
-                return
-            self.stop()
-            c.key = 4
+    def _version(self, line, extra, ms, buf):
+        # The version a GET of /files/version names; a 304's is the one asked about.
+        s, status, n = yield from self._ask(None, line, extra, b"", ms, buf, True)
+        s.close()  # not kept: a long-poll holds its connection
+        if status == 304:
+            return self.named
+        if status != 200:
+            print("ota: HTTP %d from %s" % (status, self.host[0]))
+            raise ValueError
+        return json.loads(buf[:n])["version"]
+
+    def _checks(self, pause=0):
+        # The long-poll, for ever; a server that is away costs a retry 1, 2, 4, 8, then
+        # every 10 s, and one that answers at once (ignoring wait, a static host) a
+        # second's rest. A half-open connection is given up wait + 3 s after it began.
+        buf = bytearray(64)
+        fails = 0
+        while True:
+            began = ticks_ms()
+            while ticks_diff(ticks_ms(), began) < pause:
+                yield
+            began = ticks_ms()
+            try:
+                if self.address is None:  # resolved once: a name costs a DNS lookup
+                    self.address = socket.getaddrinfo(self.host[0], self.host[1], self.family)[0][-1]
+                polled = yield from self._version(
+                    self.lines[0], 'If-None-Match: "%s"\r\n' % self.named if self.named else "", self.held, buf)
+                pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0
+                fails = 0
+                if polled != self.named and polled != self.version:
+                    new = yield from self._version(self.lines[1], "", self.ms, buf)
+                    if new != self.named and new != self.version:
+                        print("ota: version %s: stopping the app to install it" % new[:7])
+                        break
+                    # A cache, or a second server behind the address: the long-poll
+                    # names a version /files/version does not; it now waits for another.
+                    self.named = polled
+                    pause = 1000
+            except Exception as e:
+                if not isinstance(e, (OSError, ValueError)):
+                    print("ota: live mode: %r" % e)
+                pause = min(1000 << fails, 10000)
+                fails += 1
+        # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
+        # the REPL shows its prompt, or after 3 s, ota_update installs the version and
+        # restarts main.py (_restart).
+        import os
+
+        began = ticks_ms()
+        notify = getattr(os, "dupterm_notify", None)  # the ports that read the stream (README)
+        if notify and not self.prompt:
+            self.key = 3
             notify(None)
-            return
-        self.stop()
-        _reset()  # no console stream, or the app caught KeyboardInterrupt
+        # Until the REPL shows its prompt, and the console has posted what was said
+        while notify and (not self.prompt or self.n) and ticks_diff(ticks_ms(), began) < _PROMPT:
+            yield
+        try:
+            _run("_restart", (self,))
+        except OTAError as e:  # not even the installer loads: a reset, and boot.py's update()
+            try:
+                print("ota: %s; resetting: boot.py installs it" % e)
+            finally:
+                _reset()
+
+    def _posts(self):
+        # What the console holds, posted as it comes (POST /console, at most 1,024
+        # bytes each) on a kept-alive connection; after a failure the output waits,
+        # and what no longer fits is counted, 1, 2, 4, 8, then 10 s.
+        buf = bytearray(64)
+        s = None
+        fails = 0
+        while True:
+            yield
+            if not self.n and not self.dropped:
+                continue
+            try:
+                k = self.sending = min(self.n, 1024)
+                d = self.dropped
+                s, status, _ = yield from self._ask(s, self.lines[2], "Content-Length: %d\r\n%s" % (
+                    k, "X-OTA-Dropped: %d\r\n" % d if d else ""), memoryview(self.buf)[:k], self.ms, buf, False)
+                self.sending = 0
+                if status == 404 or status == 405:
+                    print("ota: %s has no console: upgrade the server" % self.host[0])
+                    s.close()
+                    return
+                if status != 204:
+                    print("ota: HTTP %d from %s" % (status, self.host[0]))
+                    raise ValueError
+                # Taken: the first k bytes, and the count of those dropped before them
+                self.buf[: self.n - k] = self.buf[k : self.n]
+                self.n -= k
+                self.dropped -= d
+                fails = 0
+            except Exception:  # a closed socket, no memory: the output waits
+                self.sending = 0
+                if s:
+                    s.close()
+                s = None
+                began = ticks_ms()
+                while ticks_diff(ticks_ms(), began) < min(1000 << fails, 10000):
+                    yield
+                fails += 1
 
     def stop(self):
+        """Disarm the timer and close the connections."""
         if self.timer:
             self.timer.deinit()
-        self.check.close()
-        if self.post:
-            self.post.close()
-
-
-_live = None
-
-
-def live(url, root="/", token=None, console=True, wait=30, timeout=10, period=100):
-    """Arm live mode and return at once: every period ms a Timer checks the server
-    without waiting; a new version is installed and main.py restarted on it.
-
-    With console, what the REPL prints is sent to the server (POST /console).
-    Returns the live-mode object (tests call its tick() where there is no Timer).
-    """
-    global _live
-    if _live:
-        _live.stop()
-    _live = live = _Live(url, root.rstrip("/"), token, console, wait, timeout)
-    live.interrupted = False
-    # Attached even without console: the restart presses its keys through it.
-    live.console = _Console(console)
-    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
-        os.dupterm(live.console, 0)  # ESP8266: slot 0, as slot 1 is the UART
-    try:
-        from machine import Timer
-    except ImportError:
-        return live  # CPython and the unix port: tests call tick()
-    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
-    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
-    live.timer = Timer(-1)
-    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
-    return live
+        for task in (self.checks, self.posts):
+            try:
+                task.close()  # its socket is closed at the yield it waits at
+            except Exception:
+                pass  # none, or the task that is stopping live mode
+        self.checks = self.posts = None

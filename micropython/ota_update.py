@@ -16,12 +16,15 @@ import json
 import os
 import select
 import socket
+import sys
 import time
 
 # const and ticks come from ota, which has their fallbacks for CPython.
-from ota import OTAError, _device, _installed, _reset, _where, const, ticks_diff, ticks_ms
+from ota import OTAError, _reset, const, ticks_diff, ticks_ms
 
 _BUF = const(1024)  # the one network buffer
+_CONSOLE = const(512)  # bytes of console output live mode holds for the server
+_SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
 _LINE = const(256)  # longest header or manifest line: paths up to about 200 bytes
 _HEADERS = const(32)  # most header lines an answer may have
 _EEXIST = const(17)
@@ -29,6 +32,59 @@ _STATE = ".ota"
 _JOURNAL = ".ota-journal"
 _STAGE = ".ota-new"
 _MANIFEST = "/files/manifest.txt"  # the newest manifest, where older servers and exports have it
+
+
+def _installed(root):
+    # The version in .ota's first line, or "" if there is none or it is damaged.
+    # Not open() of a missing file: on the unix port of 1.20 its object is left with
+    # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
+    try:
+        os.stat(root + "/" + _STATE)
+        with open(root + "/" + _STATE, "rb") as f:
+            line = f.readline(42)
+        binascii.unhexlify(line[:40])  # ValueError unless hex: safe in a header line
+        if len(line) == 41 and line[40] == 10:
+            return line[:40].decode()
+    except Exception:
+        pass
+    return ""
+
+
+def _where(url):
+    # (host:port as written, host, port, address family, path prefix, https?) of a url.
+    i = url.find("://")
+    tls = url[:i] == "https"
+    if not tls and url[:i] != "http":
+        raise OTAError("url must start with http:// or https://, not %r" % url)
+    rest = url[i + 3 :].rstrip("/")
+    i = rest.find("/")
+    if i < 0:
+        i = len(rest)
+    where = host = rest[:i]
+    try:
+        port = 443 if tls else 80
+        i = host.rfind(":")
+        if i > host.rfind("]"):  # a port, after a name or a [v6 address]
+            port = int(host[i + 1 :])
+            host = host[:i]
+        family = socket.AF_INET
+        if host[:1] == "[" and host[-1:] == "]":
+            host = host[1:-1]
+            family = socket.AF_INET6
+        elif ":" in host or "]" in host:
+            raise ValueError
+    except Exception:
+        raise OTAError("bad host or port in %r" % url)
+    return where, host, port, family, rest[len(where) :], tls
+
+
+def _device():
+    try:
+        import machine
+
+        return binascii.hexlify(machine.unique_id()).decode()
+    except (ImportError, AttributeError):
+        return "unknown"
 
 
 # -- HTTP ---------------------------------------------------------------------
@@ -634,6 +690,7 @@ def _update(url, root, token, reset, delete, timeout, ca):
     installed = _installed(root)
     server = _Server(url, token, timeout, installed, ca)
     named = server.version()
+    sys.modules["ota"]._named = named  # live mode waits for another version than this one
     if named == installed:
         return named, 0
     stage = root + "/" + _STAGE
@@ -687,3 +744,106 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
             continue
         if ticks_diff(ticks_ms(), start) < 1000:
             time.sleep(1)  # answered at once (a static host, a server ignoring wait): never hammer it
+
+
+# -- Live mode: arming it, and installing once the app has stopped -------------------
+#
+# Run once each, so kept out of ota.py, which stays in memory beside the app.
+
+
+def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100):
+    # ota.live(): update() first if it has not run since boot, then the state of
+    # ota._Live, the console stream and the Timer.
+    import ota
+
+    if ota._live:
+        ota._live.stop()
+    root = root.rstrip("/")
+    if ota._named is False:  # update() has not run since boot
+        try:
+            ota.update(url, root, token, timeout=timeout)
+        except OTAError as e:
+            print("ota: no update: %s" % e)
+    where, host, port, family, prefix, tls = _where(url)
+    if tls:
+        raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
+    live = ota._Live()
+    live.args = url, root, token  # for the update, once the app has stopped
+    # The requests: the long-poll, the plain version check, the console's post; a
+    # long-poll is given up (a half-open connection) 3 s after its wait
+    wait = max(int(wait), 1)
+    live.lines = ("GET %s/files/version?wait=%d" % (prefix, wait), "GET %s/files/version" % prefix,
+                  "POST %s/console" % prefix)
+    live.held = wait * 1000 + _SLACK
+    live.ms = int(timeout * 1000)
+    live.family = family
+    live.host = host, port
+    live.address = None  # resolved at the first tick: a name costs a DNS lookup
+    # version: what the board has installed, and the app runs; named: what the
+    # server named at this boot's update (also one that failed): the long-poll
+    # waits for another, so a version that cannot be installed is tried once.
+    live.version = _installed(root)
+    live.head = "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
+        where, _device(), live.version or "none", "Authorization: Bearer %s\r\n" % token if token else "")
+    live.named = ota._named or live.version
+    # The console: what the REPL prints, held for the server (the oldest is dropped
+    # and counted). Attached even without console: the restart presses its keys
+    # through it.
+    live.buf = bytearray(_CONSOLE if console else 0)
+    live.n = live.dropped = live.key = live.sending = 0
+    live.prompt = False
+    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
+        os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
+    live.checks = live._checks()
+    live.posts = live._posts() if console else None
+    live.timer = None
+    ota._live = live
+    print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
+    try:
+        from machine import Timer
+    except ImportError:
+        return live  # CPython and the unix port: tests call tick()
+    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
+    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
+    live.timer = Timer(-1)
+    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
+    return live
+
+
+def _restart(live):
+    # The app has stopped (live mode pressed Ctrl-C, and the REPL shows its prompt):
+    # install the version, waiting on the network as an update does, as nothing
+    # runs; let the console send what that printed; then Ctrl-D, a soft reset that
+    # runs boot.py and the new main.py. If the update fails here (no room beside
+    # what the app left in memory, the server), the restart still comes, and
+    # boot.py's update() installs it in a fresh heap before main.py. An app that
+    # did not stop, or a port that cannot be handed keys: machine.reset().
+    c = live  # the console stream
+    if not c.prompt:
+        print("ota: the app did not stop: resetting the board, boot.py installs the update")
+        live.stop()
+        return _reset()
+    try:
+        _update(live.args[0], live.args[1], live.args[2], False, True, live.ms / 1000, None)
+    except Exception as e:
+        try:
+            print("ota: %s; restarting: boot.py installs it" % (
+                "not enough memory beside the app" if isinstance(e, MemoryError) else e))
+        except MemoryError:
+            pass
+    if live.posts:  # a post begun afresh, whatever the last one met
+        live.posts.close()
+        live.posts = live._posts()
+    began = ticks_ms()
+    while live.posts and c.n and ticks_diff(ticks_ms(), began) < 1000:
+        try:
+            next(live.posts)
+        except Exception:
+            break
+        time.sleep(0.01)
+    live.stop()
+    notify = getattr(os, "dupterm_notify", None)
+    if not notify:
+        return _reset()
+    c.key = 4
+    notify(None)

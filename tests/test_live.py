@@ -14,8 +14,10 @@ import pytest
 
 import ota
 import ota_promoter
+import ota_update
 from conftest import ROOT, TIMEOUT, checksum, settle, write
-from conftest import MICROPYTHON, NO_MICROPYTHON, files, heap_for, promoted
+from conftest import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
+from proxy import FaultProxy, Trickle, is_download, is_manifest
 
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
 needs_console = pytest.mark.skipif(
@@ -41,11 +43,11 @@ while True:
 class Board:
     """A simulated board running the client in a subprocess; lines() are what it printed."""
 
-    def __init__(self, interpreter, client, root, url, seconds=60):
+    def __init__(self, interpreter, client, root, url, seconds=60, free=0, boot=BOOT):
         self.root = root
-        write(root, "boot.py", BOOT)  # copied once by cable, with the client
+        write(root, "boot.py", boot)  # copied once by cable, with the client
         self.process = subprocess.Popen(
-            interpreter + [BOARD, client, root, str(seconds), url],
+            interpreter + [BOARD, client, root, str(seconds), url] + ([str(free)] if free else []),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = queue.Queue()
         self.seen = []
@@ -156,6 +158,180 @@ def test_a_stuck_app_still_gets_the_update(tree, promoter, tmp_path):
         b.stop()
 
 
+# -- The app is stopped for an update, never frozen by it ---------------------------------
+
+# An app with a 100 ms loop that says how late each turn came: a tick of live mode that
+# waited on the network would show as a late turn.
+TIMED_APP = """print("app %s starts")
+import time
+hold = [bytearray(256) for _ in range(%d)]  # the app's own objects (256 B each), live while it runs
+n = 0
+t = ticks_ms()
+while True:
+    time.sleep(0.1)
+    n += 1
+    now = ticks_ms()
+    print("%s tick", n, "late", ticks_diff(now, t) - 100)
+    t = now
+"""
+FAST_BOOT = BOOT.replace("ota.update(URL, root=ROOT)", "ota.update(URL, root=ROOT, timeout=2)").replace(
+    "wait=5)", "wait=5, timeout=2)")
+
+
+def lateness(board, version):
+    """How late each turn of the app's loop came while it ran, up to the Ctrl-C that stopped it."""
+    return [int(line.split()[-1]) for line in board.seen if re.match("^%s tick [0-9]+ late -?[0-9]+$" % version, line)]
+
+
+def fresh_heap_free(heap):
+    """Bytes free in a fresh MicroPython of this heap size: what a board has when boot.py starts."""
+    out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap, "-c", "import gc\ngc.collect()\nprint(gc.mem_free())"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    return int(out.stdout)
+
+
+INSTALLED = "^ota: version [0-9a-f]{7} installed, 1 change$"  # at the prompt, beside what the app left
+# No room for the update, or for the code that installs it, beside what the app left
+AT_BOOT = "^ota: not enough memory( beside the app)?; (restarting|resetting): boot.py installs it$"
+
+
+def board_of_38_kb(tree, promoter, mpy_dir, tmp_path, app):
+    """A board whose heap is an ESP8266's 38 KB (in a 64-bit build: 52 KB, as it needs
+    about 1.36 times as much for the same objects), running app (v1) in live mode."""
+    save(tree, promoter, "boot.py", BOOT)
+    save(tree, promoter, "main.py", app % ("v1", "v1"))
+    b = Board([MICROPYTHON, "-X", "heapsize=160k"], str(mpy_dir), str(tmp_path / "device"), promoter.url,
+              free=fresh_heap_free(heap_for("38k", "52k")))
+    b.expect("^@boot 2 hard")
+    b.expect("^v1 tick 20 late")
+    return b
+
+
+@pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
+def test_a_save_reaches_a_board_whose_app_holds_16_kb_of_a_38_kb_heap(tree, promoter, mpy_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ota_promoter")
+    b = board_of_38_kb(tree, promoter, mpy_dir, tmp_path, TIMED_APP.replace("%d", "64"))
+    v1 = promoter.version
+    try:
+        save(tree, promoter, "main.py", TIMED_APP.replace("%d", "64") % ("v2", "v2"))
+        b.expect("^ota: version [0-9a-f]{7}: stopping the app to install it$")
+        b.expect("^KeyboardInterrupt")
+        b.expect("|".join((INSTALLED, AT_BOOT)))  # which way it took, on the console
+        b.expect("^ota: live mode, version [0-9a-f]{7}$")
+        b.expect("^app v2 starts$")
+        b.expect("^v2 tick 3 late")
+        assert files(b.root, own=False) == promoted(tree)
+        assert max(lateness(b, "v1")) <= 50  # ms: the app ran on at its pace until it was stopped
+    finally:
+        b.stop()
+    logged = [r.getMessage() for r in caplog.records]
+    # the server saw the app stopped, and then the version that runs after the restart
+    said = [m.split(" | ")[-1].replace(">>> ", "") for m in logged if "stopping the app" in m or "live mode," in m]
+    assert said == ["ota: live mode, version %s" % v1[:7],
+                    "ota: version %s: stopping the app to install it" % promoter.version[:7],
+                    "ota: live mode, version %s" % promoter.version[:7]]
+
+
+# An app that keeps all but 4 KB of the heap for itself: no update fits beside it.
+GREEDY_APP = TIMED_APP.replace("hold = [bytearray(256) for _ in range(%d)]", """hold = []
+try:
+    while True:
+        hold.append(bytearray(256))
+except MemoryError:
+    del hold[-16:]""")
+
+
+@pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
+def test_an_update_that_does_not_fit_beside_the_app_is_installed_at_boot_in_a_fresh_heap(
+        tree, promoter, mpy_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ota_promoter")
+    b = board_of_38_kb(tree, promoter, mpy_dir, tmp_path, GREEDY_APP)
+    try:
+        save(tree, promoter, "main.py", GREEDY_APP % ("v2", "v2"))
+        b.expect("^ota: version [0-9a-f]{7}: stopping the app to install it$")
+        b.expect("^KeyboardInterrupt")
+        b.expect(AT_BOOT)
+        b.expect("^@boot 3 (soft|hard)")
+        b.expect("^ota: version [0-9a-f]{7} installed, 1 change$")  # boot.py's update(), in a fresh heap
+        b.expect("^@boot 4 hard")  # which resets after installing
+        b.expect("^app v2 starts$")
+        b.expect("^v2 tick 3 late")
+        assert files(b.root, own=False) == promoted(tree)
+        assert max(lateness(b, "v1")) <= 50
+    finally:
+        b.stop()
+
+
+@pytest.mark.parametrize("fault", ["stalls on the manifest", "trickles the file at 2 KB/s"])
+def test_the_app_runs_at_its_pace_until_it_is_stopped_whatever_the_server_does(
+        tree, promoter, interpreter, tmp_path, fault):
+    stalled = []
+
+    def slow(path, response):
+        if fault == "stalls on the manifest" and is_manifest(path, response) and not stalled:
+            stalled.append(path)
+            time.sleep(4)  # longer than the client's 2 s timeout: this update fails
+        if fault == "trickles the file at 2 KB/s" and is_download(path, response) and b"v2 tick" in response:
+            return Trickle(response)
+        return response
+
+    proxy = FaultProxy(promoter.url)
+    try:
+        save(tree, promoter, "boot.py", FAST_BOOT)
+        save(tree, promoter, "main.py", TIMED_APP % ("v1", 4, "v1"))
+        b = Board(interpreter[0], interpreter[1], str(tmp_path / "device"), proxy.url, boot=FAST_BOOT)
+        try:
+            b.expect("^@boot 2 hard")
+            b.expect("^v1 tick 10 late")
+            proxy.fault = slow
+            save(tree, promoter, "main.py", TIMED_APP % ("v2", 4, "v2") + "# " + "x" * 8000 + "\n")
+            b.expect("^KeyboardInterrupt")  # stopped before the download, not frozen by it
+            b.expect("^app v2 starts$")
+            b.expect("^v2 tick 3 late")
+            assert files(b.root, own=False) == promoted(tree)
+            late = lateness(b, "v1")
+            assert len(late) >= 10 and max(late) <= 50, late
+        finally:
+            b.stop()
+    finally:
+        proxy.close()
+    assert stalled or fault != "stalls on the manifest"
+
+
+def test_a_version_that_cannot_be_installed_is_tried_once_then_waits_for_the_next_save(
+        tree, promoter, interpreter, tmp_path):
+    def damage(path, response):  # every download of v2's main.py arrives damaged
+        if is_download(path, response) and b"v2" in response:
+            return response[:-1] + bytes([response[-1] ^ 1])
+        return response
+
+    proxy = FaultProxy(promoter.url)
+    try:
+        save(tree, promoter, "boot.py", FAST_BOOT)
+        save(tree, promoter, "main.py", APP % ("v1", "v1"))
+        b = Board(interpreter[0], interpreter[1], str(tmp_path / "device"), proxy.url, boot=FAST_BOOT)
+        try:
+            b.expect("^@boot 2 hard")
+            b.expect("^v1 tick 1$")
+            proxy.fault = damage
+            save(tree, promoter, "main.py", APP % ("v2", "v2"))
+            b.expect("checksum mismatch")  # at the prompt, once the app stopped
+            b.expect("^@boot 3 soft")
+            b.expect("^no update: .*checksum mismatch")  # boot.py's update(), in a fresh heap
+            b.expect("^app v1 starts$")  # the board runs the files it has
+            b.expect("^v1 tick 200$")  # over 4 s: no more restarts for this version
+            assert not [line for line in b.seen if line.startswith("@boot 4")]
+            proxy.fault = None
+            save(tree, promoter, "main.py", APP % ("v3", "v3"))
+            b.expect("^@boot 4 soft")
+            b.expect("^v3 tick 1$")
+            assert files(b.root, own=False) == promoted(tree)
+        finally:
+            b.stop()
+    finally:
+        proxy.close()
+
+
 @needs_console
 def test_prints_and_tracebacks_reach_the_server_log(board, tree, promoter, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -179,31 +355,83 @@ def test_a_dead_server_never_blocks_a_print(tmp_path):
     from test_cli import free_port
 
     url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
+    ota._named = None  # as after boot.py's update()
     live = ota.live(url, root=str(tmp_path), wait=1, timeout=1)
-    stream = live.console
     began = time.monotonic()
-    assert stream.write(b"x" * 2000) == 2000  # print is told all was written
+    assert live.write(b"x" * 2000) == 2000  # print is told all was written
     for _ in range(20):
         live.tick()
     took = time.monotonic() - began
-    assert (stream.n, stream.dropped) == (1024, 976)
+    assert (live.n, live.dropped) == (512, 1488)
     assert took < 2  # refused connections cost a back-off, not a wait
     live.stop()
 
 
+def console(size=512):
+    """Live mode's console stream alone, as ota_update arms it."""
+    stream = ota._Live()
+    stream.buf = bytearray(size)
+    stream.n = stream.dropped = stream.key = stream.sending = 0
+    stream.prompt = False
+    return stream
+
+
 def test_a_full_console_keeps_the_newest_output_and_never_the_bytes_being_sent():
-    stream = ota._Console(True)
-    stream.write(b"A" * 600)
+    stream = console()
+    stream.write(b"A" * 300)
     stream.sending = 100  # a POST of the first 100 bytes is on its way
-    stream.write(b"B" * 500)
-    stream.write(b"Traceback (most recent call last):\nNameError: name 'x' isn't defined\n")
-    kept = bytes(stream.buf[: stream.n])
+    stream.write(b"B" * 250)
     tail = b"Traceback (most recent call last):\nNameError: name 'x' isn't defined\n"
-    assert (stream.n, stream.dropped) == (1024, 600 + 500 + len(tail) - 1024)
+    stream.write(tail)
+    kept = bytes(stream.buf[: stream.n])
+    assert (stream.n, stream.dropped) == (512, 300 + 250 + len(tail) - 512)
     assert kept[:100] == b"A" * 100  # what is being sent stays as it was
     assert kept.endswith(tail)  # the line that says what went wrong is kept
-    stream.sent(100, 0)
-    assert bytes(stream.buf[: stream.n]) == kept[100:]
+    assert kept == b"A" * 100 + (b"A" * 200 + b"B" * 250 + tail)[-(512 - 100):]
+
+
+def test_the_console_never_raises_even_without_memory_and_counts_what_it_lost(monkeypatch):
+    class NoMemory(bytearray):
+        def __setitem__(self, *_):
+            raise MemoryError
+
+    stream = console()
+    stream.write(b"kept\n")
+    stream.buf = NoMemory(stream.buf)
+    assert stream.write(b"lost\n") == 5  # os.dupterm would drop a stream whose write() raised
+    assert (bytes(stream.buf[: stream.n]), stream.dropped) == (b"kept\n", 5)
+
+
+@pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
+def test_the_console_never_raises_under_micropython_with_the_heap_full(mpy_dir):
+    script = """import sys
+sys.path.insert(0, %r)
+import ota
+stream = ota._Live()
+stream.buf = bytearray(512)
+stream.n = stream.dropped = stream.key = stream.sending = 0
+stream.prompt = False
+stream.write(b"x" * 500)
+line = b"y" * 100
+a = b = c = 0  # the script's own names, made before the heap is full
+ballast = []
+try:
+    while True:
+        ballast.append(bytearray(16))
+except MemoryError:
+    pass
+a = stream.write(line)  # each must drop the oldest: a copy, with no memory for it
+b = stream.write(line)
+c = stream.write(line)
+ballast = None
+print("wrote", [a, b, c], stream.n, stream.dropped)
+""" % str(mpy_dir)
+    out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap_for("38k", "52k"), "-c", script],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    wrote, n, dropped = re.search(r"^wrote \[(.*)\] (\d+) (\d+)$", out.stdout, re.M).groups()
+    assert wrote == "100, 100, 100"
+    assert int(n) + int(dropped) == 800  # every byte kept or counted
 
 
 @needs_console
@@ -212,23 +440,22 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
 
     caplog.set_level(logging.INFO, logger="ota_promoter")
     port = free_port()
+    ota._named = None  # as after boot.py's update()
     live = ota.live("http://127.0.0.1:%d" % port, root=str(tmp_path), wait=1, timeout=1)
-    live.console.write(b"y" * 1500 + b"\nhello\n")  # the newest output is kept
+    live.write(b"y" * 1500 + b"\nhello\n")  # the newest output is kept
     live.tick()
-    assert live.post.backoff == 1000  # refused: back off a second
     write(tree, "main.py", "m")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
     server = promoter.serve("127.0.0.1", port).start()  # on the port the board was given
     try:
-        live.post.backoff = 0
         deadline = time.monotonic() + TIMEOUT
-        while live.console.n or live.console.dropped:
+        while live.n or live.dropped:  # posted once the back-off is over
             assert time.monotonic() < deadline
             live.tick()
             time.sleep(0.01)
         logged = [r.getMessage() for r in caplog.records]
-        assert "127.0.0.1 [%s] | hello" % ota._device()[:12] in logged
-        assert any("(483 bytes of output dropped)" in m for m in logged), logged
+        assert "127.0.0.1 [%s] | hello" % ota_update._device()[:12] in logged
+        assert any("(%d bytes of output dropped)" % (1507 - 512) in m for m in logged), logged
     finally:
         live.stop()
         server.close()
@@ -241,6 +468,7 @@ OLDER = "4" * 40
 CHECKS = """import sys, time
 sys.path.insert(0, %r)
 import ota
+ota._named = None  # as after boot.py's update(): live() checks, and installs nothing
 live = ota.live(%r, root=%r, console=False, wait=30, timeout=10)
 began = ota.ticks_ms()
 slowest = 0
@@ -253,6 +481,7 @@ live.stop()
 print("slowest", slowest)
 """
 POLL = "GET /files/version?wait=30 HTTP/1.1"
+CONFIRM = "GET /files/version HTTP/1.1"  # what update() will read, asked before the app is stopped
 
 
 def at_once(head, body=b""):
@@ -266,19 +495,12 @@ ANSWERS = {
     # like the original Go server, which ignores ?wait and If-None-Match
     "a 200 naming the board's own version": ({POLL: OWN_VERSION}, [POLL]),
     "a 304 at once": ({POLL: at_once(b'HTTP/1.1 304 Not Modified\r\nETag: "%s"\r\n' % VERSION.encode())}, [POLL]),
-    # a site whose export was killed: it names an older version, its manifest lists the board's
-    "an older version, whose update changes nothing": ({
-        POLL: at_once(b"HTTP/1.1 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
-        "GET /files/version HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
-        "GET /files/%s HTTP/1.0" % OLDER: at_once(b"HTTP/1.0 404 Not Found\r\n", b"<html>404"),
-        "GET /files/manifest.txt HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", VERSION.encode() + b"\n"),
-    }, [POLL, "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % OLDER, "GET /files/manifest.txt HTTP/1.0"]),
     # a cache, or a second server behind the address, keeps naming another version
-    # at the long-poll than /files/version, which names the board's: tried once
+    # at the long-poll than /files/version, which names the board's: asked once
     "a long-poll naming another version than /files/version": ({
         POLL: at_once(b"HTTP/1.1 200 OK\r\n", b'{"version": "%s"}\n' % OLDER.encode()),
-        "GET /files/version HTTP/1.0": at_once(b"HTTP/1.0 200 OK\r\n", b'{"version": "%s"}\n' % VERSION.encode()),
-    }, [POLL, "GET /files/version HTTP/1.0"]),
+        CONFIRM: at_once(b"HTTP/1.1 200 OK\r\n", b'{"version": "%s"}\n' % VERSION.encode()),
+    }, [POLL, CONFIRM]),
 }
 
 
@@ -309,38 +531,49 @@ def test_a_check_answered_at_once_rests_a_second_and_never_holds_a_tick(hostile,
 
 MEASURE = """import sys, gc
 sys.path.insert(0, %r)
-gc.collect(); a = gc.mem_free()
+
+
+def deep(n):
+    return deep(n - 1) if n else gc.collect()
+
+
+def free():
+    # Collected from deep in the stack first: the GC scans the C stack conservatively,
+    # and stale words there would keep garbage alive, by chance.
+    deep(40)
+    gc.collect()
+    return gc.mem_free()
+
+
+a = free()
 import ota
-gc.collect(); b = gc.mem_free()
+b = free()
+ota.update(%r, root=%r, reset=False)
+c = free()
 live = ota.live(%r, root=%r, wait=5)
-gc.collect(); c = gc.mem_free()
-print("heap", a - b, b - c)
-import time
-t = time.ticks_ms()
-while live.restart is None and time.ticks_diff(time.ticks_ms(), t) < %d:
-    live.tick()
-    time.sleep_ms(10)
-print("updated", live.restart is not None)
+d = free()
+print("heap", a - b, b - c, c - d)
 """
 
 
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
-def test_live_mode_holds_little_heap_and_a_full_update_runs_in_38_kb(tree, promoter, mpy_dir, tmp_path, capsys):
+def test_importing_ota_and_arming_live_mode_take_at_most_6_kb(tree, promoter, mpy_dir, tmp_path, capsys):
+    """As README's boot.py does it: import ota, update(), live(). The 6 KB are a 32-bit
+    board's (a 64-bit build needs more for the same objects); OTA_HEAP measures at
+    another heap size."""
     device = tmp_path / "device"
     device.mkdir()
-    for i in range(20):
-        write(tree, "lib/module_%02d.py" % i, "N = %d\n" % i * 40)
     save(tree, promoter, "main.py", APP % ("v1", "v1"))
-    script = MEASURE % (str(mpy_dir), promoter.url, str(device), TIMEOUT * 1000)
-    out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + os.environ.get("OTA_HEAP", "38k"), "-c", script],
-                         capture_output=True, text=True, timeout=TIMEOUT * 3)
+    script = MEASURE % (str(mpy_dir), promoter.url, str(device), promoter.url, str(device))
+    out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + os.environ.get("OTA_HEAP", heap_for("38k", "52k")),
+                          "-c", script], capture_output=True, text=True, timeout=TIMEOUT * 3)
     assert out.returncode == 0, out.stdout + out.stderr
-    imported, armed = map(int, re.search(r"^heap (\d+) (\d+)$", out.stdout, re.M).groups())
+    imported, interned, armed = map(int, re.search(r"^heap (\d+) (\d+) (\d+)$", out.stdout, re.M).groups())
     with capsys.disabled():
-        print("\n  import ota: %d B of heap; live mode armed: %d B more" % (imported, armed))
-    assert out.stdout.splitlines()[-1] == "updated True", out.stdout
+        print("\n  %d-bit: import ota %d B, names the update leaves %d B, live mode armed %d B" % (
+            MICROPYTHON_BITS, imported, interned, armed))
     assert files(device, own=False) == promoted(tree)
-    assert armed <= 3 * 1024
+    assert imported + armed <= heap_for(6 * 1024, 8704)  # 64-bit: 1.4 times, as measured
 
 
 # -- The example app ---------------------------------------------------------------------
