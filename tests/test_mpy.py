@@ -330,6 +330,14 @@ def test_a_module_with_native_code_passes_the_check_and_is_published_as_its_sour
                             "lib/x.mpy": compiled("X = 1\n", "lib/x.py")}
 
 
+def test_a_module_with_inline_assembler_fails_the_check_with_or_without_mpy(tree):
+    write(tree, "lib/asm.py", "@micropython.asm_xtensa\ndef f(a2):\n    addi(a2, a2, 1)\n")
+    for mpy in (False, True):
+        p = Promoter(str(tree), interval=3600, check=SourceCheck(MPY_CROSS), mpy=mpy)
+        assert published(p) == {}
+        assert p.current.held == {"lib/asm.mpy" if mpy else "lib/asm.py": "1: SyntaxError: invalid arch"}
+
+
 # -- On the board ---------------------------------------------------------------------
 
 
