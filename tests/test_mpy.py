@@ -11,7 +11,7 @@ import pytest
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck, export, status
 from conftest import (
-    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, needs_micropython, request, settle, write,
+    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, heap_for, needs_micropython, request, settle, write,
 )
 from test_check import mpy_cross_program
 from test_cli import run, running  # noqa: F401 (a fixture)
@@ -68,23 +68,6 @@ def micropython(folder, code, heap="38k"):
                           "import sys\nsys.path.insert(0, %r)\n%s" % (str(folder), code)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     return out.returncode, out.stdout
-
-
-def _word_bits():
-    # By sys.maxsize: MicroPython's int has no bit_length().
-    if not MICROPYTHON:
-        return 0
-    out = subprocess.run([MICROPYTHON, "-c", "import sys\nprint(64 if sys.maxsize > 2**31 else 32)"],
-                         capture_output=True, text=True, timeout=60)
-    return int(out.stdout)
-
-
-WORD_BITS = _word_bits()
-
-
-def by_word_size(bits32, bits64):
-    """The figure that holds for the word size of the MicroPython under test."""
-    return bits64 if WORD_BITS == 64 else bits32
 
 
 def module_source(size):
@@ -422,7 +405,7 @@ def test_a_module_whose_py_runs_out_of_heap_imports_as_the_published_mpy(tree, s
     # needs a heap of 31,315 bytes for it, a 64-bit one 48,448 (pointers are twice
     # the size); as bytecode 11,609 and 18,400 (measured on 1.29: README).
     run = "import lib.big\nprint(lib.big.reading40(10))\n"
-    assert micropython(as_py.root, run, heap=by_word_size("38k", "64k")) == (0, expected)
+    assert micropython(as_py.root, run, heap=heap_for("38k", "64k")) == (0, expected)
     # An app holding 12 KB of a 38 KB heap (an ESP8266 with WiFi up has 20 to 25 KB
     # free): compiling the source runs out, the bytecode loads.
     app = "app = bytearray(12 * 1024)\n"
