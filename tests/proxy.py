@@ -109,3 +109,51 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+
+
+class Relay:
+    """A TCP relay to the upstream server that can fall silent: while silent is set, it
+    accepts each connection and never answers, as a server that hangs (or a link that
+    drops while the board waits) leaves the board's socket half-open."""
+
+    def __init__(self, upstream_url):
+        host, port = upstream_url[len("http://"):].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.silent = False
+        self.stopped = threading.Event()
+        relay = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                if relay.silent:
+                    relay.stopped.wait(60)  # held open, never answered
+                    return
+                with socket.create_connection(relay.upstream, timeout=60) as up:
+                    down = threading.Thread(target=relay._pipe, args=(up, self.request), daemon=True)
+                    down.start()
+                    relay._pipe(self.request, up)
+                    down.join(60)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.stopped.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

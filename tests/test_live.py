@@ -17,7 +17,7 @@ import ota_promoter
 import ota_update
 from conftest import ROOT, TIMEOUT, checksum, settle, write
 from conftest import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
-from proxy import FaultProxy, Trickle, is_download, is_manifest
+from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
 needs_console = pytest.mark.skipif(
@@ -459,6 +459,58 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     finally:
         live.stop()
         server.close()
+
+
+def test_a_half_open_server_is_noticed_within_15_s_of_it_coming_back(tree, promoter, tmp_path, capsys):
+    """The long-poll (10 s by default) on a connection the server never answers is given
+    up 3 s after its wait; the next one sees the version saved in the meantime."""
+    relay = Relay(promoter.url)
+    try:
+        ota._named = None  # as after boot.py's update()
+        write(tmp_path / "device", ".ota", promoter.version + "\n")
+        relay.silent = True
+        live = ota.live(relay.url, root=str(tmp_path / "device"), console=False)
+        for _ in range(5):  # its long-poll is sent, and held
+            live.tick()
+            time.sleep(0.02)
+        relay.silent = False  # the server is back
+        back = time.monotonic()
+        save(tree, promoter, "main.py", "print('v2')\n")
+        while live.checks is not None:  # stopping the app, to install v2
+            assert time.monotonic() - back < 20, "live mode did not notice the server was back"
+            live.tick()
+            time.sleep(0.02)
+        took = time.monotonic() - back
+    finally:
+        relay.close()
+    with capsys.disabled():
+        print("\n  a half-open long-poll: the new version noticed %.1f s after the server was back" % took)
+    assert took < 15
+
+
+def test_a_console_post_that_fails_for_lack_of_memory_never_holds_the_checks(tree, promoter, tmp_path, monkeypatch):
+    ask = ota._Live._ask
+    posts = []
+
+    def no_memory_to_post(self, s, line, *args):
+        if line.startswith("POST"):
+            posts.append(time.monotonic())
+            raise MemoryError
+        return (yield from ask(self, s, line, *args))
+
+    monkeypatch.setattr(ota._Live, "_ask", no_memory_to_post)
+    ota._named = None  # as after boot.py's update()
+    write(tmp_path / "device", ".ota", promoter.version + "\n")
+    live = ota.live(promoter.url, root=str(tmp_path / "device"), wait=1)
+    began = time.monotonic()
+    live.write(b"hello\n")
+    save(tree, promoter, "main.py", "print('v2')\n")
+    while live.checks is not None:  # the new version seen, in spite of the console
+        assert time.monotonic() - began < TIMEOUT
+        live.tick()
+        time.sleep(0.02)
+    assert live.n == 6 and 1 <= len(posts) <= 3  # the output waits, retried 1, 2, 4 s apart
+    assert all(b - a > 0.9 for a, b in zip(posts, posts[1:]))
 
 
 # -- A check never holds the app, and never hammers the server ---------------------------
