@@ -32,10 +32,7 @@ except ImportError:  # CPython
         return int(perf_counter() * 1000)
 
 
-try:
-    from io import IOBase  # MicroPython: what makes a class a stream for os.dupterm
-except ImportError:
-    IOBase = object
+from io import IOBase  # MicroPython: what makes a class a stream for os.dupterm; CPython has it too
 
 _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux and ESP-IDF alike
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
