@@ -18,8 +18,8 @@ each board can download just the files whose checksum differs:
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
-Usage: python3 ota_promoter.py [DIR] [--port 9090] [--token TOKEN]
-       python3 ota_promoter.py [DIR] --export SITE [--keep 3]   (for a static web server)
+Usage: python3 ota_promoter.py DIR [--port 9090] [--token TOKEN]
+       python3 ota_promoter.py DIR --export SITE [--keep 3]   (for a static web server)
 Only the standard library is used: copy this file to any machine with Python 3.9+.
 """
 
@@ -51,7 +51,7 @@ import time
 import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlsplit
 
 log = logging.getLogger("ota_promoter")
 
@@ -2950,6 +2950,8 @@ class _Hide(logging.Filter):
         return self._token.sub("(hidden)", text) if self._token is not None else text
 
     def filter(self, record):
+        if getattr(record, "shows_token", False):
+            return True  # a start-up line that gives the token to the one who started the server
         try:
             message = record.getMessage()
         except Exception:
@@ -3101,6 +3103,8 @@ def build_parser():
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
+            if message == "the following arguments are required: DIR":
+                message = "name the folder to promote: python3 ota_promoter.py DIR"
             self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
     def positive(text):
@@ -3127,28 +3131,39 @@ def build_parser():
             raise ValueError(text)
         return value
 
+    # Each help says what the README's table of options says (tests/test_cli.py
+    # compares them).
     parser = Parser(
         prog="ota_promoter.py",
         description="Publish a MicroPython project folder to boards over HTTP.",
     )
-    parser.add_argument("dir", nargs="?", default=".", metavar="DIR", help="folder to promote (default: .)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=port, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
+    # No default: a default would publish whatever folder the terminal is in.
+    parser.add_argument("dir", metavar="DIR", help="the folder to promote; . for the current one")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST,
+        help="the address to listen on; %s (the default) lets boards on the LAN in, "
+             "127.0.0.1 and ::1 only this machine" % DEFAULT_HOST,
+    )
+    parser.add_argument("--port", type=port, default=DEFAULT_PORT,
+                        help="the port to listen on (default %d)" % DEFAULT_PORT)
     parser.add_argument(
         "--interval", type=positive, default=DEFAULT_INTERVAL, metavar="SECONDS",
-        help="how often to look for changes (default: %(default)s)",
+        help="the shortest time between two scans of the whole folder, in seconds (default %g, at most %d); "
+             "bigger trees are scanned less often" % (DEFAULT_INTERVAL, MAX_SECONDS),
     )
     parser.add_argument(
         "--ignore", action="append", default=[], metavar="GLOB",
-        help="do not promote files whose path or name matches GLOB (repeatable)",
+        help="skip matching paths or names (repeatable)",
     )
     parser.add_argument(
         "--token", default=os.environ.get("OTA_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every request (default: $OTA_TOKEN)",
+        help="every request must carry Authorization: Bearer TOKEN (compared in constant time), else 401; "
+             "default $OTA_TOKEN; printable ASCII only",
     )
     parser.add_argument(
         "--idle-timeout", type=positive, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
-        help="close connections that send no complete request in this time (default: %(default)s)",
+        help="seconds a connection may take to send its request (default %g, at most %d); "
+             "a client trickling bytes is cut off within twice that" % (DEFAULT_IDLE_TIMEOUT, MAX_SECONDS),
     )
     parser.add_argument(
         "--no-check", dest="check", action="store_false",
@@ -3156,20 +3171,23 @@ def build_parser():
     )
     parser.add_argument(
         "--mpy", action="store_true",
-        help="publish each module as the .mpy mpy-cross makes of it (boot.py and main.py stay source)",
+        help="publish each module as the .mpy that mpy-cross makes of it, boot.py and main.py at the top "
+             "as source; off by default",
     )
     parser.add_argument(
         "--export", metavar="SITE",
-        help="write the folder once into SITE for a static web server, and exit",
+        help="write DIR once into the folder SITE for a static web server, and exit",
     )
     parser.add_argument(
         "--keep", type=count, metavar="N",
-        help="with --export: keep the files of the last N versions (default: %d)" % DEFAULT_KEEP,
+        help="with --export: keep the files of the last N versions, the current one included (default %d)"
+             % DEFAULT_KEEP,
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
-    group.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    group.add_argument("-v", "--verbose", action="store_true", help="log every request too")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__,
+                        help="print the version and exit")
     return parser
 
 
@@ -3212,6 +3230,7 @@ def main(argv=None):
         else:
             check = SourceCheck.find() if args.check else None
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy)
+        _refuse_to_publish_itself(promoter, args.dir)
         if args.export is not None:
             _export_once(promoter, args, started)
         else:
@@ -3264,6 +3283,24 @@ def _firmware_note(mpy_version):
     return ""
 
 
+def _refuse_to_publish_itself(promoter, folder):
+    """A folder holding this program, published, would send it to every board:
+    in a clone, "." is the server, its tests and its README."""
+    me = os.path.realpath(os.path.abspath(__file__))
+    inside = os.path.join(os.path.realpath(promoter.root), "")
+    if not me.startswith(inside):
+        return
+    path = me[len(inside):].replace(os.sep, "/")
+    if (mpy_path(path) if promoter.mpy else path) in promoter.current.by_path:
+        raise PromoterError("%r holds this server, %s: give the folder of your app, or --ignore %s to promote "
+                            "the rest" % (folder, path, path))
+
+
+# The start-up lines that hand the token over, for the board and the browser:
+# the one place the log shows it (_Hide passes these records as they are).
+_SHOWS_TOKEN = {"shows_token": True}
+
+
 def _announce(promoter, server, args):
     host, port = server.server_address[:2]
     if host in ("0.0.0.0", "::"):
@@ -3283,9 +3320,21 @@ def _announce(promoter, server, args):
                  promoter.check.name, _firmware_note(promoter.check.mpy_version))
     elif promoter.check is not None:
         log.info(".py files are published once they compile with %s", promoter.check.name)
-    log.info('on the board: import ota; ota.update("%s")', urls[0])
-    if args.token is None and not host.startswith("127.") and host != "::1":
-        log.warning("no --token: any device on this network can read the promoted files")
+    loopback = host.startswith("127.") or host == "::1"
+    if loopback:
+        log.warning("%s is this machine's own address: no board can reach it (--host %s, the default, "
+                    "lets boards on the LAN in)", host, DEFAULT_HOST)
+    if args.token is None:
+        log.info("the status page: %s/", urls[0])
+        log.info('on the board: import ota; ota.update("%s")', urls[0])
+        if not loopback:
+            log.warning("no --token: any device on this network can read the promoted files")
+    else:
+        # quote: a token with + or & must reach the page as itself; json.dumps: a
+        # printable ASCII token as a string literal Python and MicroPython read.
+        log.info("the status page: %s/?token=%s", urls[0], quote(args.token, safe=""), extra=_SHOWS_TOKEN)
+        log.info('on the board: import ota; ota.update("%s", token=%s)', urls[0], json.dumps(args.token),
+                 extra=_SHOWS_TOKEN)
 
 
 if __name__ == "__main__":

@@ -186,9 +186,15 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
         assert lines[3] == ".py files are published once they compile with %s" % name
         assert app.stop() == (0, ["stopped"])
     app = running(str(tree), "--host", "127.0.0.1", "--port", "0", "--no-check")
-    lines, _ = app.banner()
+    lines, [url] = app.banner()
     assert lines[0].startswith("ota-promoter %s: serving %s, 1 file, " % (ota_promoter.__version__, tree))
-    assert len(lines) == 3
+    assert lines[1:] == [  # no line about compiling
+        "  " + url,
+        "warning: 127.0.0.1 is this machine's own address: no board can reach it "
+        "(--host 0.0.0.0, the default, lets boards on the LAN in)",
+        "the status page: %s/" % url,
+        'on the board: import ota; ota.update("%s")' % url,
+    ]
     assert app.stop() == (0, ["stopped"])
 
 

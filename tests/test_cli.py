@@ -1,6 +1,8 @@
 """The command line, run as a user runs it: python3 ota_promoter.py DIR ..."""
 
+import ast
 import errno
+import json
 import os
 import queue
 import re
@@ -13,17 +15,18 @@ import time
 
 import pytest
 
+import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, request, write
+from conftest import ROOT, TIMEOUT, files, request, write
 
 SCRIPT = os.path.join(ROOT, "ota_promoter.py")
-URL = re.compile(r"  (http://[0-9.]+:\d+)$")
+URL = re.compile(r"  (http://(?:[0-9.]+|\[[0-9a-f:]+\]):\d+)$")
 
 
-def run(*args, env=None):
+def run(*args, env=None, cwd=None, script=SCRIPT):
     return subprocess.run(
-        [sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=TIMEOUT,
-        env=dict(os.environ, **(env or {})),
+        [sys.executable, script] + list(args), capture_output=True, text=True, timeout=TIMEOUT,
+        env=dict(os.environ, **(env or {})), cwd=cwd,
     )
 
 
@@ -90,6 +93,44 @@ def running():
             r.stop()
 
 
+@pytest.mark.parametrize("args", [[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
+                                  ["--export", "site"]])
+def test_without_a_folder_it_names_the_usage_and_publishes_nothing(tmp_path, args):
+    """No default folder: "." would be whatever folder the terminal is in; in a
+    clone, the server itself, its tests and the README."""
+    write(tmp_path, "main.py", "print('hi')\n")
+    result = run(*args, cwd=str(tmp_path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "ota_promoter.py: error: name the folder to promote: python3 ota_promoter.py DIR (see --help)\n")
+    assert os.listdir(str(tmp_path)) == ["main.py"]  # no site exported
+
+
+def test_a_folder_holding_the_server_itself_is_refused_unless_ignored(tmp_path):
+    """A folder that holds ota_promoter.py, in a clone or with a copy of it next to
+    the app, would send the server (and in a clone its tests) to every board."""
+    work = tmp_path / "work"
+    clone = work / "clone"
+    write(clone, "ota_promoter.py", open(SCRIPT, "rb").read())
+    write(clone, "tests/test_x.py", "x = 1\n")
+    write(clone, "micropython/example/main.py", "print('hi')\n")
+    script = str(clone / "ota_promoter.py")
+    for folder, cwd, shown, path in [(".", str(clone), ".", "ota_promoter.py"),
+                                     (str(clone), None, str(clone), "ota_promoter.py"),
+                                     (".", str(work), ".", "clone/ota_promoter.py")]:
+        result = run(folder, "--export", str(tmp_path / "site"), cwd=cwd, script=script)
+        assert_user_error(result, "%r holds this server, %s: give the folder of your app, or --ignore %s to "
+                                  "promote the rest" % (shown, path, path))
+    assert os.listdir(str(tmp_path)) == ["work"]  # nothing exported
+    result = run("micropython/example", "--export", str(tmp_path / "site"), cwd=str(clone), script=script)
+    assert result.returncode == 0, result.stderr
+    assert [f["path"] for f in json.loads((tmp_path / "site" / "files.json").read_text())["files"]] == ["main.py"]
+    result = run(".", "--ignore", "ota_promoter.py", "--export", str(tmp_path / "whole"), cwd=str(clone), script=script)
+    assert result.returncode == 0, result.stderr
+    assert [f["path"] for f in json.loads((tmp_path / "whole" / "files.json").read_text())["files"]] == [
+        "micropython/example/main.py", "tests/test_x.py"]
+
+
 def test_missing_folder(tmp_path):
     assert_user_error(run(str(tmp_path / "app")), "folder %r does not exist" % str(tmp_path / "app"))
 
@@ -121,10 +162,10 @@ def test_port_in_use(tree):
     (["--interval", "1e10"], "argument --interval: '1e10' is too long: at most 86400 seconds"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["-q", "-v"], "argument -v/--verbose: not allowed with argument -q/--quiet"),
-    (["a", "b"], "unrecognized arguments: b"),
+    (["b"], "unrecognized arguments: b"),
 ])
 def test_bad_options(tree, args, message):
-    result = run(*args)
+    result = run(str(tree), *args)
     assert result.returncode == 2
     assert result.stderr == "ota_promoter.py: error: %s (see --help)\n" % message
 
@@ -151,6 +192,39 @@ def test_help_and_version():
     assert "--ignore GLOB" in result.stdout and "--token TOKEN" in result.stdout
 
 
+def readme_options():
+    """The README's section "Options": (its usage lines, {option names: the meaning in its table}),
+    the meaning as a reader sees it: no backticks, a link as its text."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    usage = section.split("```\n", 2)[1]
+    rows = {}
+    for line in section.splitlines():
+        row = re.match(r"^\| (`.+?) \| (.+) \|$", line)
+        if row:
+            names = frozenset(name.split()[0] for name in re.findall(r"`([^`]+)`", row.group(1)))
+            meaning = re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", row.group(2)).replace("`", "")
+            rows[names] = meaning
+    return usage, rows
+
+
+def test_help_and_the_readme_say_the_same():
+    """Each option's --help is what the README's table says of it (which may go on
+    to point to a section); the table and the usage lines name every option."""
+    usage, rows = readme_options()
+    helps = {}
+    for action in ota_promoter.build_parser()._actions:
+        if action.option_strings != ["-h", "--help"]:
+            helps[frozenset(action.option_strings or [action.metavar])] = action.help
+    assert sorted(map(sorted, rows)) == sorted(map(sorted, helps))
+    for names, help in helps.items():
+        assert rows[names].startswith(help), (sorted(names), rows[names], help)
+    assert usage.startswith("python3 ota_promoter.py DIR [--host 0.0.0.0] [--port 9090] [--interval 0.5]\n")
+    named = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage))
+    assert named == {name for names in helps for name in names if name.startswith("-")} - {
+        "--quiet", "--verbose", "--version"}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,6 +241,9 @@ def test_banner_serves_and_ctrl_c_exits_0(tree, running):
         % (ota_promoter.__version__, tree, ota_promoter.Promoter(str(tree)).version[:7]),
         "  " + url,
         ".py files are published once they compile with %s" % ota_promoter.SourceCheck.find().name,
+        "warning: 127.0.0.1 is this machine's own address: no board can reach it "
+        "(--host 0.0.0.0, the default, lets boards on the LAN in)",
+        "the status page: %s/" % url,
         'on the board: import ota; ota.update("%s")' % url,
     ]
     assert request(url, "/files/version").status == 200
@@ -192,7 +269,8 @@ def test_quiet_shows_only_warnings(tree, running):
         except ConnectionRefusedError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    assert app.stop() == (0, [])
+    assert app.stop() == (0, ["warning: 127.0.0.1 is this machine's own address: no board can reach it "
+                              "(--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
 
 def test_lan_binding_lists_board_urls_and_warns_without_token(tree, running):
@@ -216,6 +294,72 @@ def test_token_from_option_or_environment(tree, running):
         assert request(url, "/files").status == 401
         assert request(url, "/files", headers={"Authorization": "Bearer abc"}).status == 200
         assert app.stop() == (0, ["stopped"])  # and no warning
+
+
+def test_with_a_token_the_start_up_lines_give_the_boards_line_and_the_pages_address(tree, tmp_path, running):
+    """Both carry the token, as the board and the browser need it; the rest of the
+    log never shows it."""
+    write(tree, "main.py", "print('hi')\n")
+    token = 'a+b "c\\d&e'  # printable ASCII, with what a URL or a string literal must escape
+    app = running(str(tree), "--host", "0.0.0.0", "--port", "0", "-v", env={"OTA_TOKEN": token})
+    lines, urls = app.banner()
+    assert lines[-2:] == [
+        "the status page: %s/?token=a%%2Bb%%20%%22c%%5Cd%%26e" % urls[0],
+        'on the board: import ota; ota.update("%s", token="a+b \\"c\\\\d&e")' % urls[0],
+    ]
+    # The board's line, run as the client runs it (into a folder, without the reset).
+    [call] = [node for node in ast.walk(ast.parse(lines[-1].split(": ", 1)[1])) if isinstance(node, ast.Call)]
+    board = tmp_path / "board"
+    board.mkdir()
+    assert ota.update(*[ast.literal_eval(a) for a in call.args], root=str(board), reset=False,
+                      **{k.arg: ast.literal_eval(k.value) for k in call.keywords}) is True
+    assert files(board, own=False) == {"main.py": b"print('hi')\n"}
+    # The page's address, opened as a browser opens it: a cookie, and the page.
+    page = lines[-2].split(": ", 1)[1][len(urls[0]):]
+    url = "http://127.0.0.1:" + urls[0].rsplit(":", 1)[1]
+    opened = request(url, page)
+    assert (opened.status, opened.headers["Location"]) == (303, "/")
+    shown = request(url, "/", headers={"Cookie": opened.headers["Set-Cookie"].split(";")[0]})
+    assert shown.status == 200 and b"<title>OTA Promoter: the bench</title>" in shown.body
+    status, rest = app.stop()
+    assert status == 0 and rest[-1] == "stopped"
+    assert "127.0.0.1 'GET /?token=(hidden) HTTP/1.1' 303" in rest
+    assert not any(token in line or "a%2Bb" in line for line in rest)
+
+
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
+    not ipv6_loopback(), reason="no IPv6 loopback on this machine"))])
+def test_on_a_loopback_address_it_warns_that_no_board_can_reach_it(tree, running, host):
+    app = running(str(tree), "--host", host, "--port", "0", "--no-check")
+    lines, [url] = app.banner()
+    assert lines[1:] == [
+        "  " + url,
+        "warning: %s is this machine's own address: no board can reach it "
+        "(--host 0.0.0.0, the default, lets boards on the LAN in)" % host,
+        "the status page: %s/" % url,
+        'on the board: import ota; ota.update("%s")' % url,
+    ]
+    assert url.startswith("http://%s:" % (host if host == "127.0.0.1" else "[::1]"))
+    assert request(url.replace("[", "").replace("]", ""), "/files/version").status == 200
+    assert app.stop() == (0, ["stopped"])
+
+
+def test_the_example_app_publishes_its_code_not_the_secrets_template(running):
+    """As the README runs it: python3 ota_promoter.py micropython/example."""
+    app = running(os.path.join(ROOT, "micropython", "example"), "--host", "127.0.0.1", "--port", "0")
+    lines, [url] = app.banner()
+    assert [line.split()[-1] for line in request(url, "/files?format=text").body.decode().splitlines()[1:]] == [
+        "boot.py", "main.py"]
+    assert app.stop() == (0, ["stopped"])
 
 
 def test_lan_addresses_are_ipv4_and_not_loopback():

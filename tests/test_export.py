@@ -479,7 +479,7 @@ def test_an_export_of_a_file_that_never_settles_is_refused(app, site, monkeypatc
 
 
 def build_args(site):
-    return ota_promoter.build_parser().parse_args(["--export", str(site)])
+    return ota_promoter.build_parser().parse_args([".", "--export", str(site)])  # DIR: the promoter's, given apart
 
 
 def test_export_prints_one_summary_line(app, site):
