@@ -1528,7 +1528,7 @@ class _Board:
         self.version = None
         self.last_seen = 0.0
         self.fetched = 0.0  # when it last fetched a manifest or a file
-        self.error = None  # the last error the server knows of (see Boards.failed), escaped
+        self.error = None  # the last error the server knows of (see Boards.failed), escaped, until another version
         self.error_time = 0.0
         self.traceback = False  # its console is in a traceback: the next unindented line is the error
         self.lines = collections.deque(maxlen=CONSOLE_LINES)  # escaped text, oldest first
@@ -1624,7 +1624,9 @@ class Boards:
         board.address = address
         if version is not None:
             version = printable(version[:MAX_DEVICE_ID])
-            changed = changed or version != board.version
+            if version != board.version:
+                # It installed another version: its last error was of the files it ran before.
+                changed, board.error = True, None
             board.version = version
         board.last_seen = now
         if fetch:
@@ -2810,6 +2812,12 @@ function render(d) {
   if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
 
   document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
+  // A console shows its newest line, unless its reader scrolled up: it then stays where it was.
+  var scrolledUp = new Map();
+  document.querySelectorAll("#boards .board").forEach(function (c) {
+    var pre = c.querySelector("pre.console");
+    if (pre && pre.scrollTop + pre.clientHeight < pre.scrollHeight - 1) scrolledUp.set(c.dataset.device, pre.scrollTop);
+  });
   var cards = d.boards.map(function (b) {
     var card = el("div", "board" + (b.silent ? " silent" : ""));
     card.dataset.device = b.device;
@@ -2839,6 +2847,10 @@ function render(d) {
   });
   if (!cards.length) cards.push(el("div", "muted", "No board has asked for an update yet."));
   fill("boards", cards);
+  document.querySelectorAll("#boards pre.console").forEach(function (pre) {
+    var device = pre.parentNode.dataset.device;
+    pre.scrollTop = scrolledUp.has(device) ? scrolledUp.get(device) : pre.scrollHeight;
+  });
 
   document.getElementById("files-title").textContent = "Files (" + d.files_total + ")";
   var rows = d.files.map(function (f) {

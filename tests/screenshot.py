@@ -1,10 +1,13 @@
-"""The README's screenshot of the status page: python3 tests/screenshot.py [tests/status-page.png]
+"""The README's screenshot of the status page: .venv/bin/python tests/screenshot.py [OUT]
 
-A real server on a small project, three boards played by HTTP requests from
-three loopback addresses, and headless Chromium (as in tests/test_page.py).
+Writes OUT, by default tests/status-page.png (the picture the README shows). A
+real server on a small project, three boards played by HTTP requests from three
+loopback addresses, and headless Chromium (as in tests/test_page.py): selenium
+from requirements-dev.txt, and Debian's chromium and chromium-driver.
 """
 
 import http.client
+import logging
 import os
 import sys
 import tempfile
@@ -15,6 +18,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import ota_promoter  # noqa: E402
+
+# The server's log is not shown: it would report lib/wifi.py, held back on purpose.
+ota_promoter.log.addHandler(logging.NullHandler())
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 
@@ -25,6 +31,18 @@ def board(server, address, device, version, method="GET", path="/files/version",
     conn.request(method, path, body=body, headers={"X-OTA-Device": device, "X-OTA-Version": version})
     conn.getresponse().read()
     conn.close()
+
+
+def missing():
+    """What this needs and the system lacks, as one line; None if nothing."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        return ("needs Chromium and its driver (Debian: apt-get install chromium chromium-driver; "
+                "or set $CHROMIUM and $CHROMEDRIVER)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "needs selenium: run it with .venv/bin/python, after .venv/bin/pip install -r requirements-dev.txt"
+    return None
 
 
 def main(out):
@@ -93,4 +111,7 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(HERE), "docs", "status-page.png"))
+    problem = missing()
+    if problem:
+        sys.exit("screenshot.py: " + problem)
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "status-page.png"))

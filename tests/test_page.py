@@ -10,6 +10,7 @@ import html
 import http.client
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -166,10 +167,9 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
              "error": None, "dropped": 0, "lines": []},
             {"device": "b2", "address": "127.0.0.1", "version": "none", "state": "updating", "silent": False,
              "error": None, "dropped": 0, "lines": []},
+            # Its 404 was cleared when it reported another installed version.
             {"device": "b3", "address": "127.0.0.1", "version": v2, "state": "current", "silent": False,
-             "error": {"text": "404: no file has checksum %s: it changed since your manifest, "
-                               "fetch /files again" % ("0" * 40)},
-             "dropped": 0, "lines": []},
+             "error": None, "dropped": 0, "lines": []},
             {"device": "b1", "address": "127.0.0.1", "version": v1, "state": "behind", "silent": False,
              "error": {"text": "ZeroDivisionError: divide by zero"}, "dropped": 0,
              "lines": ["boot", "Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
@@ -466,6 +466,111 @@ def test_the_page_follows_a_board_driven_by_the_client_through_a_save(tree, tmp_
     assert now["facts"]["version"] == v2[:7]
     # One page all along: never reloaded.
     assert browser.execute_script("return performance.timeOrigin") == loaded
+
+
+def post_console(server, device, version, body):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/console", body=body, headers={"X-OTA-Device": device, "X-OTA-Version": version})
+        assert conn.getresponse().status == 204
+    finally:
+        conn.close()
+
+
+@needs_browser
+def test_a_boards_error_goes_once_it_reports_a_good_update(tree, tmp_path, serve, browser, monkeypatch):
+    """The board's crash stays on the page while it runs those files; the fix,
+    installed by the real client, clears it; a crash of the new files shows again."""
+    write(tree, "main.py", "print(led2)\n")
+    promoter = ota_promoter.Promoter(str(tree))
+    server = serve(promoter)
+    fake_machine(monkeypatch, b"\xa4\xcf\x12\xf3")
+    board = tmp_path / "board"
+    board.mkdir()
+    assert ota.update(server.url, root=str(board), reset=False) is True
+    v1 = promoter.version
+    post_console(server, "a4cf12f3", v1, b'Traceback (most recent call last):\n  File "main.py", line 1, in <module>\n'
+                                         b"NameError: name 'led2' isn't defined\n")
+    browser.get(server.url + "/")
+    shown = until(lambda: card(browser, "a4cf12f3"), "the board")
+    assert shown["badge"] == "up to date"
+    assert re.fullmatch(r"NameError: name 'led2' isn't defined \(\d+ s ago\)", shown["facts"]["last error"])
+
+    write(tree, "main.py", "print('fixed')\n")
+    until(lambda: promoter.version != v1, "the fix to be published")
+    v2 = promoter.version
+    until(lambda: card(browser, "a4cf12f3")["badge"] == "behind", "the board to go behind")
+    assert "last error" in card(browser, "a4cf12f3")["facts"]  # it still runs the files that failed
+    assert ota.update(server.url, root=str(board), reset=False) is True
+    assert ota.update(server.url, root=str(board), reset=False) is False  # its first request on v2
+    shown = until(lambda: (lambda c: c["badge"] == "up to date" and c)(card(browser, "a4cf12f3")), "up to date")
+    assert sorted(shown["facts"]) == ["address", "last seen", "version"]
+    assert shown["facts"]["version"] == v2[:7]
+    [board_json] = request(server.url, "/boards").json()["boards"]
+    assert board_json["error"] is None
+
+    post_console(server, "a4cf12f3", v2, b"Traceback (most recent call last):\nOSError: [Errno 2] ENOENT\n")
+    until(lambda: re.fullmatch(r"OSError: \[Errno 2\] ENOENT \(\d+ s ago\)",
+                               card(browser, "a4cf12f3")["facts"].get("last error", "")), "the new version's error")
+
+
+def console_scroll(driver, device):
+    """{top, bottom, at_end, overflows} of the board's console box."""
+    return driver.execute_script("""
+        for (const c of document.querySelectorAll('.board')) {
+            if (c.dataset.device !== arguments[0]) continue;
+            const pre = c.querySelector('pre.console');
+            return {top: pre.scrollTop, at_end: pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 1,
+                    overflows: pre.scrollHeight > pre.clientHeight, last: pre.textContent.split('\\n').pop()};
+        }
+        return null;""", device)
+
+
+@needs_browser
+def test_a_console_follows_its_newest_line_unless_its_reader_scrolled_up(server, browser):
+    post_console(server, "b1", "none", b"".join(b"line %d\n" % n for n in range(1, 31)))
+    post_console(server, "b2", "none", b"hello\n")
+    browser.get(server.url + "/")
+    until(lambda: card(browser, "b1") and card(browser, "b2"), "both boards")
+    first = console_scroll(browser, "b1")
+    assert (first["at_end"], first["overflows"], first["last"]) == (True, True, "line 30")
+    post_console(server, "b1", "none", b"line 31\n")
+    until(lambda: console_scroll(browser, "b1")["last"] == "line 31", "the new line")
+    assert console_scroll(browser, "b1")["at_end"] is True
+
+    # The reader scrolls up to read: new lines, of this board or another, leave the box where it is.
+    browser.execute_script("document.querySelector('.board[data-device=b1] pre').scrollTop = 40")
+    post_console(server, "b1", "none", b"line 32\n")
+    until(lambda: console_scroll(browser, "b1")["last"] == "line 32", "the next line")
+    post_console(server, "b2", "none", b"again\n")
+    until(lambda: card(browser, "b2")["console"] == "hello\nagain", "the other board's line")
+    assert console_scroll(browser, "b1")["top"] == 40
+
+    # Back at the end, it follows again.
+    browser.execute_script("const pre = document.querySelector('.board[data-device=b1] pre');"
+                           "pre.scrollTop = pre.scrollHeight")
+    post_console(server, "b1", "none", b"line 33\n")
+    until(lambda: console_scroll(browser, "b1")["last"] == "line 33", "the line after")
+    assert console_scroll(browser, "b1")["at_end"] is True
+
+
+@needs_browser
+def test_screenshot_py_works_as_the_readme_writes_it(tmp_path):
+    """Run from a copy of the clone's two files it needs, so that the picture in
+    tests/ stays as committed."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert "(`.venv/bin/python tests/screenshot.py` takes this picture" in f.read()
+    clone = tmp_path / "clone"
+    for path in ["ota_promoter.py", "tests/screenshot.py"]:
+        with open(os.path.join(ROOT, path), "rb") as f:
+            write(clone, path, f.read())
+    result = subprocess.run([sys.executable, "tests/screenshot.py"], cwd=str(clone), capture_output=True,
+                            text=True, timeout=TIMEOUT * 6)
+    picture = clone / "tests" / "status-page.png"
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "%s: %d bytes\n" % (picture, picture.stat().st_size)
+    head = picture.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 1180  # its width
 
 
 @needs_browser
