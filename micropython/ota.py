@@ -337,10 +337,10 @@ class _Live(IOBase):
         s = None
         fails = 0
         while True:
-            yield
             if not self.n and not self.dropped:
+                yield
                 continue
-            try:
+            try:  # sent at once, in the step that took the last answer: one post a tick
                 k = self.sending = min(self.n, 1024)
                 d = self.dropped
                 s, status, _ = yield from self._ask(s, self.lines[2], "Content-Length: %d\r\n%s" % (

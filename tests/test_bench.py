@@ -27,10 +27,10 @@ def test_help_lists_the_figures_and_measures_nothing():
 
 
 def test_unknown_figure_is_refused_with_one_line():
-    result = run("12")
+    result = run("13")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 12: the figures are 1 to 11"
+    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 13: the figures are 1 to 12"
 
 
 def test_runs_must_be_at_least_one():

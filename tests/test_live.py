@@ -639,4 +639,4 @@ def test_the_example_app_is_published_without_the_secrets(tmp_path):
     write(example, "secrets.py", "WIFI_PASSWORD = 'hunter2'\n")  # the user's, next to the example
     p = ota_promoter.Promoter(str(example), interval=3600)
     settle(p)
-    assert sorted(f["path"] for f in p.manifest()) == ["boot.py", "main.py", "secrets.py.example"]
+    assert sorted(f["path"] for f in p.manifest()) == ["boot.py", "main.py"]
