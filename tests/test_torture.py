@@ -20,7 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ota
-import ota_update
+import ota_check  # noqa: F401 (the client's parts, imported here, stay loaded: see test_client.py)
+import ota_commit  # noqa: F401
+import ota_fetch
+import ota_http  # noqa: F401
+import ota_plan
+import ota_update  # noqa: F401
 import ota_promoter
 from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
 from test_cli import free_port
@@ -466,7 +471,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
     board.update(promoted_app.url)
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n", "lib/b.py": "B = 2\n"})
     before = files(board.root)
-    fetch = ota_update._fetch
+    fetch = ota_fetch._fetch
     fetched = []
 
     def fetch_then_stop_the_server(*args):
@@ -475,7 +480,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
         if len(fetched) == 1:
             promoted_app.server.close()
 
-    monkeypatch.setattr(ota_update, "_fetch", fetch_then_stop_the_server)
+    monkeypatch.setattr(ota_fetch, "_fetch", fetch_then_stop_the_server)
     with pytest.raises(ota.OTAError, match="no answer from 127.0.0.1:[0-9]+: .*(refused|ECONNREFUSED)"):
         board.update(promoted_app.url)
     monkeypatch.undo()
@@ -497,7 +502,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n"})
     v2 = promoted(tree)
     before = files(board.root)
-    plan = ota_update._plan
+    plan = ota_plan.plan
 
     def plan_then_save(*args):
         result = plan(*args)
@@ -505,7 +510,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
             publish(promoted_app, tree, {"main.py": "print('v3.%d')\n" % n, "lib/b.py": "B = %d\n" % n})
         return result
 
-    monkeypatch.setattr(ota_update, "_plan", plan_then_save)
+    monkeypatch.setattr(ota_plan, "plan", plan_then_save)
     if saves == 1:
         # The version before is still served: the board installs the tree it fetched.
         assert board.update(promoted_app.url) is True
