@@ -1,27 +1,40 @@
-# ota_commit.py: the switch of an update, through the journal, and recover().
-# Imported by ota_update.py for that step only.
+# ota_commit.py: the switch of an update through the journal, and recover().
+# ota_update.py imports it for that step only.
 #
-# The switch moves old files aside into .ota-new/, not deleting them, until every
-# new one is in, so the journal (.ota-journal) can be rolled forward after a
-# power cut, or back if a step fails; every step can be taken again.
+# .ota lists what this client installed; nothing else is ever deleted. The switch
+# moves old files aside into .ota-new/, not deleting them, until every new one is
+# in, so the journal (.ota-journal) can be rolled forward after a power cut, or
+# back if a step fails; every step can be taken again.
 
 import os
 
 from ota import OTAError, const
-from ota_update import _kind, _safe
 
 _LINE = const(256)  # longest manifest line, so journal lines up to 258 bytes
 _EEXIST = const(17)
-_STATE = ".ota"
-_JOURNAL = ".ota-journal"
-_STAGE = ".ota-new"
 
 
-def _remove(path):
+def _kind(path):
+    # 0: nothing there, 1: a file, 2: a folder
     try:
-        os.remove(path)
+        return 2 if os.stat(path)[0] & 0x4000 else 1
     except OSError:
-        pass  # already gone
+        return 0
+
+
+def _safe(path):
+    # A promoted path may only name a file under the device root, and not ours:
+    # in any case, since FAT folds it (.OTA-NEW is .ota-new there).
+    raw = path.encode()  # bytes: iterating a str interns each character as a qstr
+    if b"\\" in raw or raw[:4].lower() == b".ota":
+        return False
+    for part in raw.split(b"/"):
+        if part == b"" or part == b"." or part == b"..":
+            return False
+    for c in raw:
+        if c < 32:
+            return False
+    return True
 
 
 def _mkdirs(root, path):
@@ -46,33 +59,32 @@ def _prune(root, path):
         i = path.rfind("/", 0, i)
 
 
-def _sync():
-    if hasattr(os, "sync"):
-        os.sync()
+sync = getattr(os, "sync", lambda: None)  # on boards; not on the unix port
 
 
-def _clean(stage):
-    # Staged files are numbered from 0 in download order, so no listing is held;
-    # the last goes first, so that a power cut leaves them numbered from 0 still.
+def _clean(path):
+    # Empties and removes the stage, path. Staged files are numbered from 0 in
+    # download order, so no listing is held; the last goes first, so that a power
+    # cut leaves them numbered from 0 still.
     i = 0
-    while _kind("%s/%d" % (stage, i)):
+    while _kind(path + str(i)):
         i += 1
-    while i:
-        i -= 1
-        _remove("%s/%d" % (stage, i))
-    _remove(stage + "/plan")
-    _remove(stage + "/state")
+    for name in [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state"]:
+        try:
+            os.remove(path + name)
+        except OSError:
+            pass  # already gone
     try:
-        os.rmdir(stage)
+        os.rmdir(path[:-1])
     except OSError:
         pass
 
 
-def _ops(journal):
+def _ops(path):
     # The lines of a journal, each [kind, checksum, size, path]: "g" to get a file,
     # "d" to delete one; ["end"] last. Paths read back are checked again: whatever
     # wrote the file, nothing outside root is touched.
-    with open(journal, "rb") as f:
+    with open(path, "rb") as f:
         while True:
             line = f.readline(_LINE + 2)
             if not line:
@@ -83,36 +95,38 @@ def _ops(journal):
             except ValueError:  # not UTF-8
                 ok = False
             if not ok:
-                raise OTAError("%s is damaged: %r; the board is left as it is" % (journal, line[:60]))
+                raise OTAError("%s is damaged: %r; the board is left as it is" % (path, line[:60]))
             yield op
 
 
-def _steps(root, journal, phases):
+def _steps(root, path, mode):
     # Each step of a journal as (staged file or None, path, its place on the board,
     # where its old file waits): "d" deletions, "g" new files, "s" the state.
-    stage = root + "/" + _STAGE + "/"
-    for phase in phases:
+    # mode: the order of the phases.
+    stage = root + "/.ota-new/"
+    for phase in mode:
         if phase == "s":
-            yield stage + "state", _STATE, root + "/" + _STATE, stage + "old"
+            yield stage + "state", ".ota", root + "/.ota", stage + "old"
         i = 0
-        for op in _ops(journal):
+        for op in _ops(path):
             if op[0] == phase:
                 yield (None if phase == "d" else stage + str(i)), op[3], root + "/" + op[3], stage + phase + str(i)
                 i += 1
 
 
-def commit(root, staged=False):
+def commit(root, plan=False):
     """Roll the journal forward; if a step fails (a folder in the way, a full file
     system), roll it back: the board gets all the new files or all the old ones.
-    With staged, the update staged is committed first. Returns True if a commit was
-    finished, the error that made one roll back, or None."""
-    stage = root + "/" + _STAGE
-    journal = root + "/" + _JOURNAL
-    undo = stage + "/undo"
-    done = stage + "/done"
-    if staged and _kind(stage + "/plan"):
-        _sync()
-        os.rename(stage + "/plan", journal)  # the commit point
+    With plan, the update staged (.ota-new/plan and its files) is committed first.
+    Returns True if a commit was finished, the error that made one roll back, or
+    None."""
+    stage = root + "/.ota-new/"
+    journal = root + "/.ota-journal"
+    undo = stage + "undo"
+    done = stage + "done"
+    if plan and _kind(stage + "plan"):
+        sync()
+        os.rename(stage + "plan", journal)  # the commit point
     why = None
     complete = False
     try:
@@ -135,7 +149,7 @@ def commit(root, staged=False):
                     if new:
                         _mkdirs(root, path)
                         os.rename(new, dst)
-            _sync()
+            sync()
             os.rename(journal, done)
         except OSError as e:
             why = e
@@ -151,7 +165,7 @@ def commit(root, staged=False):
             if _kind(aside):
                 _mkdirs(root, path)
                 os.rename(aside, dst)
-        _sync()
+        sync()
         os.remove(undo)
     if _kind(done):
         for new, path, dst, aside in _steps(root, done, "dgs"):
@@ -159,7 +173,7 @@ def commit(root, staged=False):
                 os.remove(aside)  # a failure is retried: a new update needs the names
             if not new:
                 _prune(root, path)
-        _sync()
+        sync()
         os.remove(done)
         why = True
     _clean(stage)

@@ -10,13 +10,12 @@ from ota import OTAError, _device, _where, const, ticks_diff, ticks_ms
 
 _LINE = const(256)  # longest header line read: a Location, an X-Target-Path
 _HEADERS = const(32)  # most header lines an answer may have
-MANIFEST = "/files/manifest.txt"  # the newest manifest, where older servers and exports have it
 
 
 class Server:
     def __init__(self, url, token, timeout, version, ca, buf):
         # buf: the update's one buffer (ota_update.py allocates it first, whole)
-        self.where, self.host, self.port, self.family, self.prefix, self.tls = _where(url)
+        self.where, self.host, self.port, self.family, self.prefix, self.https = _where(url)
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
@@ -32,25 +31,29 @@ class Server:
         # Sends a request and reads the answer's head: (status, length, target) of a
         # 200 or 304, its body left to read; the caller closes. Else raises OTAError.
         self.start = ticks_ms()
-        self.allow = self.ms
-        self.i = self.n = 0
+        self.end = self.ms
+        self.index = self.n = 0
         self.poll = None
         s = self.s = socket.socket(self.family)
         try:
             s.settimeout(self.ms / 1000)
             s.connect(socket.getaddrinfo(self.host, self.port, self.family)[0][-1])
-            if self.tls:
-                from ota_tls import wrap  # only for https: TLS needs far more memory anyway
+            if self.https:
+                from ota_tls import wrap_socket  # only for https: TLS needs far more memory anyway
 
-                s = self.s = wrap(s, self.host, self.ca, self.where)
-            request = ("GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)).encode()
-            (s.sendall if hasattr(s, "sendall") else s.write)(request)  # the 1.20 unix port has no sendall
+                s = self.s = wrap_socket(s, self.host, self.ca, self.where)
+            request = "GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)
             if hasattr(s, "readinto"):
-                # MicroPython: readinto waits to fill the whole buffer unless the
-                # socket does not block; then it returns what has arrived.
+                # MicroPython: write sends it all while the socket blocks, and takes a
+                # str (the 1.20 unix port has no sendall).
+                s.write(request)
+                # Then readinto waits to fill the whole buffer unless the socket does
+                # not block; then it returns what has arrived.
                 s.setblocking(False)
                 self.poll = select.poll()
                 self.poll.register(s, select.POLLIN)
+            else:  # CPython
+                s.sendall(request.encode())
             line = self.readline()
             if not line:
                 raise OSError("connection closed")
@@ -75,9 +78,9 @@ class Server:
                     # Cut at _LINE bytes: a line not read here (CDNs send Report-To, NEL
                     # or Content-Security-Policy lines of 2 KB) is dropped, whatever
                     # its length, through the one buffer.
-                    while self.i < self.n or self._fill():
-                        j = self.buf.find(b"\n", self.i, self.n) + 1
-                        self.i = j or self.n
+                    while self.index < self.n or self._fill():
+                        j = self.buf.find(b"\n", self.index, self.n) + 1
+                        self.index = j or self.n
                         if j:
                             break
                     continue
@@ -104,7 +107,7 @@ class Server:
             raise OTAError("%s redirects to %s: use that url" % (self.where, where))
         if status == 401:
             raise OTAError("%s: wrong or missing token" % self.where)
-        if status == 404 and not isinstance(message, str) or path == MANIFEST and status == 400:
+        if status == 404 and not isinstance(message, str) or path == "/files/manifest.txt" and status == 400:
             # A static host's page, or the original server, which has no text manifest.
             raise OTAError("%s has no %s%s: the url must name an ota-promoter server or the folder "
                            "of an export" % (self.where, self.prefix, path))
@@ -116,7 +119,7 @@ class Server:
         while True:
             try:
                 took = ticks_diff(ticks_ms(), self.start)
-                wait = min(self.allow - took, self.ms)
+                wait = min(self.end - took, self.ms)
                 if wait <= 0:
                     raise OTAError("%s is too slow: gave up after %d ms" % (self.where, took))
                 if self.poll is None:  # CPython: recv_into returns what has arrived
@@ -127,31 +130,31 @@ class Server:
                 else:
                     raise OSError("timed out")
             except OSError as e:
-                if self.allow == self.ms or ticks_diff(ticks_ms(), self.start) < self.allow:
+                if self.end == self.ms or ticks_diff(ticks_ms(), self.start) < self.end:
                     raise OTAError("no answer from %s: %s" % (self.where, e))
                 continue  # the deadline passed while bytes came: said above
             if n is not None:
-                self.i = 0
+                self.index = 0
                 self.n = n
-                self.allow += n
+                self.end += n
                 return n
 
-    def chunk(self, most):
-        # Up to most bytes of the body, as a view into the buffer; empty at its end.
-        if self.i == self.n:
+    def chunk(self, count):
+        # Up to count bytes of the body, as a view into the buffer; empty at its end.
+        if self.index == self.n:
             self._fill()
-        j = min(self.n, self.i + most)
-        c = self.mv[self.i : j]
-        self.i = j
+        j = min(self.n, self.index + count)
+        c = self.mv[self.index : j]
+        self.index = j
         return c
 
     def readline(self):
         # A line of at most _LINE bytes; shorter only at the end of the answer.
         line = b""
-        while len(line) < _LINE and line[-1:] != b"\n" and (self.i < self.n or self._fill()):
-            j = min(self.buf.find(b"\n", self.i, self.n) + 1 or self.n, self.i + _LINE - len(line))
-            line += self.mv[self.i : j]
-            self.i = j
+        while len(line) < _LINE and line[-1:] != b"\n" and (self.index < self.n or self._fill()):
+            j = min(self.buf.find(b"\n", self.index, self.n) + 1 or self.n, self.index + _LINE - len(line))
+            line += self.mv[self.index : j]
+            self.index = j
         return line
 
     def close(self):

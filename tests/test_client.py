@@ -46,7 +46,7 @@ def through(fs, monkeypatch):
 
 def server_args(url, timeout=TIMEOUT, version=""):
     """What the client's parts take for a server: ota_http.Server's arguments."""
-    return url, None, timeout, version, None, bytearray(1024)
+    return url, None, timeout, version, None, bytearray(512)
 
 
 # -- Installing and updating --------------------------------------------------------
@@ -843,7 +843,7 @@ def client_peak(url, root, monkeypatch):
     """
     import tracemalloc
 
-    ota_check.poll(server_args(url), None, 0)
+    ota_check.version(server_args(url))
     monkeypatch.setattr(ota_fetch, "print", lambda *args: None, raising=False)
     monkeypatch.setattr(ota_update, "print", lambda *args: None, raising=False)
     tracemalloc.start()
@@ -870,7 +870,7 @@ def external():
         deadline = time.monotonic() + TIMEOUT
         while True:
             try:
-                ota_check.poll(server_args(url), None, 0)
+                ota_check.version(server_args(url))
                 return url
             except ota.OTAError:
                 assert time.monotonic() < deadline, "the server did not start"

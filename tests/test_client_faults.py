@@ -337,7 +337,7 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
     assert sleeps == [1, 1, 1]
     poll = "GET /files/version?wait=%d HTTP/1.0" % sent
     assert server.requests == [
-        "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % VERSION, poll,  # installs the state
+        "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % VERSION,  # installs the state
         poll,  # nothing new since the version the server named: no update
         poll,
     ]
