@@ -118,8 +118,8 @@ def commit(root, plan=False):
     """Roll the journal forward; if a step fails (a folder in the way, a full file
     system), roll it back: the board gets all the new files or all the old ones.
     With plan, the update staged (.ota-new/plan and its files) is committed first.
-    Returns True if a commit was finished, the error that made one roll back, or
-    None."""
+    Returns True if it rolled a journal forward, the error that made one roll
+    back, or None."""
     stage = root + "/.ota-new/"
     journal = root + "/.ota-journal"
     undo = stage + "undo"
@@ -151,6 +151,7 @@ def commit(root, plan=False):
                         os.rename(new, dst)
             sync()
             os.rename(journal, done)
+            why = True
         except OSError as e:
             why = e
             os.rename(journal, undo)
@@ -175,6 +176,5 @@ def commit(root, plan=False):
                 _prune(root, path)
         sync()
         os.remove(done)
-        why = True
     _clean(stage)
     return why

@@ -46,7 +46,8 @@ def _drop():
             # Emptied: a stale pointer the collector finds (on the C stack) to one
             # of its functions then keeps that function only, not the whole part.
             part.__dict__.clear()
-    gc.collect()
+    if hasattr(gc, "mem_free"):  # MicroPython; CPython frees what nothing holds at once
+        gc.collect()
 
 
 def _hex(value):
@@ -56,12 +57,23 @@ def _hex(value):
     binascii.unhexlify(value)  # ValueError if not hex
 
 
+def _version(root):
+    # The version .ota names: what is on flash. "" if its first line is damaged
+    # (MemoryError: one endless line, as erased flash reads).
+    try:
+        version = _installed(root)
+        _hex(version)
+        return version
+    except (ValueError, OTAError, MemoryError):
+        return ""
+
+
 def _finish(root, plan=False):
     # recover(); with plan, the commit point of the update staged first. Every
     # step can be taken again, so it is retried after a collection if memory runs
     # short: a commit once started is finished, or rolled back, before update()
-    # returns. Returns True if it finished a commit, the error that rolled one
-    # back, or None. The caller drops ota_commit.
+    # returns. Returns True if it rolled a journal forward, the error that rolled
+    # one back, or None. The caller drops ota_commit.
     for _ in range(3):
         try:
             return _call("ota_commit", "commit", root, plan)
@@ -71,7 +83,8 @@ def _finish(root, plan=False):
             raise
         except Exception as e:
             raise OTAError("cannot finish the update, the next call retries: %r" % e)
-    raise OTAError("not enough memory to finish the update, the next call retries")
+    # Nothing was started, or a commit waits: either way the next call goes on from here.
+    raise OTAError("not enough memory for the update, the next call retries")
 
 
 def recover(root="/"):
@@ -104,11 +117,7 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
         # a change: the app that runs still has the old files, and must restart.
         changes = 1 if _finish(root) is True else 0
         _drop()
-        try:  # a first line damaged: as if there were no .ota (ota_plan.py says it)
-            installed = _installed(root)
-            _hex(installed)
-        except (ValueError, OTAError, MemoryError):  # MemoryError: one endless line (erased flash)
-            installed = ""
+        installed = _version(root)  # "" if damaged: as if there were no .ota (ota_plan.py says it)
         # The one buffer of every step, allocated while the heap is whole: the
         # network's, and the plan's table of paths FAT names otherwise.
         buf = bytearray(512)
@@ -125,6 +134,7 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
                 _drop()
                 _call("ota_fetch", "fetch", server, root)
         except BaseException as e:
+            buf = server = None  # room for the cleanup
             _drop()
             _finish(root)  # the staged files removed: the board as it was
             if isinstance(e, OTAError) or not isinstance(e, Exception):  # Ctrl-C
@@ -132,9 +142,14 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
             raise OTAError("update failed, nothing changed: %r" % e)
         _drop()
         if version:
-            why = _finish(root, True)  # the switch: rolled forward, or back if a step failed
-            if why is not True:
-                raise OTAError("update failed, nothing changed: %r" % why)
+            try:
+                why = _finish(root, True)  # the switch: rolled forward, or back if a step failed
+            except OTAError as e:  # a damaged journal; no memory to finish: the next call does
+                why = e
+            # What .ota names is what the board has: the new version once the switch
+            # is done, even if what follows it (removing the old files) was not.
+            if _version(root) != version:
+                raise why if isinstance(why, OTAError) else OTAError("update failed, nothing changed: %r" % why)
         if changes:
             try:  # the switch is done: nothing may hide it now
                 print("ota: version %s installed, %d change%s" % (

