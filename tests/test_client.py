@@ -606,6 +606,16 @@ def test_update_finishes_an_interrupted_journal_first_and_restarts_the_app(app, 
     assert resets == [1]
 
 
+def test_a_failed_update_tells_live_mode_the_version_the_server_named(installed, promoter, proxy, device,
+                                                                      monkeypatch):
+    monkeypatch.setattr(ota, "_named", None)
+    proxy.fault = lambda path, response: damage_download(path, response, flip_last_byte)
+    with pytest.raises(ota.OTAError, match="checksum mismatch"):
+        device.update(proxy.url)
+    assert ota._named == promoter.version  # so live mode does not try it again at once
+    assert files(device.root) == installed
+
+
 def test_a_switch_that_fails_half_way_is_rolled_back(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None, "lib/new/n.py": "n"})
