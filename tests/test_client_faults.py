@@ -14,11 +14,13 @@ import time
 import pytest
 
 import ota
+import ota_http
 import ota_update
 import ota_promoter
 from conftest import checksum, request, write
 from proxy import is_manifest, set_header, split
 from conftest import files, folders, promoted, publish
+from test_client import through
 
 VERSION = "5" * 40
 
@@ -46,8 +48,7 @@ def inject(extra):
 
 def on(fs, monkeypatch):
     """Run the client's file operations through fs."""
-    monkeypatch.setattr(ota_update, "os", fs)
-    monkeypatch.setattr(ota_update, "open", fs.open, raising=False)
+    through(fs, monkeypatch)
 
 
 class FoldingFS:
@@ -223,18 +224,23 @@ def test_a_hostile_server_cannot_plant_a_state_through_capital_letters(installed
     assert os.path.exists(outside)
 
 
-def test_an_unsafe_path_read_back_from_ota_is_refused_and_ota_kept(installed, proxy, device, tmp_path):
+def test_an_unsafe_path_read_back_from_ota_deletes_nothing_and_a_new_ota_is_written(
+        installed, promoter, proxy, device, tmp_path, capsys):
+    """A planted line in .ota: .ota is taken as damaged (tests/test_client_memory.py
+    has every other damage), so the update deletes nothing, outside or in."""
     outside = write(tmp_path, "outside.txt", "not the board's")
     state = os.path.join(str(device.root), ".ota")
     with open(state) as f:
         lines = f.read().splitlines(True)
     lines.insert(1, "%s 4 ../outside.txt\n" % ("0" * 40))  # where it sorts
     write(device.root, ".ota", "".join(lines))
-    planted = files(device.root)
-    with pytest.raises(ota.OTAError, match=r"^refusing unsafe or unsorted path '../outside.txt' in .ota$"):
-        device.update(proxy.url)
-    assert files(device.root) == planted
+    assert device.update(proxy.url) is True
+    assert re.search(r"^ota: .*/\.ota is damaged \(OTAError\(\"refusing unsafe or unsorted path '\.\./outside\.txt' "
+                     r"in the \.ota\"\)\): installing every file again, deleting none$", capsys.readouterr().out, re.M)
     assert os.path.exists(outside)
+    assert files(device.root, own=False) == dict(promoted(promoter.root), **{
+        "secrets.py": b"mine", "lib/x.py": b"X = 1\n"})  # lib/x.py, gone from the server, is not deleted
+    assert files(device.root)[".ota"].decode().splitlines()[0] == promoter.version
 
 
 def test_an_unsafe_path_in_the_journal_is_refused_before_anything_is_touched(device, tmp_path):
@@ -242,7 +248,8 @@ def test_an_unsafe_path_in_the_journal_is_refused_before_anything_is_touched(dev
     write(device.root, "main.py", "m")
     write(device.root, ".ota-journal", "d %s 1 main.py\nd %s 4 ../outside.txt\nend\n" % ("0" * 40, "0" * 40))
     before = files(device.root)
-    with pytest.raises(ota.OTAError, match=r"^refusing unsafe or unsorted path '../outside.txt' in .*/.ota-journal$"):
+    with pytest.raises(ota.OTAError, match=r"^.*/.ota-journal is damaged: b'd 0{40} 4 ../outside.txt\\n'; "
+                                           r"the board is left as it is$"):
         ota.recover(str(device.root))
     assert files(device.root) == before
     assert os.path.exists(outside)
@@ -330,7 +337,7 @@ def test_watch_pauses_after_an_early_answer_with_nothing_new(hostile, tmp_path, 
     assert sleeps == [1, 1, 1]
     poll = "GET /files/version?wait=%d HTTP/1.0" % sent
     assert server.requests == [
-        "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % VERSION, poll,  # installs the state
+        "GET /files/version HTTP/1.0", "GET /files/%s HTTP/1.0" % VERSION,  # installs the state
         poll,  # nothing new since the version the server named: no update
         poll,
     ]
@@ -372,7 +379,7 @@ def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, pr
     ("http://board-server.local/", "board-server.local", 80, "AF_INET", ""),
 ])
 def test_urls_with_ipv6_addresses(url, host, port, family, prefix):
-    server = ota_update._Server(url, None, 1, "")
+    server = ota_http.Server(url, None, 1, "", None, bytearray(1))
     assert (server.host, server.port, server.family, server.prefix) == (host, port, getattr(socket, family), prefix)
     assert server.head.startswith("Host: %s\r\n" % url[len("http://"):].split("/")[0])
 

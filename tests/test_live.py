@@ -14,7 +14,7 @@ import pytest
 
 import ota
 import ota_promoter
-import ota_update
+import ota_http
 from conftest import ROOT, TIMEOUT, checksum, settle, write
 from conftest import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
@@ -442,10 +442,10 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     port = free_port()
     ota._named = None  # as after boot.py's update()
     live = ota.live("http://127.0.0.1:%d" % port, root=str(tmp_path), wait=1, timeout=1)
-    live.write(b"y" * 1500 + b"\nhello\n")  # the newest output is kept
-    live.tick()
     write(tree, "main.py", "m")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
+    live.write(b"y" * 1500 + b"\nhello\n")  # the newest output is kept
+    live.tick()  # refused: the post waits 1 s
     server = promoter.serve("127.0.0.1", port).start()  # on the port the board was given
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -454,7 +454,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
             live.tick()
             time.sleep(0.01)
         logged = [r.getMessage() for r in caplog.records]
-        assert "127.0.0.1 [%s] | hello" % ota_update._device()[:12] in logged
+        assert "127.0.0.1 [%s] | hello" % ota_http._device()[:12] in logged
         assert any("(%d bytes of output dropped)" % (1507 - 512) in m for m in logged), logged
     finally:
         live.stop()

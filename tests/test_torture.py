@@ -20,11 +20,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ota
+import ota_check
+import ota_commit
+import ota_fetch
+import ota_http
+import ota_plan
 import ota_update
 import ota_promoter
 from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
 from test_cli import free_port
 from conftest import CPythonBoard, files, promoted, publish
+
+# The client's parts, loaded here: an update then keeps them (it drops only the parts it
+# loaded), and several boards can update at once in this one process.
+PARTS = (ota_check, ota_commit, ota_fetch, ota_http, ota_plan, ota_update)
 
 # ota_promoter.py in its own process, telling (on stdout) when each version was
 # published, so that wake-up latencies are measured from the publish itself.
@@ -466,20 +475,21 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
     board.update(promoted_app.url)
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n", "lib/b.py": "B = 2\n"})
     before = files(board.root)
-    fetch = ota_update._fetch
-    fetched = []
+    get = ota_http.Server.get
+    downloads = []
 
-    def fetch_then_stop_the_server(*args):
-        fetch(*args)
-        fetched.append(args[3])
-        if len(fetched) == 1:
-            promoted_app.server.close()
+    def get_then_stop_the_server(self, path, extra=""):
+        if len(path) == len("/files/") + 40 and path[len("/files/"):] != promoted_app.version:  # a file
+            downloads.append(path)
+            if len(downloads) == 2:  # the first file is in: the server goes away
+                promoted_app.server.close()
+        return get(self, path, extra)
 
-    monkeypatch.setattr(ota_update, "_fetch", fetch_then_stop_the_server)
+    monkeypatch.setattr(ota_http.Server, "get", get_then_stop_the_server)
     with pytest.raises(ota.OTAError, match="no answer from 127.0.0.1:[0-9]+: .*(refused|ECONNREFUSED)"):
         board.update(promoted_app.url)
     monkeypatch.undo()
-    assert len(fetched) == 1
+    assert len(downloads) == 2
     assert files(board.root) == before  # the first file was staged, then thrown away
     port = promoted_app.server.server_address[1]
     restarted = ota_promoter.Promoter(str(tree), interval=3600).serve("127.0.0.1", port).start()
@@ -497,7 +507,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
     publish(promoted_app, tree, {"main.py": "print('v2')\n", "lib/a.py": "A = 2\n"})
     v2 = promoted(tree)
     before = files(board.root)
-    plan = ota_update._plan
+    plan = ota_plan.plan
 
     def plan_then_save(*args):
         result = plan(*args)
@@ -505,7 +515,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
             publish(promoted_app, tree, {"main.py": "print('v3.%d')\n" % n, "lib/b.py": "B = %d\n" % n})
         return result
 
-    monkeypatch.setattr(ota_update, "_plan", plan_then_save)
+    monkeypatch.setattr(ota_plan, "plan", plan_then_save)
     if saves == 1:
         # The version before is still served: the board installs the tree it fetched.
         assert board.update(promoted_app.url) is True
