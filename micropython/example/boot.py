@@ -1,5 +1,5 @@
 # boot.py: join the WiFi, install what changed, then arm live mode.
-# Copy it to the board once, with ota.py and ota_update.py (see the README), and
+# Copy it to the board once, with the client's ota*.py (see the README), and
 # write secrets.py next to it (secrets.py.example shows what goes in it).
 import network
 import time
