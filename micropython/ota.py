@@ -20,13 +20,16 @@ import socket
 import sys
 
 try:
-    from micropython import const
+    from micropython import const, schedule
     from time import ticks_diff, ticks_ms
 except ImportError:  # CPython
     from time import perf_counter
 
     const = int
     ticks_diff = int.__sub__
+
+    def schedule(function, arg):
+        function(arg)
 
     def ticks_ms():
         return int(perf_counter() * 1000)
@@ -134,13 +137,18 @@ class _Live(IOBase):
     def write(self, data):
         # Called inside every print: keeps the newest output (the last line of a
         # traceback says what went wrong) and counts what it drops: the oldest bytes
-        # not being sent. It never waits and never raises: os.dupterm drops a stream
-        # whose write() raises, MemoryError included (extmod/os_dupterm.c).
+        # not being sent. It never waits and never raises: os.dupterm drops for good a
+        # stream whose write() raises (extmod/os_dupterm.c), MemoryError included, and
+        # a KeyboardInterrupt that lands here (checks press Ctrl-C until it stops the app).
         n = len(data)
         buf = self.buf
         held = self.n
         sending = self.sending
         try:
+            if data == b">>> ":  # the friendly REPL writes its prompt alone (shared/readline)
+                self.prompt = True  # seen: the app has stopped, until the checks press Ctrl-C
+            if not buf:
+                return n  # console=False: nothing held, nothing counted
             cut = min(n - len(buf) + held, held - sending)
             if cut > 0:
                 buf[sending : held - cut] = buf[sending + cut : held]
@@ -151,10 +159,7 @@ class _Live(IOBase):
             buf[held : held + k] = data if k == n else data[n - k :]  # no copy when all fits
             self.n = held + k
             self.dropped += n - k
-            if n:
-                # The friendly REPL writes its prompt alone (shared/readline: readline_init)
-                self.prompt = data == b">>> "
-        except Exception:  # no memory for a slice: this output is lost, and counted
+        except BaseException:  # no memory for a slice: this output is lost, and counted
             self.dropped += n
         return n
 
@@ -168,23 +173,23 @@ class _Live(IOBase):
 
     def tick(self, timer=None):
         """One step of each task: returns at once, never raises."""
-        prompt = self.prompt  # what this prints is live mode's: the REPL still waits
         try:
+            if self.checks is False:
+                self.checks = self._checks(1000)
             if self.checks:
                 next(self.checks)
         except StopIteration:  # the app is being restarted
             self.checks = None
-        except Exception:  # no memory to begin them (they catch the rest): begun again
-            self.checks = self._checks(1000)
+        except BaseException:  # no memory (they catch the rest): begun again, next tick
+            self.checks = False
         try:
             if self.posts:  # apart: a failure to post never holds the checks
                 next(self.posts)
-        except Exception:  # the server has no console
+        except BaseException:  # the server has no console
             self.posts = None
-        self.prompt = self.prompt or prompt
 
     def _ask(self, s, line, extra, body, ms, buf, version):
-        # One HTTP/1.1 exchange on a non-blocking socket: s, kept alive, or a new one.
+        # One HTTP exchange on a non-blocking socket: s, kept alive, or a new one.
         # A generator: it yields whenever it would wait, and after 8 reads, so each
         # step returns at once. Sends the request, reads the answer's head through
         # buf and, with version, the body of a 200 ({"version": "..."}) into buf.
@@ -208,7 +213,7 @@ class _Live(IOBase):
                         raise
             p.register(s, select.POLLOUT)
             began = ticks_ms()
-            data = [("%s HTTP/1.1\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
+            data = [("%s\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
             if body:
                 data.append(body)
             mv = memoryview(buf)
@@ -294,6 +299,8 @@ class _Live(IOBase):
                     self.lines[0], 'If-None-Match: "%s"\r\n' % self.named if self.named else "", self.held, buf)
                 pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0
                 fails = 0
+                if polled == self.version:  # a version named at boot, then withdrawn
+                    self.named = polled
                 if polled != self.named and polled != self.version:
                     new = yield from self._version(self.lines[1], "", self.ms, buf)
                     if new != self.named and new != self.version:
@@ -304,10 +311,10 @@ class _Live(IOBase):
                     self.named = polled
                     pause = 1000
             except Exception as e:
-                if not isinstance(e, (OSError, ValueError)):
+                if not isinstance(e, (OSError, ValueError, MemoryError)):
                     print("ota: live mode: %r" % e)
                 pause = min(1000 << fails, 10000)
-                fails += 1
+                fails = min(fails + 1, 4)
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
         # restarts main.py (_restart).
@@ -315,11 +322,16 @@ class _Live(IOBase):
 
         began = ticks_ms()
         notify = getattr(os, "dupterm_notify", None)  # the ports that read the stream (README)
-        if notify and not self.prompt:
-            self.key = 3
-            notify(None)
-        # Until the REPL shows its prompt, and the console has posted what was said
+        # Until the REPL shows its prompt, and the console has posted what was said.
+        # Ctrl-C again at each tick (one that lands while the app prints is lost),
+        # through micropython.schedule: run as a callback of its own, the port's code
+        # that reads it returns to the app, where the KeyboardInterrupt is raised (on
+        # a threaded port, ESP32, RP2040, a Ctrl-C read inside this tick would be
+        # raised in this tick: py/vm.c checks at every branch).
         while notify and (not self.prompt or self.n) and ticks_diff(ticks_ms(), began) < _PROMPT:
+            if not self.prompt:
+                self.key = 3
+                schedule(notify, None)
             yield
         try:
             _run("_restart", (self,))
@@ -366,7 +378,7 @@ class _Live(IOBase):
                 began = ticks_ms()
                 while ticks_diff(ticks_ms(), began) < min(1000 << fails, 10000):
                     yield
-                fails += 1
+                fails = min(fails + 1, 4)
 
     def stop(self):
         """Disarm the timer and close the connections."""

@@ -20,6 +20,7 @@
 import binascii
 import gc
 import os
+import socket
 import sys
 import time
 
@@ -234,13 +235,18 @@ def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=1
     # The requests: the long-poll, the plain version check, the console's post; a
     # long-poll is given up (a half-open connection) 3 s after its wait
     wait = max(int(wait), 1)
-    live.lines = ("GET %s/files/version?wait=%d" % (prefix, wait), "GET %s/files/version" % prefix,
-                  "POST %s/console" % prefix)
+    # The version requests in HTTP/1.0 (their connection is not kept; an answer to
+    # 1.1 could come chunked), the posts in 1.1, kept alive.
+    live.lines = ("GET %s/files/version?wait=%d HTTP/1.0" % (prefix, wait), "GET %s/files/version HTTP/1.0" % prefix,
+                  "POST %s/console HTTP/1.1" % prefix)
     live.held = wait * 1000 + _SLACK
     live.ms = int(timeout * 1000)
     live.family = family
     live.host = host, port
-    live.address = None  # resolved at the first tick: a name costs a DNS lookup
+    try:  # a name is looked up here, where waiting is free; else at a tick (README)
+        live.address = socket.getaddrinfo(host, port, family)[0][-1]
+    except Exception:
+        live.address = None
     # version: what the board has installed, and the app runs; named: what the
     # server named at this boot's update (also one that failed): the long-poll
     # waits for another, so a version that cannot be installed is tried once.
@@ -291,7 +297,7 @@ def _restart(live):
     except Exception as e:
         try:
             print("ota: %s; restarting: boot.py installs it" % (
-                "not enough memory beside the app" if isinstance(e, MemoryError) else e))
+                "not enough memory beside the app" if isinstance(e, MemoryError) or "memory" in str(e) else e))
         except MemoryError:
             pass
     if live.posts:  # a post begun afresh, whatever the last one met

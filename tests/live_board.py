@@ -145,8 +145,10 @@ class PortOS:
     def dupterm_notify(self, _):
         b = bytearray(1)
         while Board.stream and Board.stream.readinto(b):
-            if b[0] == 3:
+            if b[0] == 3 and Board.in_main:
                 Board.interrupt = True  # mp_sched_keyboard_interrupt
+            elif b[0] == 3:
+                out("\r\n>>> ")  # at the prompt: the friendly REPL starts a new line (pyexec.c)
             else:
                 Board.stdin.append(b[0])
 
