@@ -147,8 +147,6 @@ class _Live(IOBase):
         try:
             if data == b">>> ":  # the friendly REPL writes its prompt alone (shared/readline)
                 self.prompt = True  # seen: the app has stopped, until the checks press Ctrl-C
-            if not buf:
-                return n  # console=False: nothing held, nothing counted
             cut = min(n - len(buf) + held, held - sending)
             if cut > 0:
                 buf[sending : held - cut] = buf[sending + cut : held]
@@ -301,7 +299,7 @@ class _Live(IOBase):
                 fails = 0
                 if polled == self.version:  # a version named at boot, then withdrawn
                     self.named = polled
-                if polled != self.named and polled != self.version:
+                elif polled != self.named:
                     new = yield from self._version(self.lines[1], "", self.ms, buf)
                     if new != self.named and new != self.version:
                         print("ota: version %s: stopping the app to install it" % new[:7])
