@@ -300,7 +300,9 @@ class _Live(IOBase):
                 if polled == self.version:  # a version named at boot, then withdrawn
                     self.named = polled
                 elif polled != self.named:
-                    new = yield from self._version(self.lines[1], "", self.ms, buf)
+                    new = polled  # a long-poll the server held: it names what changed
+                    if pause:  # answered at once (a cache?): /files/version decides, as update() reads it
+                        new = yield from self._version(self.lines[1], "", self.ms, buf)
                     if new != self.named and new != self.version:
                         print("ota: version %s: stopping the app to install it" % new[:7])
                         break
