@@ -14,6 +14,10 @@ _LINE = const(256)  # longest manifest line, so journal lines up to 258 bytes
 _EEXIST = const(17)
 
 
+# _kind and _safe are also in ota_plan.py, on purpose: each part is imported alone and
+# dropped before the next, and importing the other for them would hold both at once.
+
+
 def _kind(path):
     # 0: nothing there, 1: a file, 2: a folder
     try:

@@ -11,6 +11,10 @@ from ota_update import _hex
 _LINE = const(256)  # longest manifest line: paths up to about 200 bytes
 
 
+# _kind and _safe are also in ota_commit.py, on purpose: each part is imported alone and
+# dropped before the next, and importing the other for them would hold both at once.
+
+
 def _kind(path):
     # 0: nothing there, 1: a file, 2: a folder
     try:
