@@ -178,12 +178,12 @@ class _Live(IOBase):
                 next(self.checks)
         except StopIteration:  # the app is being restarted
             self.checks = None
-        except BaseException:  # no memory (they catch the rest): begun again, next tick
+        except (Exception, KeyboardInterrupt):  # no memory (they catch the rest): begun again, next tick
             self.checks = False
         try:
             if self.posts:  # apart: a failure to post never holds the checks
                 next(self.posts)
-        except BaseException:  # the server has no console
+        except (Exception, KeyboardInterrupt):  # the server has no console
             self.posts = None
 
     def _ask(self, s, line, extra, body, ms, buf, version):
