@@ -317,17 +317,22 @@ def damage_journal(journal, how):
         return b"".join([b"d " + b"x" * 300 + b"\n"] + lines[1:])
     raise ValueError(how)
 
+def damage_the_journal_of(board, how):
+    """The board's .ota-journal, damaged in place as damage_journal() says."""
+    path = os.path.join(str(board), ".ota-journal")
+    with open(path, "rb") as f:
+        damaged = damage_journal(f.read(), how)
+    with open(path, "wb") as f:
+        f.write(damaged)
+
+
 
 @pytest.mark.parametrize("how", ["a line of an unknown kind", "a line with too few fields", "an unsafe path",
                                  "bytes not UTF-8", "an endless line"])
 def test_a_damaged_journal_is_refused_whole_and_nothing_is_touched(committed, promoter, tmp_path, how):
     board, old, new = committed
     outside = write(tmp_path, "outside.txt", "not the board's")
-    path = os.path.join(str(board), ".ota-journal")
-    with open(path, "rb") as f:
-        damaged = damage_journal(f.read(), how)
-    with open(path, "wb") as f:
-        f.write(damaged)
+    damage_the_journal_of(board, how)
     before = files(board)
     message = r"^.*/\.ota-journal is damaged: b'.*'; the board is left as it is$"
     with pytest.raises(ota.OTAError, match=message):
@@ -356,11 +361,7 @@ def test_a_journal_cut_short_was_never_committed_and_is_dropped(committed, promo
 @pytest.mark.parametrize("how", ["a line of an unknown kind", "bytes not UTF-8"])
 def test_under_micropython_a_damaged_journal_gives_otaerror_and_touches_nothing(committed, promoter, mpy_dir, how):
     board, old, new = committed
-    path = os.path.join(str(board), ".ota-journal")
-    with open(path, "rb") as f:
-        damaged = damage_journal(f.read(), how)
-    with open(path, "wb") as f:
-        f.write(damaged)
+    damage_the_journal_of(board, how)
     before = files(board)
     with pytest.raises(ota.OTAError, match=r"\.ota-journal is damaged: b'.*'; the board is left as it is$"):
         MicroPythonBoard(board, mpy_dir).update(promoter.url)
