@@ -213,6 +213,11 @@ def _close(handle):
         os.close(handle)
 
 
+def stat_key(st):
+    """What tells that a file or folder changed: compared whole, never read by position."""
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
 def _stat_handle(handle):
     return os.fstat(handle) if _AT else os.stat(handle)
 
@@ -326,6 +331,21 @@ class _Walk:
         self.links = []  # promoted paths of the symlinks met
 
 
+class _Listing:
+    """What reading one folder gave: its stat key then, the (promoted path, name)
+    of its files, the names of its folders, the promoted paths of its symlinks, and
+    the problems of the entries left out."""
+
+    __slots__ = ("key", "files", "folders", "links", "problems")
+
+    def __init__(self, key, files, folders, links, problems):
+        self.key = key
+        self.files = files
+        self.folders = folders
+        self.links = links
+        self.problems = problems
+
+
 class Scanner:
     """scan() for a watcher: re-reads only the folders whose listing changed.
 
@@ -338,17 +358,17 @@ class Scanner:
 
     def __init__(self, root):
         self.root = root
-        self._listings = {}  # promoted prefix -> (stat key, files, folders, symlinks, problems)
+        self._listings = {}  # promoted prefix -> _Listing
 
     def forget(self):
         """Re-read every folder on the next scan (the ignore rules changed)."""
         self._listings = {}
 
     def folder_key(self, prefix):
-        """(mtime, size, inode, device) of the folder at promoted prefix when it
-        was last read, or None if it was not."""
+        """The stat_key() of the folder at promoted prefix when it was last read,
+        or None if it was not."""
         listing = self._listings.get(prefix)
-        return listing[0] if listing is not None else None
+        return listing.key if listing is not None else None
 
     def scan(self, root, ignored=None, problems=None):
         """(promoted path, stat, real path) of each file under root, a handle from _open_root."""
@@ -427,17 +447,16 @@ class Scanner:
                     walk.problems[prefix[:-1]] = "symlink to a folder promoted already, as %s" % (where[:-1] or ".")
             return None
         walk.entered[identity] = prefix
-        key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        key = stat_key(st)
         listing = self._listings.get(prefix)
-        if listing is None or listing[0] != key or st.st_mtime_ns >= walk.racy:
+        if listing is None or listing.key != key or st.st_mtime_ns >= walk.racy:
             listing = _list_folder(handle, prefix, key, walk.ignored)
         walk.listings[prefix] = listing
-        _, names, folders, links, found = listing
-        walk.problems.update(found)
-        if names:
-            _stat_files(handle, prefix, real, names, walk)
-        walk.links += links
-        return folders
+        walk.problems.update(listing.problems)
+        if listing.files:
+            _stat_files(handle, prefix, real, listing.files, walk)
+        walk.links += listing.links
+        return listing.folders
 
     def _follow(self, root, path, walk):
         """Follow the symlink at promoted path, if it resolves inside DIR."""
@@ -526,7 +545,7 @@ def _list_folder(folder, prefix, key, ignored):
                 # Sockets, fifos and devices are not files a board can use.
             except OSError:
                 continue  # removed while we looked
-    return key, names, folders, links, problems
+    return _Listing(key, names, folders, links, problems)
 
 
 def walk_key(path):
@@ -916,6 +935,28 @@ class ContentStore:
 # -- The watcher ---------------------------------------------------------------------
 
 
+class _Hashed:
+    """A file as it was last hashed: its stat_key() then, its Blob, and
+    time.time_ns() when the hashing began."""
+
+    __slots__ = ("key", "blob", "hashed")
+
+    def __init__(self, key, blob, hashed):
+        self.key = key
+        self.blob = blob
+        self.hashed = hashed
+
+
+class _Unreadable:
+    """A file that could not be read: its stat_key() then, and why not."""
+
+    __slots__ = ("key", "problem")
+
+    def __init__(self, key, problem):
+        self.key = key
+        self.problem = problem
+
+
 class _Change:
     """A file whose stat differs from when it was hashed, waiting to settle."""
 
@@ -963,9 +1004,9 @@ class Promoter:
         self._ignore_text = None
         self._ignored = None
         self._scanner = Scanner(self.root)
-        self._seen = {}  # promoted path -> (stat key, Blob, time.time_ns() when hashed)
+        self._seen = {}  # promoted path -> _Hashed
         self._changes = {}  # promoted path -> _Change, for files whose stat differs from _seen's
-        self._failed = {}  # promoted path -> (stat key, problem) of files that could not be read
+        self._failed = {}  # promoted path -> _Unreadable
         self._hot = collections.OrderedDict()  # promoted path -> real path, the last changed last
         self._hot_folders = {""}  # promoted prefixes of the folders of _hot, and DIR's
         self._hash_time = 0.0  # CPU seconds spent hashing in this scan
@@ -1064,7 +1105,7 @@ class Promoter:
                 key = self._scanner.folder_key(prefix)
                 # None: the scan could not keep its listing (a subfolder it cannot
                 # enter); full scans at their pace see to that folder.
-                if key is not None and key != (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev):
+                if key is not None and key != stat_key(st):
                     return self._poll()
             now = time.time_ns()
             for path, real in list(self._hot.items()):
@@ -1074,9 +1115,9 @@ class Promoter:
                     return self._poll()
                 if not stat.S_ISREG(st.st_mode):
                     return self._poll()
-                key = (st.st_size, st.st_mtime_ns, st.st_ino)
+                key = stat_key(st)
                 prev = self._seen.get(path)
-                if prev is not None and prev[0] == key:
+                if prev is not None and prev.key == key:
                     change = self._changes.get(path)
                     if change is not None:
                         if change.key == key:
@@ -1144,22 +1185,22 @@ class Promoter:
             self._root_lost = False
         seen, old, changes = {}, self._seen, self._changes
         for path, st, real in listing:
-            key = (st.st_size, st.st_mtime_ns, st.st_ino)
+            key = stat_key(st)
             failed = self._failed.get(path)
-            if failed is not None and failed[0] == key:
-                problems[path] = failed[1]  # unreadable as it was: not read again
+            if failed is not None and failed.key == key:
+                problems[path] = failed.problem  # unreadable as it was: not read again
                 continue
             prev = old.get(path)
             if prev is not None:
                 seen[path] = prev  # published until its change settles
-                if prev[0] == key:
+                if prev.key == key:
                     change = changes.get(path)
                     if change is not None:
                         if change.key == key:  # changed within one mtime tick: settling
                             change.looked = now
                             continue
                         del changes[path]  # back to the stat it was hashed with
-                    if key[1] < prev[2] - RACY_NS:
+                    if st.st_mtime_ns < prev.hashed - RACY_NS:
                         continue  # hashed well after its last write: its stat tells all
                     # Racy: written within RACY_NS of its hashing, it may have
                     # changed since in the same mtime tick. Rehashed at the pace of
@@ -1170,8 +1211,8 @@ class Promoter:
                     except OSError as e:
                         self._unreadable(path, key, e, problems, seen)
                         continue
-                    if blob is not None and blob.checksum == prev[1].checksum:
-                        seen[path] = (key, prev[1], hashed)
+                    if blob is not None and blob.checksum == prev.blob.checksum:
+                        seen[path] = _Hashed(key, prev.blob, hashed)
                         continue
                     self._note(path, real, st, key, now, again=True)
                     continue
@@ -1210,7 +1251,7 @@ class Promoter:
 
     def _unreadable(self, path, key, e, problems, seen):
         problems[path] = "cannot read: %s" % (e.strerror or e)
-        self._failed[path] = (key, problems[path])
+        self._failed[path] = _Unreadable(key, problems[path])
         seen.pop(path, None)
         self._changes.pop(path, None)
 
@@ -1236,11 +1277,11 @@ class Promoter:
                 continue
             del self._changes[path]
             prev = seen.get(path)
-            if prev is not None and prev[1].checksum == blob.checksum:
-                blob = prev[1]  # keep the bytes already held
+            if prev is not None and prev.blob.checksum == blob.checksum:
+                blob = prev.blob  # keep the bytes already held
             else:
                 self._dirty = True
-            seen[path] = (change.key, blob, hashed)
+            seen[path] = _Hashed(change.key, blob, hashed)
         if self._hash_time:
             self._keep()
         if self._changes:
@@ -1270,9 +1311,9 @@ class Promoter:
             if path in unsettled or path in held:
                 blobs.append(published.get(target))
             elif target != path:
-                blobs.append(self._verdicts[seen[path][1].checksum].bytecode)
+                blobs.append(self._verdicts[seen[path].blob.checksum].bytecode)
             else:
-                blobs.append(seen[path][1])
+                blobs.append(seen[path].blob)
         blobs = sorted((b for b in blobs if b is not None), key=_walk_key_of)
         version = Version(blobs, {targets[path]: error for path, error in held.items() if path in targets})
         if version.id == self.current.id and not self._first:
@@ -1298,7 +1339,7 @@ class Promoter:
         finally:
             os.close(fd)
             self._hash_time += time.thread_time() - start
-        if blob is not None and (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if blob is not None and stat_key(after) != stat_key(st):
             return None
         return blob
 
@@ -1311,7 +1352,7 @@ class Promoter:
         """
         verdicts, todo = {}, []
         for path, entry in seen.items():
-            blob = entry[1]
+            blob = entry.blob
             if path.endswith(".py") and path not in unsettled and blob is not None:
                 if blob.checksum in self._verdicts:
                     verdicts[blob.checksum] = self._verdicts[blob.checksum]
@@ -1342,7 +1383,7 @@ class Promoter:
         self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
         held = {}
         for path, entry in seen.items():
-            blob = entry[1]
+            blob = entry.blob
             verdict = verdicts.get(blob.checksum) if blob is not None else None
             if verdict is not None and verdict.error is not None:
                 held[path] = verdict.error
@@ -1364,7 +1405,7 @@ class Promoter:
             target = mpy_path(path)
             source = path[:-4] + ".py"
             if target != path:
-                verdict = self._verdicts.get(entry[1].checksum)
+                verdict = self._verdicts.get(entry.blob.checksum)
                 if verdict is None or verdict.error is not None:
                     if path in published:  # held or settling: its last copy was published as source
                         target = path
@@ -1414,7 +1455,7 @@ class Promoter:
                 log.exception("a listener failed on version %s", self.version[:7])
 
     def _keep(self):
-        blobs = [entry[1] for entry in self._seen.values()]
+        blobs = [entry.blob for entry in self._seen.values()]
         blobs += [v.bytecode for v in self._verdicts.values() if v.bytecode is not None]
         for v in (self.current, self.previous):
             if v is not None:
