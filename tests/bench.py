@@ -418,7 +418,7 @@ def bench_http(work, sizes, run, rps=False, download=False):
 # -- Figure 5: from a save to a board's wake-up -------------------------------------------
 
 
-def bench_wakeup(work, sizes, run, interval=ota_promoter.DEFAULT_INTERVAL):
+def bench_wakeup(work, sizes, run, interval=ota_promoter.Promoter.interval):
     import http.client
 
     folder = os.path.join(work, "wake")
@@ -920,7 +920,7 @@ def bench_live(work, sizes, run):
                 f.write(boots[mode])
         with open(os.path.join(folder, "main.py"), "w") as f:
             f.write("print('app 0 starts')\n")
-        promoter = ota_promoter.Promoter(folder, interval=ota_promoter.DEFAULT_INTERVAL)
+        promoter = ota_promoter.Promoter(folder, interval=ota_promoter.Promoter.interval)
         published = []
         publish = promoter._publish
 

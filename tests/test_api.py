@@ -266,7 +266,7 @@ def test_long_poll_for_an_old_version_answers_at_once(server):
 
 
 def test_long_poll_is_capped(server, monkeypatch):
-    monkeypatch.setattr(ota_promoter, "MAX_WAIT", 0.2)
+    monkeypatch.setattr(server, "MAX_WAIT", 0.2)
     r = request(server.url, "/files/version?wait=3600&since=" + README_VERSION, timeout=5)
     assert r.status == 304
 
@@ -298,7 +298,7 @@ def test_closing_the_server_releases_long_polls(tree, serve):
 # -- Integrity while a file changes ------------------------------------------------------
 
 
-@pytest.mark.parametrize("store_limit", [ota_promoter.STORE_LIMIT, 0])
+@pytest.mark.parametrize("store_limit", [ota_promoter.ContentStore.limit, 0])
 def test_downloads_always_match_their_checksum_while_a_file_changes(tree, serve, store_limit):
     full = write(tree, "main.py", b"0" * 5000)
     p = Promoter(str(tree), interval=0.01, store_limit=store_limit)
