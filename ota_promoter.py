@@ -94,6 +94,19 @@ class PromoterError(Exception):
     """A problem the user can fix: a missing folder, a port in use, a bad option."""
 
 
+class Refused(PromoterError):
+    """A request the server refuses: raised anywhere while a request is answered,
+    answered in one place (Handler._refuse) as {"error": message}, with code and
+    headers; close: the connection closes after it (a body not read may follow)."""
+
+    def __init__(self, code, message, headers=(), close=False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+        self.close = close
+
+
 # -- Checksums ---------------------------------------------------------------------
 
 
@@ -1695,6 +1708,10 @@ class Boards:
     SILENT_AFTER = 90.0
     #: Seconds a board is shown updating after it fetched a manifest or a file of the version.
     UPDATING_FOR = 10.0
+    #: Console lines per board on the status page and in /boards.
+    PAGE_LINES = 20
+    #: Files listed on the status page and in /boards; the rest are counted.
+    PAGE_FILES = 1000
 
     def __init__(self, limit=None):
         if limit is not None:
@@ -2235,12 +2252,36 @@ class _DeadlineReader(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+GET = ("GET", "HEAD")
+_UNAUTHORIZED = [("WWW-Authenticate", 'Bearer realm="ota-promoter"')]
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Answers the ota-promoter API from the Promoter's published versions."""
+    """Answers the ota-promoter API from the server's Published and Boards.
+
+    One instance per connection, in that connection's thread. Every method
+    reaches _dispatch(), which finds the route in ROUTES; a refusal anywhere is
+    raised as Refused and answered in _refuse(), the one place errors are sent.
+    """
 
     server_version = "ota-promoter/" + __version__
     protocol_version = "HTTP/1.1"
     error_content_type = "application/json"
+
+    #: The routes: path -> rows of (methods, handler, how the 404 hint names it or
+    #: None). A path ending in "/" is a prefix: it takes only the paths under it
+    #: that no path names exactly, so a route added later is never swallowed by
+    #: it. A 405 names the methods of a path's first row: the page's form posts
+    #: to / for the page alone, and is no API to advertise.
+    ROUTES = {
+        "/files/version": [(GET, "_version", "/files/version")],
+        "/files": [(GET, "_files", "/files")],
+        "/files/manifest.txt": [(GET, "_manifest_txt", None)],
+        "/files/": [(GET, "_download", "/files/<checksum>")],
+        "/boards": [(GET, "_boards", "/boards")],
+        "": [(GET, "_page", "/ (the status page)"), (("POST",), "_login", None)],
+        "/console": [(("POST",), "_console", None)],
+    }
 
     def setup(self):
         self.connection = self.request
@@ -2251,132 +2292,173 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile = self.connection.makefile("wb")
 
     def handle_one_request(self):
+        # As http.server's, but every method reaches _dispatch, which answers 405
+        # for a method no route takes, not http.server's 501 for a missing do_*.
         self.server.connections.idle(self.connection)
         self._reader.start()
         self._responded = False
         self._authorized_request = False  # it carries the token (or the server has none)
-        super().handle_one_request()
-
-    def __getattr__(self, name):
-        # http.server looks up do_<METHOD>: every method reaches _dispatch, which
-        # answers 405 for all but GET and HEAD instead of http.server's 501.
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return  # http.server answered it with send_error()
+            self._dispatch()
+            self.wfile.flush()
+        except socket.timeout as e:
+            self.log_error("Request timed out: %r", e)
+            self.close_connection = True
 
     def _dispatch(self):
-        published = self.server.published
         if not self.server.connections.busy(self.connection):
             self.close_connection = True  # closed to make room for a newer one
             return
         if self.server.closing:
             self.close_connection = True  # a kept-alive connection must not outlive the server
         try:
-            route, query = _parse_path(self.path)
-            authorized = self._authorized_request = self._authorized()
-            if authorized:
-                device = self.headers.get("X-OTA-Device")
-                if route == "/console" and self.command == "POST":
-                    return self._console(device or "unknown")
-                if device:
-                    fetch = route.startswith("/files") and route != "/files/version"
-                    self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
-            if route == "" and self.command == "POST":
-                return self._login()
-            if not self._skip_body(authorized):
-                self.close_connection = True
-            if route in ("", "/boards") and self.command in ("GET", "HEAD"):
-                if route == "" and "token" in query:
-                    return self._exchange(_first(query, "token"))
-                if not (authorized or self._has_page_cookie()):
-                    return self._refuse_page(route)
-                if route == "":
-                    return self._page()
-                return self._boards(published, query)
-            if not authorized:
-                return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
-            if route == "/console":
-                return self._error(405, "method %s is not allowed here: use POST" % self.command, "POST")
-            if self.command not in ("GET", "HEAD"):
-                return self._error(405, "method %s is not allowed here: use GET or HEAD" % self.command)
-            if route == "/files/version":
-                return self._version(published, query)
-            if route == "/files":
-                return self._files(published, query)
-            if route == "/files/manifest.txt":
-                return self._files(published, {"format": ["text"]})
-            if route.startswith("/files/"):
-                return self._download(published, route[len("/files/"):])
-            return self._error(404, "no such endpoint %r: try /files/version, /files, /files/<checksum>, "
-                                    "/boards or / (the status page)" % route)
+            try:
+                self._answer()
+            except Refused as refusal:
+                self._refuse(refusal)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
             log.exception("error answering %s %r", self.command, self.path)
             self.close_connection = True
             if not self._responded:
-                self._error(500, "internal error: see the server's log")
+                self._refuse(Refused(500, "internal error: see the server's log"))
+
+    def _answer(self):
+        route, query = _parse_path(self.path)
+        rows = self.ROUTES.get(route)
+        if rows is None:
+            rows = next((rows for prefix, rows in self.ROUTES.items()
+                         if prefix.endswith("/") and route.startswith(prefix)), ())
+        handler = next((name for methods, name, _ in rows if self.command in methods), None)
+        authorized = self._authorized_request = self._authorized()
+        if authorized:
+            device = self.headers.get("X-OTA-Device")
+            if handler == "_console":
+                return self._console(device or "unknown")  # it records the board with what it printed
+            if device:
+                fetch = route.startswith("/files") and route != "/files/version"
+                self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
+        if handler == "_login":
+            return self._login()  # the page's form brings the token, in its body
+        if not self._skip_body(authorized):
+            self.close_connection = True
+        if handler in ("_page", "_boards"):
+            # A browser's: the cookie the token gave it will do.
+            if route == "" and "token" in query:
+                return self._exchange(_first(query, "token"))
+            if not (authorized or self._has_page_cookie()):
+                return self._refuse_page(route)
+        elif not authorized:
+            raise Refused(401, "missing or wrong token: send 'Authorization: Bearer <token>'", _UNAUTHORIZED)
+        if handler is None:
+            methods = rows[0][0] if rows else GET
+            if self.command not in methods:
+                raise Refused(405, "method %s is not allowed here: use %s" % (self.command, " or ".join(methods)),
+                              [("Allow", ", ".join(methods))], close=True)  # a body we do not read may follow
+            hints = [hint for rows in self.ROUTES.values() for _, _, hint in rows if hint is not None]
+            raise Refused(404, "no such endpoint %r: try %s or %s" % (route, ", ".join(hints[:-1]), hints[-1]))
+        getattr(self, handler)(route, query)
+
+    # The request's body.
+
+    def _content_length(self):
+        """The length of the request's body, by the one rule of every route: None
+        if it has no Content-Length; _BadLength if it is chunked, or has more than
+        one Content-Length, or one that is not a number of at most 18 digits."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _BadLength("chunked")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return None
+        text = lengths[0].strip()
+        if len(lengths) > 1 or not _DIGITS.fullmatch(text) or len(text) > 18:
+            raise _BadLength("malformed Content-Length %r" % ", ".join(lengths)[:40])
+        return int(text)
+
+    def _skip_body(self, authorized):
+        """Read and discard the request's body, if it has a small one; False if the
+        connection must close instead (a body of unknown or large size, or from a
+        client without the token), so that no body is read as a request."""
+        try:
+            length = self._content_length()
+        except _BadLength:
+            return False
+        if not length:
+            return True
+        if not authorized or length > self.server.MAX_BODY:
+            return False
+        while length:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                raise ConnectionError("request body cut short")
+            length -= len(chunk)
+        return True
 
     def _console(self, device):
         """POST /console: lines a board's REPL printed, logged and kept in memory."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            self.close_connection = True  # the body is not read
-            return self._error(411, "send the console output with a Content-Length, not chunked")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            self.close_connection = True
-            return self._error(411, "send the console output with a Content-Length")
-        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0].strip()) or len(lengths[0].strip()) > 18:
-            self.close_connection = True
-            return self._error(400, "malformed Content-Length %r" % ", ".join(lengths)[:40])
-        length = int(lengths[0])
+        try:
+            length = self._content_length()
+        except _BadLength as e:
+            if str(e) == "chunked":  # the body is not read
+                raise Refused(411, "send the console output with a Content-Length, not chunked", close=True)
+            raise Refused(400, str(e), close=True)
+        if length is None:
+            raise Refused(411, "send the console output with a Content-Length", close=True)
         if length > self.server.MAX_CONSOLE_BODY:
-            self.close_connection = True
-            return self._error(413, "console output of %d bytes: send at most %d at a time" % (
-                length, self.server.MAX_CONSOLE_BODY))
+            raise Refused(413, "console output of %d bytes: send at most %d at a time" % (
+                length, self.server.MAX_CONSOLE_BODY), close=True)
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             raise ConnectionError("console output cut short")
         text = (self.headers.get("X-OTA-Dropped") or "0").strip()
         if not _DIGITS.fullmatch(text) or len(text) > 18:
-            return self._error(400, "X-OTA-Dropped must be a number of bytes, not %r" % text[:40])
+            raise Refused(400, "X-OTA-Dropped must be a number of bytes, not %r" % text[:40])
         self.server.boards.console(device, self.client_address[0], self.headers.get("X-OTA-Version"), body, int(text))
         self._send(204, [])
 
     # The status page and /boards; what they show is in "The status page" below.
 
-    def _page(self):
+    def _page(self, route, query):
         nonce = os.urandom(12).hex()
         self._send_body(200, PAGE.replace(b"NONCE", nonce.encode("ascii")), "text/html; charset=utf-8",
                         _page_headers(nonce))
 
-    def _boards(self, published, query):
+    def _boards(self, route, query):
         """GET /boards: the facts of the page as JSON; ?wait=S&since=<state> long-polls."""
-        wait = _wait_of(query, self.server.MAX_WAIT)
-        if wait == -1:
-            return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
+        wait = self._wait(query)
         if wait is not None:
             since = _first(query, "since")
             if since is not None:
                 self.server.boards.wait(since, wait)
-        body = _json(status(published, self.server.boards, self.server.PAGE_LINES, self.server.PAGE_FILES))
+        body = _json(status(self.server.published, self.server.boards))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
     def _login(self):
         """POST /: the refusal page's form, token=<token>; typed there, the token is
         in no address the browser keeps."""
-        lengths = self.headers.get_all("Content-Length") or []
-        length = lengths[0].strip() if len(lengths) == 1 else ""
-        if self.headers.get("Transfer-Encoding") is not None or not _DIGITS.fullmatch(length):
-            self.close_connection = True  # the body is not read
-            return self._error(411, "send the form with one Content-Length, not chunked")
-        if len(length) > 6 or int(length) > self.server.MAX_FORM:
-            self.close_connection = True
-            return self._error(413, "a form of %s bytes: the token fits in %d" % (length[:20], self.server.MAX_FORM))
-        body = self.rfile.read(int(length))
-        if len(body) != int(length):
+        try:
+            length = self._content_length()
+        except _BadLength:
+            length = None
+        if length is None:  # the body is not read
+            raise Refused(411, "send the form with one Content-Length, not chunked", close=True)
+        if length > self.server.MAX_FORM:
+            raise Refused(413, "a form of %d bytes: the token fits in %d" % (length, self.server.MAX_FORM), close=True)
+        body = self.rfile.read(length)
+        if len(body) != length:
             raise ConnectionError("form cut short")
-        return self._exchange(_first(parse_qs(body.decode("utf-8", "replace")), "token") or "")
+        self._exchange(_first(parse_qs(body.decode("utf-8", "replace")), "token") or "")
 
     def _exchange(self, token):
         """GET /?token= or the form: the right token becomes a cookie, and a 303 to /
@@ -2398,34 +2480,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _refuse_page(self, route, wrong=False):
         if route == "/boards":
-            return self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
-                                    "or the cookie that opening /?token=<token> gives a browser")
+            raise Refused(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
+                               "or the cookie that opening /?token=<token> gives a browser", _UNAUTHORIZED)
         log.debug("%s %r: 401 (the page without the token)", self.client_address[0], self.requestline)
         page = REFUSED_PAGE.replace(b"<!--WRONG-->", _WRONG_TOKEN if wrong else b"")
         self._send_body(401, page, "text/html; charset=utf-8", _REFUSED_HEADERS)
-
-    def _skip_body(self, authorized):
-        """Read and discard the request's body, if it has a small one; False if the
-        connection must close instead (a body of unknown or large size, or from a
-        client without the token), so that no body is read as a request."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            return False
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            return True
-        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0].strip()):
-            return False
-        length = int(lengths[0])
-        if length == 0:
-            return True
-        if not authorized or length > self.server.MAX_BODY:
-            return False
-        while length:
-            chunk = self.rfile.read(min(length, 65536))
-            if not chunk:
-                raise ConnectionError("request body cut short")
-            length -= len(chunk)
-        return True
 
     def _authorized(self):
         """The token is in the bearer header, or the server has none."""
@@ -2443,12 +2502,13 @@ class Handler(BaseHTTPRequestHandler):
         return cookie is not None and hmac.compare_digest(
             cookie.encode("utf-8", "replace"), self.server.cookie.encode("ascii"))
 
-    def _version(self, published, query):
+    # The API of the original ota-promoter.
+
+    def _version(self, route, query):
+        published = self.server.published
         version = published.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
-        wait = _wait_of(query, self.server.MAX_WAIT)
-        if wait == -1:
-            return self._error(400, "wait must be a number of seconds, not %r" % _first(query, "wait"))
+        wait = self._wait(query)
         if wait is not None and since == version.id:
             version = published.wait_for_change(since, wait, self._server_closing)
         if since == version.id or self._not_modified(version.etag):
@@ -2458,8 +2518,8 @@ class Handler(BaseHTTPRequestHandler):
             [("ETag", version.etag), ("Cache-Control", "no-cache")],
         )
 
-    def _files(self, published, query):
-        version = published.current
+    def _files(self, route, query):
+        version = self.server.published.current
         form = _first(query, "format") or "json"
         if form == "json":
             body, content_type, etag = version.files_json, "application/json", version.files_etag
@@ -2467,15 +2527,20 @@ class Handler(BaseHTTPRequestHandler):
             body, content_type = version.files_text, "text/plain; charset=utf-8"
             etag = '"%s-text"' % version.id
         else:
-            return self._error(400, "unknown format %r: use json or text" % form)
+            raise Refused(400, "unknown format %r: use json or text" % form)
         headers = [("ETag", etag), ("Cache-Control", "no-cache")]
         if self._not_modified(etag):
             return self._send(304, headers)
         self._send_body(200, body, content_type, headers)
 
-    def _download(self, published, checksum):
+    def _manifest_txt(self, route, query):
+        self._files(route, {"format": ["text"]})
+
+    def _download(self, route, query):
+        published = self.server.published
+        checksum = route[len("/files/"):]
         if not _CHECKSUM.fullmatch(checksum):
-            return self._error(400, "malformed checksum %r: expected 40 hex digits" % checksum)
+            raise Refused(400, "malformed checksum %r: expected 40 hex digits" % checksum)
         checksum = checksum.lower()
         blob = published.blob(checksum)
         if blob is None:
@@ -2484,7 +2549,7 @@ class Handler(BaseHTTPRequestHandler):
             for version in (published.current, published.previous):
                 if version is not None and version.id == checksum:
                     return self._manifest(version)
-            return self._gone(checksum)
+            raise _gone(checksum)
         etag = '"%s"' % checksum
         name = blob.path.rsplit("/", 1)[-1]
         headers = [
@@ -2504,7 +2569,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             copy = published.open(blob)
             if copy is None:
-                return self._gone(checksum)
+                raise _gone(checksum)
             with copy:
                 self._send(200, headers, blob.size)
                 self.wfile.flush()
@@ -2525,10 +2590,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(304, headers)
         self._send_body(200, version.files_text, "text/plain; charset=utf-8", headers)
 
-    def _gone(self, checksum):
-        return self._error(
-            404, "no file has checksum %s: it changed since your manifest, fetch /files again" % checksum
-        )
+    def _wait(self, query):
+        """A long-poll's ?wait= in seconds, at most MAX_WAIT; None if there is none."""
+        text = _first(query, "wait")
+        if text is None:
+            return None
+        try:
+            wait = float(text)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait < float("inf"):
+            raise Refused(400, "wait must be a number of seconds, not %r" % text)
+        return min(wait, self.server.MAX_WAIT)
 
     def _server_closing(self):
         return self.server.closing
@@ -2562,26 +2635,23 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, code, message, allow="GET, HEAD"):
-        headers = []
-        if code == 401:
-            headers.append(("WWW-Authenticate", 'Bearer realm="ota-promoter"'))
-        if code == 405:
-            headers.append(("Allow", allow))
-            self.close_connection = True  # a body we do not read may follow
+    def _refuse(self, refusal):
+        """Answer a refusal as {"error": message}; kept as the board's last error."""
+        if refusal.close:
+            self.close_connection = True
+        code, message = refusal.code, refusal.message
         # Not cut short: a cut could keep the start of a token, which _Hide cannot know.
         log.debug("%s %r: %d %s", self.client_address[0], self.requestline, code, message)
         device = self.headers.get("X-OTA-Device") if self._authorized_request and code != 401 else None
         if device:
             self.server.boards.failed(device, "%d: %s" % (code, message))
-        self._send_body(code, _json({"error": message}), "application/json", headers)
+        self._send_body(code, _json({"error": message}), "application/json", refusal.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, 414, 431), as JSON."""
-        self.close_connection = True
         if code == 414:  # http.server names none, and the phrase differs between Pythons
             message = "request line too long: at most 65536 bytes"
-        self._error(code, message or HTTPStatus(code).phrase)
+        self._refuse(Refused(code, message or HTTPStatus(code).phrase, close=True))
 
     def date_time_string(self, timestamp=None):
         # Formatting the Date header is a visible part of a small answer's cost.
@@ -2601,6 +2671,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.client_address[0], format % args)
+
+
+class _BadLength(Exception):
+    """A request body whose length is unknown: chunked, or a bad Content-Length."""
+
+
+def _gone(checksum):
+    return Refused(404, "no file has checksum %s: it changed since your manifest, fetch /files again" % checksum)
 
 
 def _parse_path(path):
@@ -2640,18 +2718,6 @@ def _first(query, name):
     return values[0] if values else None
 
 
-def _wait_of(query, longest):
-    """A long-poll's ?wait= in seconds, at most longest; None if absent, -1 if not a number."""
-    text = _first(query, "wait")
-    if text is None:
-        return None
-    try:
-        wait = float(text)
-    except ValueError:
-        return -1
-    return min(wait, longest) if 0 <= wait < float("inf") else -1
-
-
 def _etag_value(header):
     """The version named by an If-None-Match header, if it names exactly one."""
     if not header or "," in header:
@@ -2686,7 +2752,7 @@ class PromoterServer(ThreadingHTTPServer):
     Promoter's stop() in on_close). url, server_address, boards and published may be read from any
     thread; token and cookie never change.
     Tunables, class attributes set on an instance: idle_timeout, MAX_WAIT,
-    MAX_CONNECTIONS, MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM, PAGE_LINES, PAGE_FILES.
+    MAX_CONNECTIONS, MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM.
     """
 
     daemon_threads = True
@@ -2708,10 +2774,6 @@ class PromoterServer(ThreadingHTTPServer):
     MAX_CONSOLE_BODY = 4096
     #: Bytes of the page's form: the token and its name.
     MAX_FORM = 1024
-    #: Console lines per board on the page and in /boards.
-    PAGE_LINES = 20
-    #: Files listed on the page and in /boards; the rest are counted.
-    PAGE_FILES = 1000
 
     def __init__(self, address, published, boards=None, token=None, idle_timeout=None):
         self.published = published
@@ -2837,16 +2899,13 @@ class PromoterServer(ThreadingHTTPServer):
 # the page as JSON and is put in the page with textContent, never parsed as HTML.
 
 
-def status(promoter, boards, lines=None, files_shown=None):
-    """What the page shows, as the dict GET /boards answers (the README gives its schema):
-    lines console lines per board and files_shown files at most (by default, as
-    PromoterServer shows them)."""
+def status(published, boards, lines=None):
+    """What the page shows, as the dict GET /boards answers (the README gives its
+    schema), with lines console lines per board (boards.PAGE_LINES if None)."""
     if lines is None:
-        lines = PromoterServer.PAGE_LINES
-    if files_shown is None:
-        files_shown = PromoterServer.PAGE_FILES
+        lines = boards.PAGE_LINES
     state = boards.state  # first: a change made while this is built wakes the next wait
-    version = promoter.current
+    version = published.current
     now = time.time()
     added, changed, removed = version.changes or ([], [], [])
     marked = set(added) | set(changed)
@@ -2876,7 +2935,7 @@ def status(promoter, boards, lines=None, files_shown=None):
         "now": round(now, 3),
         "version": {"id": version.id, "published": round(version.published, 3), "first": version.changes is None,
                     "added": added, "changed": changed, "removed": removed},
-        "files": files[:files_shown],
+        "files": files[:boards.PAGE_FILES],
         "files_total": len(files),
         "boards": found,
         "silent_after": boards.SILENT_AFTER,
