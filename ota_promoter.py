@@ -18,12 +18,32 @@ each board can download just the files whose checksum differs:
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
+The sections follow a save on its way to a board:
+    Reaching files, Scanning    a quick look or a full scan (Scanner) sees a new stat
+    The watcher (Promoter)      once that stat held for `settle` s, the file is hashed...
+    The content store           ...into a Blob, its bytes kept as they were hashed
+    Checking sources            a .py that does not compile is held back (mpy-cross, --mpy)
+    Published versions          a new Version goes into Published, waking the long-polls
+    Boards, Connections         who asks, and the connections the server holds
+    The HTTP API, server        the board's GET /files/version?wait= answers; it fetches
+                                the manifest and the files whose checksum differs
+    Status page, Static export  the page's facts (GET /boards); export() for a web server
+    The log, Command line       main() builds Published, Promoter and PromoterServer,
+                                and stops them in reverse
+    Assets                      the status page's HTML, CSS and JS
+
 Usage: python3 ota_promoter.py DIR [--port 9090] [--token TOKEN]
        python3 ota_promoter.py DIR --export SITE [--keep 3]   (for a static web server)
 Only the standard library is used: copy this file to any machine with Python 3.9+.
 """
 
 __version__ = "1.0.0"
+__all__ = [
+    "PromoterError", "Refused", "Promoter", "Published", "Version", "Blob", "ContentStore", "SourceCheck",
+    "Boards", "PromoterServer", "Handler", "scan", "compile_ignore", "walk_key", "diff", "fat_clashes",
+    "file_checksum", "version_of", "looks_like_text", "mpy_path", "status", "export", "check_site",
+    "build_parser", "main",
+]
 
 import codecs
 import collections
@@ -62,32 +82,6 @@ MAX_SECONDS = 86400.0  # longest --interval and --idle-timeout: a day
 # Tunables are class attributes, each documented where it lives (Promoter.interval,
 # PromoterServer.MAX_WAIT): a constructor's keyword, an option or a test sets one
 # on an instance; the class keeps the default.
-
-# A file modified this close to its hashing may change again within the same
-# mtime tick without its stat changing: git's "racily clean" problem. Such files
-# are rehashed by each full scan (not by the quick looks) until they are older.
-RACY_NS = 2 * 10**9
-
-# The walk holds one descriptor per level; deeper folders are skipped with a warning.
-MAX_DEPTH = 100
-
-LOG_QUEUE = 1000  # log lines waiting for a blocked terminal; past it they are dropped
-
-COOKIE = "ota_page"  # the page's cookie is named ota_page_<port>_<8 hex digits of the token's hash>
-
-IGNORE_FILE = ".promoterignore"
-SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
-SKIP_SUFFIXES = (".pyc", "~", ".swp", ".swx")
-_BAD_NAME = re.compile("[\x00-\x1f\x7f\\\\\ud800-\udfff]")  # control, backslash, not UTF-8
-_FAT_FORBIDS = '< > : " | ? *'
-_NOT_ON_FAT = re.compile('[<>:"|?*]')  # boards refuse them: every update on FAT would fail
-# The longest promoted path, in UTF-8 bytes: a board reads a manifest line
-# ("<checksum> <size> <path>", a size of up to 10 digits) into 256 bytes.
-MAX_PATH = 200
-_CHECKSUM = re.compile("[0-9a-fA-F]{40}")
-_DIGITS = re.compile("[0-9]+")
-_HASH_CHUNK = 1024 * 1024
-_SNIFF = 1024
 
 
 class PromoterError(Exception):
@@ -178,7 +172,7 @@ def _close(handle):
         os.close(handle)
 
 
-def stat_key(st):
+def _stat_key(st):
     """What tells that a file or folder changed: compared whole, never read by position."""
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
@@ -237,6 +231,24 @@ def _open_regular(root, real, st):
 
 
 # -- Scanning the folder ------------------------------------------------------------
+
+IGNORE_FILE = ".promoterignore"
+SKIP_NAMES = frozenset(["__pycache__", "4913"])  # 4913: vim's write-permission probe
+SKIP_SUFFIXES = (".pyc", "~", ".swp", ".swx")
+_BAD_NAME = re.compile("[\x00-\x1f\x7f\\\\\ud800-\udfff]")  # control, backslash, not UTF-8
+_FAT_FORBIDS = '< > : " | ? *'
+_NOT_ON_FAT = re.compile('[<>:"|?*]')  # boards refuse them: every update on FAT would fail
+# The longest promoted path, in UTF-8 bytes: a board reads a manifest line
+# ("<checksum> <size> <path>", a size of up to 10 digits) into 256 bytes.
+MAX_PATH = 200
+
+# A file modified this close to its hashing may change again within the same
+# mtime tick without its stat changing: git's "racily clean" problem. Such files
+# are rehashed by each full scan (not by the quick looks) until they are older.
+RACY_NS = 2 * 10**9
+
+# The walk holds one descriptor per level; deeper folders are skipped with a warning.
+MAX_DEPTH = 100
 
 
 def compile_ignore(text, globs=()):
@@ -330,7 +342,7 @@ class Scanner:
         self._listings = {}
 
     def folder_key(self, prefix):
-        """The stat_key() of the folder at promoted prefix when it was last read,
+        """The _stat_key() of the folder at promoted prefix when it was last read,
         or None if it was not."""
         listing = self._listings.get(prefix)
         return listing.key if listing is not None else None
@@ -412,7 +424,7 @@ class Scanner:
                     walk.problems[prefix[:-1]] = "symlink to a folder promoted already, as %s" % (where[:-1] or ".")
             return None
         walk.entered[identity] = prefix
-        key = stat_key(st)
+        key = _stat_key(st)
         listing = self._listings.get(prefix)
         if listing is None or listing.key != key or st.st_mtime_ns >= walk.racy:
             listing = _list_folder(handle, prefix, key, walk.ignored)
@@ -703,7 +715,10 @@ def _compile_error(path, data):
     return None, None
 
 
-# -- Published versions --------------------------------------------------------------
+# -- The content store ----------------------------------------------------------------
+
+_HASH_CHUNK = 1024 * 1024  # bytes read at a time while hashing
+_SNIFF = 1024  # bytes that tell text from binary (looks_like_text)
 
 
 class Blob:
@@ -720,11 +735,159 @@ class Blob:
         self.text = text
 
 
+class _StillGrowing(Exception):
+    """A file read for hashing is longer than its stat said, by more than a chunk."""
+
+
+class ContentStore:
+    """The bytes of hashed files, as they were hashed, and of the bytecode made of
+    them: in memory up to limit bytes, past it in private copies named by
+    checksum, made while hashing (or compiling).
+
+    A download is then served from bytes nobody else can change, in bounded memory
+    (a copy is sent with sendfile), and never by opening a promoted path again.
+    The private folder is made on first need and removed by close().
+    hash(), put(), keep() and close() are the publishing thread's; open() and
+    read() may be called from any thread (a copy is removed only once no
+    published version names it).
+    """
+
+    #: Bytes of file content kept in memory, so that a download serves exactly the
+    #: bytes that were hashed. Past it, files are copied while they are hashed into
+    #: a private folder, and served from there.
+    limit = 64 * 1024 * 1024
+
+    def __init__(self, limit=None):
+        if limit is not None:
+            self.limit = limit
+        self.held = 0  # bytes in memory
+        self._folder = None
+        self._cleanup = None
+        self._copies = set()  # checksums with a private copy
+
+    def hash(self, fd, path, st):
+        """Hash the open file fd, promoted as path and of stat st, into a Blob;
+        None if it grows by more than a chunk while being read (still changing)."""
+        limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
+        with open(fd, "rb", closefd=False) as f:
+            if self.held + st.st_size <= self.limit:
+                data = f.read(limit + 1)
+                if len(data) > limit:
+                    return None
+                checksum = file_checksum(data, path)
+                self.held += len(data)
+                return Blob(path, checksum, len(data), data, looks_like_text(data[:_SNIFF]))
+            return self._copy(f, path, limit)
+
+    def put(self, path, data):
+        """A Blob of bytes made here, not read from DIR (a module's bytecode), to
+        be published as path: in memory within the limit, else a private copy."""
+        checksum = file_checksum(data, path)
+        text = looks_like_text(data[:_SNIFF])
+        if self.held + len(data) <= self.limit:
+            self.held += len(data)
+            return Blob(path, checksum, len(data), data, text)
+        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
+        try:
+            with part:
+                part.write(data)
+            os.replace(part.name, os.path.join(self._folder, checksum))
+            self._copies.add(checksum)
+        finally:
+            if os.path.exists(part.name):
+                os.remove(part.name)
+        return Blob(path, checksum, len(data), None, text)
+
+    def _private(self):
+        """The private folder, made on first need."""
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="ota-promoter-")  # mode 0700
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder
+
+    def _copy(self, f, path, limit):
+        h, size, head = hashlib.sha1(), 0, None
+        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
+        try:
+            with part:
+                buffer = bytearray(_HASH_CHUNK)
+                while True:
+                    n = f.readinto(buffer)
+                    if not n:
+                        break
+                    size += n
+                    if size > limit:
+                        raise _StillGrowing
+                    chunk = memoryview(buffer)[:n]
+                    if head is None:
+                        head = bytes(chunk[:_SNIFF])
+                    h.update(chunk)
+                    part.write(chunk)
+            h.update(path.encode("utf-8"))
+            checksum = h.hexdigest()
+            os.replace(part.name, os.path.join(self._folder, checksum))
+            self._copies.add(checksum)
+        except _StillGrowing:
+            return None
+        finally:
+            if os.path.exists(part.name):
+                os.remove(part.name)
+        return Blob(path, checksum, size, None, looks_like_text(head or b""))
+
+    def open(self, blob):
+        """The private copy of blob, open for reading; None if it is gone."""
+        if self._folder is None:
+            return None
+        try:
+            return open(os.path.join(self._folder, blob.checksum), "rb")
+        except OSError:
+            return None
+
+    def read(self, blob):
+        """The bytes of blob, or None if they are no longer kept."""
+        if blob.data is not None:
+            return blob.data
+        f = self.open(blob)
+        if f is None:
+            return None
+        with f:
+            return f.read()
+
+    def keep(self, blobs):
+        """Let go of everything but blobs: the held count drops, copies are removed."""
+        live = {id(b): b for b in blobs}
+        self.held = sum(b.size for b in live.values() if b.data is not None)
+        wanted = {b.checksum for b in live.values() if b.data is None}
+        for checksum in self._copies - wanted:
+            try:
+                os.remove(os.path.join(self._folder, checksum))
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # open for a download on Windows: try again next time
+            self._copies.discard(checksum)
+
+    def close(self):
+        """Remove the private copies."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self._folder = self._cleanup = None
+        self._copies = set()
+
+
+# -- Published versions --------------------------------------------------------------
+#
+# A Version is built once from the hashed files, with its API bodies rendered, and
+# never changes after; Published holds the current one and the one before, which
+# HTTP threads read without a lock while the watcher publishes the next.
+
+
 class Version:
     """A published state of the tree, with its API bodies rendered once.
 
     held maps the paths whose new bytes do not compile to the error: their
     previous bytes are published instead, or nothing if they are new.
+    Once published, nothing in it changes: any thread reads it without a lock.
     """
 
     def __init__(self, blobs, held=None):
@@ -874,151 +1037,11 @@ def _json(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-# -- The content store ----------------------------------------------------------------
-
-
-class _StillGrowing(Exception):
-    """A file read for hashing is longer than its stat said, by more than a chunk."""
-
-
-class ContentStore:
-    """The bytes of hashed files, as they were hashed, and of the bytecode made of
-    them: in memory up to limit bytes, past it in private copies named by
-    checksum, made while hashing (or compiling).
-
-    A download is then served from bytes nobody else can change, in bounded memory
-    (a copy is sent with sendfile), and never by opening a promoted path again.
-    The private folder is made on first need and removed by close().
-    """
-
-    #: Bytes of file content kept in memory, so that a download serves exactly the
-    #: bytes that were hashed. Past it, files are copied while they are hashed into
-    #: a private folder, and served from there.
-    limit = 64 * 1024 * 1024
-
-    def __init__(self, limit=None):
-        if limit is not None:
-            self.limit = limit
-        self.held = 0  # bytes in memory
-        self._folder = None
-        self._cleanup = None
-        self._copies = set()  # checksums with a private copy
-
-    def hash(self, fd, path, st):
-        """Hash the open file fd, promoted as path and of stat st, into a Blob;
-        None if it grows by more than a chunk while being read (still changing)."""
-        limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
-        with open(fd, "rb", closefd=False) as f:
-            if self.held + st.st_size <= self.limit:
-                data = f.read(limit + 1)
-                if len(data) > limit:
-                    return None
-                checksum = file_checksum(data, path)
-                self.held += len(data)
-                return Blob(path, checksum, len(data), data, looks_like_text(data[:_SNIFF]))
-            return self._copy(f, path, limit)
-
-    def put(self, path, data):
-        """A Blob of bytes made here, not read from DIR (a module's bytecode), to
-        be published as path: in memory within the limit, else a private copy."""
-        checksum = file_checksum(data, path)
-        text = looks_like_text(data[:_SNIFF])
-        if self.held + len(data) <= self.limit:
-            self.held += len(data)
-            return Blob(path, checksum, len(data), data, text)
-        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
-        try:
-            with part:
-                part.write(data)
-            os.replace(part.name, os.path.join(self._folder, checksum))
-            self._copies.add(checksum)
-        finally:
-            if os.path.exists(part.name):
-                os.remove(part.name)
-        return Blob(path, checksum, len(data), None, text)
-
-    def _private(self):
-        """The private folder, made on first need."""
-        if self._folder is None:
-            self._folder = tempfile.mkdtemp(prefix="ota-promoter-")  # mode 0700
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
-        return self._folder
-
-    def _copy(self, f, path, limit):
-        h, size, head = hashlib.sha1(), 0, None
-        part = tempfile.NamedTemporaryFile(dir=self._private(), suffix=".part", delete=False)
-        try:
-            with part:
-                buffer = bytearray(_HASH_CHUNK)
-                while True:
-                    n = f.readinto(buffer)
-                    if not n:
-                        break
-                    size += n
-                    if size > limit:
-                        raise _StillGrowing
-                    chunk = memoryview(buffer)[:n]
-                    if head is None:
-                        head = bytes(chunk[:_SNIFF])
-                    h.update(chunk)
-                    part.write(chunk)
-            h.update(path.encode("utf-8"))
-            checksum = h.hexdigest()
-            os.replace(part.name, os.path.join(self._folder, checksum))
-            self._copies.add(checksum)
-        except _StillGrowing:
-            return None
-        finally:
-            if os.path.exists(part.name):
-                os.remove(part.name)
-        return Blob(path, checksum, size, None, looks_like_text(head or b""))
-
-    def open(self, blob):
-        """The private copy of blob, open for reading; None if it is gone."""
-        if self._folder is None:
-            return None
-        try:
-            return open(os.path.join(self._folder, blob.checksum), "rb")
-        except OSError:
-            return None
-
-    def read(self, blob):
-        """The bytes of blob, or None if they are no longer kept."""
-        if blob.data is not None:
-            return blob.data
-        f = self.open(blob)
-        if f is None:
-            return None
-        with f:
-            return f.read()
-
-    def keep(self, blobs):
-        """Let go of everything but blobs: the held count drops, copies are removed."""
-        live = {id(b): b for b in blobs}
-        self.held = sum(b.size for b in live.values() if b.data is not None)
-        wanted = {b.checksum for b in live.values() if b.data is None}
-        for checksum in self._copies - wanted:
-            try:
-                os.remove(os.path.join(self._folder, checksum))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue  # open for a download on Windows: try again next time
-            self._copies.discard(checksum)
-
-    def close(self):
-        """Remove the private copies."""
-        if self._cleanup is not None:
-            self._cleanup()
-        self._folder = self._cleanup = None
-        self._copies = set()
-
-
 # -- The watcher ---------------------------------------------------------------------
 
 
 class _Hashed:
-    """A file as it was last hashed: its stat_key() then, its Blob, and
+    """A file as it was last hashed: its _stat_key() then, its Blob, and
     time.time_ns() when the hashing began."""
 
     __slots__ = ("key", "blob", "hashed")
@@ -1030,7 +1053,7 @@ class _Hashed:
 
 
 class _Unreadable:
-    """A file that could not be read: its stat_key() then, and why not."""
+    """A file that could not be read: its _stat_key() then, and why not."""
 
     __slots__ = ("key", "problem")
 
@@ -1222,7 +1245,7 @@ class Promoter:
                 key = self._scanner.folder_key(prefix)
                 # None: the scan could not keep its listing (a subfolder it cannot
                 # enter); full scans at their pace see to that folder.
-                if key is not None and key != stat_key(st):
+                if key is not None and key != _stat_key(st):
                     return self._poll()
             now = time.time_ns()
             for path, real in list(self._hot.items()):
@@ -1232,7 +1255,7 @@ class Promoter:
                     return self._poll()
                 if not stat.S_ISREG(st.st_mode):
                     return self._poll()
-                key = stat_key(st)
+                key = _stat_key(st)
                 prev = self._seen.get(path)
                 if prev is not None and prev.key == key:
                     change = self._changes.get(path)
@@ -1302,7 +1325,7 @@ class Promoter:
             self._root_lost = False
         seen, old, changes = {}, self._seen, self._changes
         for path, st, real in listing:
-            key = stat_key(st)
+            key = _stat_key(st)
             failed = self._failed.get(path)
             if failed is not None and failed.key == key:
                 problems[path] = failed.problem  # unreadable as it was: not read again
@@ -1454,7 +1477,7 @@ class Promoter:
         finally:
             os.close(fd)
             self._hash_time += time.thread_time() - start
-        if blob is not None and stat_key(after) != stat_key(st):
+        if blob is not None and _stat_key(after) != _stat_key(st):
             return None
         return blob
 
@@ -1694,6 +1717,9 @@ class Boards:
     address or version, starts fetching, prints or fails, and when a version is
     published (bump()); wait() long-polls for it. A board's last_seen alone does
     not change it: a board polling every second would wake every page.
+    Any thread may call every method; those that change it take its lock.
+    Tunables, class attributes set on an instance: limit, CONSOLE_LINES,
+    CONSOLE_LINE, MAX_DEVICE_ID, SILENT_AFTER, UPDATING_FOR, PAGE_LINES, PAGE_FILES.
     """
 
     #: Boards remembered; the least recently seen is forgotten first.
@@ -1878,256 +1904,6 @@ class Boards:
         return line
 
 
-# -- The static export ---------------------------------------------------------------
-#
-# For a fleet, a web server or a CDN serves the files instead of this process:
-#
-#   site/files/<checksum>      every file's bytes, written once, never rewritten
-#   site/files/<version>       the manifest of that version (the /files?format=text body)
-#   site/files/manifest.txt    the manifest of the version published last
-#   site/files.json            the /files body (a file "files" cannot sit next to files/)
-#   site/files/version         the /files/version body, written last
-#   site/.ota-export           the exported versions, with their checksums: what is ours
-#
-# A board may read the version, then that version's manifest, then the files,
-# while the next export lands: files go first, the version last, each through a
-# temporary name and a rename, and the files of the previous versions stay until
-# --keep is passed. So the version a site names always has its manifest and files
-# in place, even while it is half written or uploaded, or after a killed export.
-# An export removes only what the record says an export wrote.
-
-DEFAULT_KEEP = 3  # versions whose files an export keeps, the current one included
-EXPORT_RECORD = ".ota-export"
-_TEMPORARY = ".ota-tmp-"  # prefix of the names files are written under first
-_OUR_TEMPORARY = re.compile(r"\.ota-tmp-(?:[0-9a-f]{40}|manifest\.txt|files\.json|version|\.ota-export)\.[0-9]+")
-
-
-def check_site(root, site):
-    """Refuse a site that export() must not write: a file, DIR, a folder inside
-    DIR, or one that holds DIR."""
-    if os.path.exists(site) and not os.path.isdir(site):
-        raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
-    if _inside(site, root):
-        raise PromoterError("cannot export to %r: it is inside the promoted folder %r, which would then "
-                            "publish the export itself: export to a folder outside it" % (site, root))
-    if os.path.exists(site) and _inside(root, site):
-        raise PromoterError("cannot export to %r: it holds the promoted folder %r, where the export could "
-                            "write: export to a folder apart from it" % (site, root))
-
-
-def _inside(path, folder):
-    """True if path (which need not exist yet) is the existing folder or lies under
-    it, as the system resolves it: symlinks first, then "..", and a file system
-    that folds case."""
-    target = os.stat(folder)
-    path = os.path.realpath(path)
-    while True:
-        try:
-            if os.path.samestat(os.stat(path), target):
-                return True
-        except OSError:
-            pass  # not there yet: the folders above it decide
-        parent = os.path.dirname(path)
-        if parent == path:
-            return False
-        path = parent
-
-
-def export(promoter, site, keep=DEFAULT_KEEP):
-    """Write the published version to site for a static web server.
-
-    Returns (written, kept, pruned): the files written, those already in site,
-    and the files of versions older than the last `keep` that were removed.
-    """
-    if keep < 1:
-        raise PromoterError("--keep must be at least 1, not %r" % keep)
-    check_site(promoter.root, site)
-    files = os.path.join(site, "files")
-    try:
-        os.makedirs(files, exist_ok=True)
-        lock = _lock_site(site)
-        try:
-            return _export(promoter, site, files, keep)
-        finally:
-            if lock is not None:
-                os.close(lock)
-    except OSError as e:
-        where = " (%r)" % e.filename if e.filename and e.filename != site else ""
-        raise PromoterError("cannot export to %r: %s%s" % (site, e.strerror or e, where))
-
-
-def _export(promoter, site, files, keep):
-    version = promoter.current
-    record, dropped = _read_record(site, files)
-    for folder in (site, files):
-        for name in os.listdir(folder):
-            if _OUR_TEMPORARY.fullmatch(name):
-                os.remove(os.path.join(folder, name))  # left by an export that was killed
-    # What an export wrote, and so may remove: the manifests and files of the
-    # versions recorded, published or not (a killed export records before it writes).
-    manifests = set(version_id for version_id, _ in record + dropped)
-    ours = set(checksum for _, checksums in record + dropped for checksum in checksums)
-    # The record names the new version before any of its files is written, so
-    # that an export killed from here on never loses track of what it wrote.
-    record = [entry for entry in record if entry[0] != version.id]
-    record.append((version.id, [b.checksum for b in version.blobs]))
-    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
-        _sync(site)
-    written = kept = 0
-    for blob in version.blobs:
-        try:
-            if os.stat(os.path.join(files, blob.checksum)).st_size == blob.size:
-                kept += 1
-                continue
-        except FileNotFoundError:
-            pass
-        data = promoter.read(blob)
-        if data is None:
-            raise PromoterError("%r changed while it was exported: export again" % blob.path)
-        _replace(files, blob.checksum, data)
-        written += 1
-    if _replace_changed(files, version.id, version.files_text) or written:
-        _sync(files)  # the renames reach the disk before a manifest names the files
-    manifest = _replace_changed(files, "manifest.txt", version.files_text)
-    if _replace_changed(site, "files.json", version.files_json):
-        _sync(site)
-    if manifest:
-        _sync(files)
-    if _replace_changed(files, "version", version.version_json):
-        _sync(files)
-    record = record[-keep:]
-    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
-        _sync(site)
-    for name in manifests - set(version_id for version_id, _ in record):
-        _remove(os.path.join(files, name))
-    referenced = set(checksum for _, checksums in record for checksum in checksums)
-    pruned = sum(_remove(os.path.join(files, name)) for name in ours - referenced)
-    return written, kept, pruned
-
-
-def _remove(path):
-    """Remove the file at path; True if it was there."""
-    try:
-        os.remove(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _lock_site(site):
-    """An open descriptor on site, locked so that two exports never interleave;
-    None where folders cannot be locked (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(site, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PromoterError("another export to %r is running" % site)
-    return fd
-
-
-def _read_record(site, files):
-    """(record, dropped): the kept versions, oldest first, as (version id,
-    checksums) pairs, and in the same form the version an export recorded but
-    was killed before it published (named by neither the site's version nor its
-    manifest), if any: its files are ours to remove.
-
-    A site with no record must hold nothing an export did not write: a folder
-    that holds anything else is refused, never emptied.
-    """
-    path = os.path.join(site, EXPORT_RECORD)
-    record = []
-    try:
-        with open(path, encoding="ascii") as f:
-            for number, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields or not all(_CHECKSUM.fullmatch(field) for field in fields):
-                    raise PromoterError("%r line %d is damaged: delete the site and export again" % (path, number))
-                record.append((fields[0], fields[1:]))
-    except FileNotFoundError:
-        foreign = [name for name in os.listdir(site) if name != "files" and not _OUR_TEMPORARY.fullmatch(name)]
-        foreign += ["files/" + name for name in os.listdir(files) if not _OUR_TEMPORARY.fullmatch(name)]
-        if foreign:
-            raise PromoterError("%r holds files no export wrote (%s) and no %s record: export to a new "
-                                "or empty folder" % (site, ", ".join(sorted(foreign)[:3]), EXPORT_RECORD))
-        return [], []
-    except UnicodeDecodeError:
-        raise PromoterError("%r is damaged: delete the site and export again" % path)
-    published = set()
-    manifest = _read_manifest(os.path.join(files, "manifest.txt"))
-    if manifest is not None:
-        published.add(manifest[0])
-    try:
-        with open(os.path.join(files, "version"), "rb") as f:
-            published.add(json.loads(f.read(256))["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if record and record[-1][0] not in published:
-        return record[:-1], record[-1:]
-    return record, []
-
-
-def _read_manifest(path):
-    """(version id, checksums) of an exported manifest.txt, or None if there is none."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return None
-    if not lines or not _CHECKSUM.fullmatch(lines[0].decode("ascii", "replace")):
-        return None
-    return lines[0].decode("ascii"), [line[:40].decode("ascii", "replace") for line in lines[1:]]
-
-
-def _record_text(record):
-    return "".join("%s %s\n" % (v, " ".join(checksums)) if checksums else v + "\n"
-                   for v, checksums in record).encode("ascii")
-
-
-def _replace_changed(folder, name, data):
-    """_replace() unless the file holds data already; True if it wrote."""
-    try:
-        with open(os.path.join(folder, name), "rb") as f:
-            if f.read(len(data) + 1) == data:
-                return False  # an export of an unchanged tree writes nothing
-    except FileNotFoundError:
-        pass
-    _replace(folder, name, data)
-    return True
-
-
-def _replace(folder, name, data):
-    """Write folder/name through a temporary name and a rename, its bytes on disk first."""
-    temporary = os.path.join(folder, "%s%s.%d" % (_TEMPORARY, name, os.getpid()))
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(folder, name))
-    except BaseException:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def _sync(folder):
-    """Put the renames done in folder on disk."""
-    if os.name == "nt":
-        return  # a folder cannot be opened there; NTFS journals its renames
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- Connections -------------------------------------------------------------------
 
 
@@ -2222,6 +1998,9 @@ def raise_open_file_limit():
 
 
 # -- The HTTP API --------------------------------------------------------------------
+
+_CHECKSUM = re.compile("[0-9a-fA-F]{40}")
+_DIGITS = re.compile("[0-9]+")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -2899,6 +2678,8 @@ class PromoterServer(ThreadingHTTPServer):
 # the page as JSON and is put in the page with textContent, never parsed as HTML.
 
 
+COOKIE = "ota_page"  # the page's cookie is named ota_page_<port>_<8 hex digits of the token's hash>
+
 def status(published, boards, lines=None):
     """What the page shows, as the dict GET /boards answers (the README gives its
     schema), with lines console lines per board (boards.PAGE_LINES if None)."""
@@ -2950,223 +2731,254 @@ def _page_headers(nonce):
             ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
 
 
-# The page without its token: a form, so that the token is typed in no address.
-REFUSED_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OTA Promoter: token needed</title>
-<link rel="icon" href="data:,"></head><body style="font-family:sans-serif;margin:2em">
-<h1>This server needs its token</h1>
-<p id="wrong" style="color:#b00020"><!--WRONG--></p>
-<form method="post" action="/"><label>Token: <input type="password" name="token" required autofocus></label>
-<button>Open the page</button></form>
-<p>It was started with <code>--token</code>. The browser keeps a cookie for this server, made from the token,
-not the token: typed here, the token is in no address. A link opens the page too,
-<code>http://192.168.0.10:9090/?token=YOUR_TOKEN</code>, but the browser keeps its address, token
-included, in its history.</p></body></html>
-"""
-_WRONG_TOKEN = b"That is not the server's token."
-_REFUSED_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
-                                "base-uri 'none'; frame-ancestors 'none'"),
-    ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-]
+# -- The static export ---------------------------------------------------------------
+#
+# For a fleet, a web server or a CDN serves the files instead of this process:
+#
+#   site/files/<checksum>      every file's bytes, written once, never rewritten
+#   site/files/<version>       the manifest of that version (the /files?format=text body)
+#   site/files/manifest.txt    the manifest of the version published last
+#   site/files.json            the /files body (a file "files" cannot sit next to files/)
+#   site/files/version         the /files/version body, written last
+#   site/.ota-export           the exported versions, with their checksums: what is ours
+#
+# A board may read the version, then that version's manifest, then the files,
+# while the next export lands: files go first, the version last, each through a
+# temporary name and a rename, and the files of the previous versions stay until
+# --keep is passed. So the version a site names always has its manifest and files
+# in place, even while it is half written or uploaded, or after a killed export.
+# An export removes only what the record says an export wrote.
+
+DEFAULT_KEEP = 3  # versions whose files an export keeps, the current one included
+EXPORT_RECORD = ".ota-export"
+_TEMPORARY = ".ota-tmp-"  # prefix of the names files are written under first
+_OUR_TEMPORARY = re.compile(r"\.ota-tmp-(?:[0-9a-f]{40}|manifest\.txt|files\.json|version|\.ota-export)\.[0-9]+")
 
 
-PAGE = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>OTA Promoter: the bench</title><link rel="icon" href="data:,">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
-header{background:#243447;color:#fff;padding:.6em 1em;display:flex;gap:1em;align-items:baseline}
-header h1{font-size:1.2em;margin:0}
-#gone{display:none;background:#b00020;color:#fff;padding:.6em 1em;font-weight:bold}
-#gone.on{display:block}
-main{padding:0 1em 1em}
-section{background:#fff;border-radius:6px;padding:.6em 1em;margin:1em 0;box-shadow:0 1px 2px #0002}
-h2{font-size:1em;margin:.2em 0 .5em;color:#555;text-transform:uppercase;letter-spacing:.05em}
-code,pre,.mono{font-family:ui-monospace,monospace;font-size:12.5px}
-.boards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em;align-items:start}
-.board{border:1px solid #ddd;border-radius:6px;padding:.5em .7em}
-.board.silent{opacity:.55}
-.board .id{font-weight:bold;word-break:break-all}
-.badge{display:inline-block;border-radius:3px;padding:0 .4em;font-size:12px;font-weight:bold;color:#fff}
-.current{background:#2e7d32}.behind{background:#c62828}.updating{background:#ef6c00}.unknown{background:#777}
-.silent-badge{background:#555}
-dl{display:grid;grid-template-columns:auto 1fr;gap:0 .8em;margin:.4em 0}
-dt{color:#666}dd{margin:0;word-break:break-all}
-.error{color:#b00020}
-pre{background:#1e1e1e;color:#ddd;padding:.4em .6em;border-radius:4px;max-height:11em;overflow:auto;margin:.3em 0 0;
-white-space:pre-wrap;word-break:break-all}
-table{border-collapse:collapse}
-td,th{text-align:left;padding:.15em 1.5em .15em 0;border-bottom:1px solid #eee}
-td.size{text-align:right;white-space:nowrap}
-tr.changed td:first-child::before{content:"\\2022 ";color:#ef6c00}
-.mark{font-size:12px;font-weight:bold;color:#ef6c00}
-.held{color:#b00020}
-.muted{color:#777}
-</style></head><body>
-<header><h1>OTA Promoter</h1><span id="conn" class="muted">connecting...</span></header>
-<div id="gone" role="alert"></div>
-<main>
-<section id="version"><h2>Published version</h2><div id="version-body" class="muted">loading...</div></section>
-<section><h2 id="boards-title">Boards</h2><div id="boards" class="boards"></div></section>
-<section><h2 id="files-title">Files</h2><table><tbody id="files"></tbody></table></section>
-</main>
-<script nonce="NONCE">
-"use strict";
-var state = "", offset = 0, lostSince = null;
-window.__shown = {};  // version id -> Date.now() when the page first showed it
-var STATES = {current: "up to date", behind: "behind", updating: "updating now", unknown: "version unknown"};
+def check_site(root, site):
+    """Refuse a site that export() must not write: a file, DIR, a folder inside
+    DIR, or one that holds DIR."""
+    if os.path.exists(site) and not os.path.isdir(site):
+        raise PromoterError("%r is a file, not a folder: give the folder to export to" % site)
+    if _inside(site, root):
+        raise PromoterError("cannot export to %r: it is inside the promoted folder %r, which would then "
+                            "publish the export itself: export to a folder outside it" % (site, root))
+    if os.path.exists(site) and _inside(root, site):
+        raise PromoterError("cannot export to %r: it holds the promoted folder %r, where the export could "
+                            "write: export to a folder apart from it" % (site, root))
 
-function el(tag, cls, text) {
-  var e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-function ago(t) {
-  var s = Math.max(0, Math.round(Date.now() / 1000 - offset - t));
-  if (s < 60) return s + " s ago";
-  if (s < 3600) return Math.floor(s / 60) + " min ago";
-  if (s < 86400) return Math.floor(s / 3600) + " h ago";
-  return Math.floor(s / 86400) + " days ago";
-}
-function clock(t) { return new Date(t * 1000).toTimeString().slice(0, 8); }
-function when(t) { var e = el("span", "ago", ago(t)); e.dataset.t = t; return e; }
-function short(v) { return v && /^[0-9a-f]{40}$/.test(v) ? v.slice(0, 7) : v; }
-function size(n) { return n === null ? "-" : n < 10240 ? n + " B" : Math.round(n / 1024) + " KB"; }
-function fill(id, children) {
-  var box = document.getElementById(id);
-  box.replaceChildren.apply(box, children);
-}
-function fact(dl, name, value) {
-  dl.appendChild(el("dt", null, name));
-  var dd = el("dd");
-  if (typeof value === "string") dd.textContent = value; else dd.appendChild(value);
-  dl.appendChild(dd);
-  return dd;
-}
-function render(d) {
-  var v = d.version, parts = [];
-  var head = el("div");
-  var id = el("span", "mono", short(v.id)); id.id = "version-id"; id.title = v.id;
-  head.append("Version ", id, " published at " + clock(v.published) + " (", when(v.published), ")");
-  parts.push(head);
-  var changes = el("div", "changes");
-  changes.id = "changes";
-  if (v.first) changes.textContent = "as found when the server started";
-  else {
-    var list = [];
-    v.added.forEach(function (p) { list.push("+" + p); });
-    v.changed.forEach(function (p) { list.push("~" + p); });
-    v.removed.forEach(function (p) { list.push("-" + p); });
-    changes.textContent = "changed: +" + v.added.length + " ~" + v.changed.length + " -" + v.removed.length +
-      (list.length ? ": " + list.join(", ") : "");
-  }
-  parts.push(changes);
-  var held = d.files.filter(function (f) { return f.held; });
-  if (held.length) parts.push(el("div", "held", held.length + " file(s) held back: they do not compile"));
-  fill("version-body", parts);
-  document.getElementById("version-body").className = "";
-  if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
 
-  document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
-  // A console shows its newest line, unless its reader scrolled up: it then stays where it was.
-  var scrolledUp = new Map();
-  document.querySelectorAll("#boards .board").forEach(function (c) {
-    var pre = c.querySelector("pre.console");
-    if (pre && pre.scrollTop + pre.clientHeight < pre.scrollHeight - 1) scrolledUp.set(c.dataset.device, pre.scrollTop);
-  });
-  var cards = d.boards.map(function (b) {
-    var card = el("div", "board" + (b.silent ? " silent" : ""));
-    card.dataset.device = b.device;
-    var top = el("div");
-    top.append(el("span", "id", b.device), " ", el("span", "badge " + b.state, STATES[b.state] || b.state));
-    if (b.silent) top.append(" ", el("span", "badge silent-badge", "silent"));
-    card.appendChild(top);
-    var dl = el("dl");
-    fact(dl, "address", b.address || "-");
-    var ver = fact(dl, "version", short(b.version) || "-");
-    ver.className = "mono version";
-    var seen = el("span");
-    seen.append(b.silent ? "silent since " + clock(b.last_seen) + " (" : clock(b.last_seen) + " (", when(b.last_seen), ")");
-    fact(dl, "last seen", seen);
-    if (b.error) {
-      var err = el("span", "error");
-      err.append(b.error.text + " (", when(b.error.time), ")");
-      fact(dl, "last error", err);
-    }
-    if (b.dropped) fact(dl, "dropped", b.dropped + " bytes of console output");
-    card.appendChild(dl);
-    if (b.lines.length) {
-      var pre = el("pre", "console", b.lines.join("\\n"));
-      card.appendChild(pre);
-    } else card.appendChild(el("div", "muted", "no console output"));
-    return card;
-  });
-  if (!cards.length) cards.push(el("div", "muted", "No board has asked for an update yet."));
-  fill("boards", cards);
-  document.querySelectorAll("#boards pre.console").forEach(function (pre) {
-    var device = pre.parentNode.dataset.device;
-    pre.scrollTop = scrolledUp.has(device) ? scrolledUp.get(device) : pre.scrollHeight;
-  });
+def _inside(path, folder):
+    """True if path (which need not exist yet) is the existing folder or lies under
+    it, as the system resolves it: symlinks first, then "..", and a file system
+    that folds case."""
+    target = os.stat(folder)
+    path = os.path.realpath(path)
+    while True:
+        try:
+            if os.path.samestat(os.stat(path), target):
+                return True
+        except OSError:
+            pass  # not there yet: the folders above it decide
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
 
-  document.getElementById("files-title").textContent = "Files (" + d.files_total + ")";
-  var rows = d.files.map(function (f) {
-    var tr = el("tr", f.changed ? "changed" : "");
-    tr.appendChild(el("td", "mono", f.path));
-    tr.appendChild(el("td", "size", size(f.size)));
-    var note = el("td");
-    if (f.held) note.appendChild(el("span", "held", "held back: " + f.held));
-    else if (f.changed) note.appendChild(el("span", "mark", "changed in this version"));
-    tr.appendChild(note);
-    return tr;
-  });
-  if (d.files_total > d.files.length) {
-    var more = el("tr"); more.appendChild(el("td", "muted", "... and " + (d.files_total - d.files.length) + " more"));
-    rows.push(more);
-  }
-  fill("files", rows);
-}
-function tick() {
-  document.querySelectorAll(".ago").forEach(function (e) { e.textContent = ago(Number(e.dataset.t)); });
-  if (lostSince !== null) setGone("The server is gone: no answer since " + lostSince + ". Trying again every second...");
-}
-function setGone(message) {
-  var g = document.getElementById("gone");
-  if (message) {
-    g.textContent = message; g.className = "on";
-    document.getElementById("conn").textContent = "disconnected";
-  } else {
-    g.textContent = ""; g.className = ""; lostSince = null;
-    document.getElementById("conn").textContent = "live";
-  }
-}
-function sleep(ms) { return new Promise(function (ok) { setTimeout(ok, ms); }); }
-async function loop() {
-  for (;;) {
-    var d = null, problem = null;
-    var abort = new AbortController(), timer = setTimeout(function () { abort.abort(); }, 40000);
-    try {
-      var r = await fetch("/boards?wait=25&since=" + encodeURIComponent(state),
-                          {cache: "no-store", credentials: "same-origin", signal: abort.signal});
-      if (r.status === 401) problem = "The server wants its token: reload this page to give it.";
-      else if (!r.ok) problem = "The server answered " + r.status + ".";
-      else d = await r.json();
-    } catch (e) {
-      if (lostSince === null) lostSince = new Date().toTimeString().slice(0, 8);
-      problem = "The server is gone: no answer since " + lostSince + ". Trying again every second...";
-    }
-    clearTimeout(timer);
-    if (d === null) { setGone(problem); await sleep(1000); continue; }
-    setGone(null);
-    offset = Date.now() / 1000 - d.now;
-    state = d.state;
-    render(d);
-  }
-}
-setInterval(tick, 1000);
-loop();
-</script></body></html>
-"""
+
+def export(promoter, site, keep=DEFAULT_KEEP):
+    """Write the published version to site for a static web server.
+
+    Returns (written, kept, pruned): the files written, those already in site,
+    and the files of versions older than the last `keep` that were removed.
+    """
+    if keep < 1:
+        raise PromoterError("--keep must be at least 1, not %r" % keep)
+    check_site(promoter.root, site)
+    files = os.path.join(site, "files")
+    try:
+        os.makedirs(files, exist_ok=True)
+        lock = _lock_site(site)
+        try:
+            return _export(promoter, site, files, keep)
+        finally:
+            if lock is not None:
+                os.close(lock)
+    except OSError as e:
+        where = " (%r)" % e.filename if e.filename and e.filename != site else ""
+        raise PromoterError("cannot export to %r: %s%s" % (site, e.strerror or e, where))
+
+
+def _export(promoter, site, files, keep):
+    version = promoter.current
+    record, dropped = _read_record(site, files)
+    for folder in (site, files):
+        for name in os.listdir(folder):
+            if _OUR_TEMPORARY.fullmatch(name):
+                os.remove(os.path.join(folder, name))  # left by an export that was killed
+    # What an export wrote, and so may remove: the manifests and files of the
+    # versions recorded, published or not (a killed export records before it writes).
+    manifests = set(version_id for version_id, _ in record + dropped)
+    ours = set(checksum for _, checksums in record + dropped for checksum in checksums)
+    # The record names the new version before any of its files is written, so
+    # that an export killed from here on never loses track of what it wrote.
+    record = [entry for entry in record if entry[0] != version.id]
+    record.append((version.id, [b.checksum for b in version.blobs]))
+    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
+        _sync(site)
+    written = kept = 0
+    for blob in version.blobs:
+        try:
+            if os.stat(os.path.join(files, blob.checksum)).st_size == blob.size:
+                kept += 1
+                continue
+        except FileNotFoundError:
+            pass
+        data = promoter.read(blob)
+        if data is None:
+            raise PromoterError("%r changed while it was exported: export again" % blob.path)
+        _replace(files, blob.checksum, data)
+        written += 1
+    if _replace_changed(files, version.id, version.files_text) or written:
+        _sync(files)  # the renames reach the disk before a manifest names the files
+    manifest = _replace_changed(files, "manifest.txt", version.files_text)
+    if _replace_changed(site, "files.json", version.files_json):
+        _sync(site)
+    if manifest:
+        _sync(files)
+    if _replace_changed(files, "version", version.version_json):
+        _sync(files)
+    record = record[-keep:]
+    if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
+        _sync(site)
+    for name in manifests - set(version_id for version_id, _ in record):
+        _remove(os.path.join(files, name))
+    referenced = set(checksum for _, checksums in record for checksum in checksums)
+    pruned = sum(_remove(os.path.join(files, name)) for name in ours - referenced)
+    return written, kept, pruned
+
+
+def _remove(path):
+    """Remove the file at path; True if it was there."""
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _lock_site(site):
+    """An open descriptor on site, locked so that two exports never interleave;
+    None where folders cannot be locked (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(site, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PromoterError("another export to %r is running" % site)
+    return fd
+
+
+def _read_record(site, files):
+    """(record, dropped): the kept versions, oldest first, as (version id,
+    checksums) pairs, and in the same form the version an export recorded but
+    was killed before it published (named by neither the site's version nor its
+    manifest), if any: its files are ours to remove.
+
+    A site with no record must hold nothing an export did not write: a folder
+    that holds anything else is refused, never emptied.
+    """
+    path = os.path.join(site, EXPORT_RECORD)
+    record = []
+    try:
+        with open(path, encoding="ascii") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields or not all(_CHECKSUM.fullmatch(field) for field in fields):
+                    raise PromoterError("%r line %d is damaged: delete the site and export again" % (path, number))
+                record.append((fields[0], fields[1:]))
+    except FileNotFoundError:
+        foreign = [name for name in os.listdir(site) if name != "files" and not _OUR_TEMPORARY.fullmatch(name)]
+        foreign += ["files/" + name for name in os.listdir(files) if not _OUR_TEMPORARY.fullmatch(name)]
+        if foreign:
+            raise PromoterError("%r holds files no export wrote (%s) and no %s record: export to a new "
+                                "or empty folder" % (site, ", ".join(sorted(foreign)[:3]), EXPORT_RECORD))
+        return [], []
+    except UnicodeDecodeError:
+        raise PromoterError("%r is damaged: delete the site and export again" % path)
+    published = set()
+    manifest = _read_manifest(os.path.join(files, "manifest.txt"))
+    if manifest is not None:
+        published.add(manifest[0])
+    try:
+        with open(os.path.join(files, "version"), "rb") as f:
+            published.add(json.loads(f.read(256))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if record and record[-1][0] not in published:
+        return record[:-1], record[-1:]
+    return record, []
+
+
+def _read_manifest(path):
+    """(version id, checksums) of an exported manifest.txt, or None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    if not lines or not _CHECKSUM.fullmatch(lines[0].decode("ascii", "replace")):
+        return None
+    return lines[0].decode("ascii"), [line[:40].decode("ascii", "replace") for line in lines[1:]]
+
+
+def _record_text(record):
+    return "".join("%s %s\n" % (v, " ".join(checksums)) if checksums else v + "\n"
+                   for v, checksums in record).encode("ascii")
+
+
+def _replace_changed(folder, name, data):
+    """_replace() unless the file holds data already; True if it wrote."""
+    try:
+        with open(os.path.join(folder, name), "rb") as f:
+            if f.read(len(data) + 1) == data:
+                return False  # an export of an unchanged tree writes nothing
+    except FileNotFoundError:
+        pass
+    _replace(folder, name, data)
+    return True
+
+
+def _replace(folder, name, data):
+    """Write folder/name through a temporary name and a rename, its bytes on disk first."""
+    temporary = os.path.join(folder, "%s%s.%d" % (_TEMPORARY, name, os.getpid()))
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(folder, name))
+    except BaseException:
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _sync(folder):
+    """Put the renames done in folder on disk."""
+    if os.name == "nt":
+        return  # a folder cannot be opened there; NTFS journals its renames
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- The log ------------------------------------------------------------------------
@@ -3174,6 +2986,9 @@ loop();
 # A terminal paused with Ctrl-S or a pipe nobody reads blocks writes: the log goes
 # through a bounded queue to one writer thread, so that only that thread waits.
 # What does not fit is dropped, and counted.
+
+
+LOG_QUEUE = 1000  # log lines waiting for a blocked terminal; past it they are dropped
 
 
 def printable(text):
@@ -3539,8 +3354,8 @@ def _export_once(promoter, args, started):
             "" if promoter.mpy else ", or pass --no-check"))
     changing = promoter.changing
     if changing:
-        raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved"
-                            % (", ".join(changing[:5]), promoter.MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
+        raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved" % (
+            ", ".join(changing[:5]), promoter.MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
     written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep)
     log.info(
         "exported version %s to %s: %d written, %d kept, %d pruned, in %.2f s",
@@ -3610,6 +3425,231 @@ def _announce(promoter, server, args):
         log.info("the status page: %s/?token=%s", urls[0], quote(args.token, safe=""), extra=_SHOWS_TOKEN)
         log.info('on the board: import ota; ota.update("%s", token=%s)', urls[0], json.dumps(args.token),
                  extra=_SHOWS_TOKEN)
+
+
+# -- Assets ---------------------------------------------------------------------------
+#
+# The status page and the page without the token, as the server sends them: no
+# external file, no script but the page's own (its nonce replaces NONCE).
+
+
+# The page without its token: a form, so that the token is typed in no address.
+REFUSED_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>OTA Promoter: token needed</title>
+<link rel="icon" href="data:,"></head><body style="font-family:sans-serif;margin:2em">
+<h1>This server needs its token</h1>
+<p id="wrong" style="color:#b00020"><!--WRONG--></p>
+<form method="post" action="/"><label>Token: <input type="password" name="token" required autofocus></label>
+<button>Open the page</button></form>
+<p>It was started with <code>--token</code>. The browser keeps a cookie for this server, made from the token,
+not the token: typed here, the token is in no address. A link opens the page too,
+<code>http://192.168.0.10:9090/?token=YOUR_TOKEN</code>, but the browser keeps its address, token
+included, in its history.</p></body></html>
+"""
+_WRONG_TOKEN = b"That is not the server's token."
+_REFUSED_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+                                "base-uri 'none'; frame-ancestors 'none'"),
+    ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+]
+
+
+PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>OTA Promoter: the bench</title><link rel="icon" href="data:,">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#222}
+header{background:#243447;color:#fff;padding:.6em 1em;display:flex;gap:1em;align-items:baseline}
+header h1{font-size:1.2em;margin:0}
+#gone{display:none;background:#b00020;color:#fff;padding:.6em 1em;font-weight:bold}
+#gone.on{display:block}
+main{padding:0 1em 1em}
+section{background:#fff;border-radius:6px;padding:.6em 1em;margin:1em 0;box-shadow:0 1px 2px #0002}
+h2{font-size:1em;margin:.2em 0 .5em;color:#555;text-transform:uppercase;letter-spacing:.05em}
+code,pre,.mono{font-family:ui-monospace,monospace;font-size:12.5px}
+.boards{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em;align-items:start}
+.board{border:1px solid #ddd;border-radius:6px;padding:.5em .7em}
+.board.silent{opacity:.55}
+.board .id{font-weight:bold;word-break:break-all}
+.badge{display:inline-block;border-radius:3px;padding:0 .4em;font-size:12px;font-weight:bold;color:#fff}
+.current{background:#2e7d32}.behind{background:#c62828}.updating{background:#ef6c00}.unknown{background:#777}
+.silent-badge{background:#555}
+dl{display:grid;grid-template-columns:auto 1fr;gap:0 .8em;margin:.4em 0}
+dt{color:#666}dd{margin:0;word-break:break-all}
+.error{color:#b00020}
+pre{background:#1e1e1e;color:#ddd;padding:.4em .6em;border-radius:4px;max-height:11em;overflow:auto;margin:.3em 0 0;
+white-space:pre-wrap;word-break:break-all}
+table{border-collapse:collapse}
+td,th{text-align:left;padding:.15em 1.5em .15em 0;border-bottom:1px solid #eee}
+td.size{text-align:right;white-space:nowrap}
+tr.changed td:first-child::before{content:"\\2022 ";color:#ef6c00}
+.mark{font-size:12px;font-weight:bold;color:#ef6c00}
+.held{color:#b00020}
+.muted{color:#777}
+</style></head><body>
+<header><h1>OTA Promoter</h1><span id="conn" class="muted">connecting...</span></header>
+<div id="gone" role="alert"></div>
+<main>
+<section id="version"><h2>Published version</h2><div id="version-body" class="muted">loading...</div></section>
+<section><h2 id="boards-title">Boards</h2><div id="boards" class="boards"></div></section>
+<section><h2 id="files-title">Files</h2><table><tbody id="files"></tbody></table></section>
+</main>
+<script nonce="NONCE">
+"use strict";
+var state = "", offset = 0, lostSince = null;
+window.__shown = {};  // version id -> Date.now() when the page first showed it
+var STATES = {current: "up to date", behind: "behind", updating: "updating now", unknown: "version unknown"};
+
+function el(tag, cls, text) {
+  var e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function ago(t) {
+  var s = Math.max(0, Math.round(Date.now() / 1000 - offset - t));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.floor(s / 60) + " min ago";
+  if (s < 86400) return Math.floor(s / 3600) + " h ago";
+  return Math.floor(s / 86400) + " days ago";
+}
+function clock(t) { return new Date(t * 1000).toTimeString().slice(0, 8); }
+function when(t) { var e = el("span", "ago", ago(t)); e.dataset.t = t; return e; }
+function short(v) { return v && /^[0-9a-f]{40}$/.test(v) ? v.slice(0, 7) : v; }
+function size(n) { return n === null ? "-" : n < 10240 ? n + " B" : Math.round(n / 1024) + " KB"; }
+function fill(id, children) {
+  var box = document.getElementById(id);
+  box.replaceChildren.apply(box, children);
+}
+function fact(dl, name, value) {
+  dl.appendChild(el("dt", null, name));
+  var dd = el("dd");
+  if (typeof value === "string") dd.textContent = value; else dd.appendChild(value);
+  dl.appendChild(dd);
+  return dd;
+}
+function render(d) {
+  var v = d.version, parts = [];
+  var head = el("div");
+  var id = el("span", "mono", short(v.id)); id.id = "version-id"; id.title = v.id;
+  head.append("Version ", id, " published at " + clock(v.published) + " (", when(v.published), ")");
+  parts.push(head);
+  var changes = el("div", "changes");
+  changes.id = "changes";
+  if (v.first) changes.textContent = "as found when the server started";
+  else {
+    var list = [];
+    v.added.forEach(function (p) { list.push("+" + p); });
+    v.changed.forEach(function (p) { list.push("~" + p); });
+    v.removed.forEach(function (p) { list.push("-" + p); });
+    changes.textContent = "changed: +" + v.added.length + " ~" + v.changed.length + " -" + v.removed.length +
+      (list.length ? ": " + list.join(", ") : "");
+  }
+  parts.push(changes);
+  var held = d.files.filter(function (f) { return f.held; });
+  if (held.length) parts.push(el("div", "held", held.length + " file(s) held back: they do not compile"));
+  fill("version-body", parts);
+  document.getElementById("version-body").className = "";
+  if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
+
+  document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
+  // A console shows its newest line, unless its reader scrolled up: it then stays where it was.
+  var scrolledUp = new Map();
+  document.querySelectorAll("#boards .board").forEach(function (c) {
+    var pre = c.querySelector("pre.console");
+    if (pre && pre.scrollTop + pre.clientHeight < pre.scrollHeight - 1) scrolledUp.set(c.dataset.device, pre.scrollTop);
+  });
+  var cards = d.boards.map(function (b) {
+    var card = el("div", "board" + (b.silent ? " silent" : ""));
+    card.dataset.device = b.device;
+    var top = el("div");
+    top.append(el("span", "id", b.device), " ", el("span", "badge " + b.state, STATES[b.state] || b.state));
+    if (b.silent) top.append(" ", el("span", "badge silent-badge", "silent"));
+    card.appendChild(top);
+    var dl = el("dl");
+    fact(dl, "address", b.address || "-");
+    var ver = fact(dl, "version", short(b.version) || "-");
+    ver.className = "mono version";
+    var seen = el("span");
+    seen.append(b.silent ? "silent since " + clock(b.last_seen) + " (" : clock(b.last_seen) + " (", when(b.last_seen), ")");
+    fact(dl, "last seen", seen);
+    if (b.error) {
+      var err = el("span", "error");
+      err.append(b.error.text + " (", when(b.error.time), ")");
+      fact(dl, "last error", err);
+    }
+    if (b.dropped) fact(dl, "dropped", b.dropped + " bytes of console output");
+    card.appendChild(dl);
+    if (b.lines.length) {
+      var pre = el("pre", "console", b.lines.join("\\n"));
+      card.appendChild(pre);
+    } else card.appendChild(el("div", "muted", "no console output"));
+    return card;
+  });
+  if (!cards.length) cards.push(el("div", "muted", "No board has asked for an update yet."));
+  fill("boards", cards);
+  document.querySelectorAll("#boards pre.console").forEach(function (pre) {
+    var device = pre.parentNode.dataset.device;
+    pre.scrollTop = scrolledUp.has(device) ? scrolledUp.get(device) : pre.scrollHeight;
+  });
+
+  document.getElementById("files-title").textContent = "Files (" + d.files_total + ")";
+  var rows = d.files.map(function (f) {
+    var tr = el("tr", f.changed ? "changed" : "");
+    tr.appendChild(el("td", "mono", f.path));
+    tr.appendChild(el("td", "size", size(f.size)));
+    var note = el("td");
+    if (f.held) note.appendChild(el("span", "held", "held back: " + f.held));
+    else if (f.changed) note.appendChild(el("span", "mark", "changed in this version"));
+    tr.appendChild(note);
+    return tr;
+  });
+  if (d.files_total > d.files.length) {
+    var more = el("tr"); more.appendChild(el("td", "muted", "... and " + (d.files_total - d.files.length) + " more"));
+    rows.push(more);
+  }
+  fill("files", rows);
+}
+function tick() {
+  document.querySelectorAll(".ago").forEach(function (e) { e.textContent = ago(Number(e.dataset.t)); });
+  if (lostSince !== null) setGone("The server is gone: no answer since " + lostSince + ". Trying again every second...");
+}
+function setGone(message) {
+  var g = document.getElementById("gone");
+  if (message) {
+    g.textContent = message; g.className = "on";
+    document.getElementById("conn").textContent = "disconnected";
+  } else {
+    g.textContent = ""; g.className = ""; lostSince = null;
+    document.getElementById("conn").textContent = "live";
+  }
+}
+function sleep(ms) { return new Promise(function (ok) { setTimeout(ok, ms); }); }
+async function loop() {
+  for (;;) {
+    var d = null, problem = null;
+    var abort = new AbortController(), timer = setTimeout(function () { abort.abort(); }, 40000);
+    try {
+      var r = await fetch("/boards?wait=25&since=" + encodeURIComponent(state),
+                          {cache: "no-store", credentials: "same-origin", signal: abort.signal});
+      if (r.status === 401) problem = "The server wants its token: reload this page to give it.";
+      else if (!r.ok) problem = "The server answered " + r.status + ".";
+      else d = await r.json();
+    } catch (e) {
+      if (lostSince === null) lostSince = new Date().toTimeString().slice(0, 8);
+      problem = "The server is gone: no answer since " + lostSince + ". Trying again every second...";
+    }
+    clearTimeout(timer);
+    if (d === null) { setGone(problem); await sleep(1000); continue; }
+    setGone(null);
+    offset = Date.now() / 1000 - d.now;
+    state = d.state;
+    render(d);
+  }
+}
+setInterval(tick, 1000);
+loop();
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":
