@@ -2049,9 +2049,9 @@ class Handler(BaseHTTPRequestHandler):
 
     #: The routes: path -> rows of (methods, handler, how the 404 hint names it or
     #: None). A path ending in "/" is a prefix: it takes only the paths under it
-    #: that no path names exactly, so a route added later is never swallowed by
-    #: it. A 405 names the methods of a path's first row: the page's form posts
-    #: to / for the page alone, and is no API to advertise.
+    #: that no path (or longer prefix) names, so a route added later is never
+    #: swallowed by it. A 405 names the methods of a path's first row: the page's
+    #: form posts to / for the page alone, and is no API to advertise.
     ROUTES = {
         "/files/version": [(GET, "_version", "/files/version")],
         "/files": [(GET, "_files", "/files")],
@@ -2116,9 +2116,9 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self):
         route, query = _parse_path(self.path)
         rows = self.ROUTES.get(route)
-        if rows is None:
-            rows = next((rows for prefix, rows in self.ROUTES.items()
-                         if prefix.endswith("/") and route.startswith(prefix)), ())
+        if rows is None:  # the longest prefix that holds it, if any
+            prefixes = [prefix for prefix in self.ROUTES if prefix.endswith("/") and route.startswith(prefix)]
+            rows = self.ROUTES[max(prefixes, key=len)] if prefixes else ()
         handler = next((name for methods, name, _ in rows if self.command in methods), None)
         authorized = self._authorized_request = self._authorized()
         if authorized:
