@@ -418,7 +418,7 @@ def bench_http(work, sizes, run, rps=False, download=False):
 # -- Figure 5: from a save to a board's wake-up -------------------------------------------
 
 
-def bench_wakeup(work, sizes, run, interval=ota_promoter.DEFAULT_INTERVAL):
+def bench_wakeup(work, sizes, run, interval=ota_promoter.Promoter.interval):
     import http.client
 
     folder = os.path.join(work, "wake")
@@ -442,7 +442,7 @@ def bench_wakeup(work, sizes, run, interval=ota_promoter.DEFAULT_INTERVAL):
             conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
             conn.request("GET", "/files/version?wait=30", headers={"If-None-Match": promoter.current.etag})
             deadline = time.monotonic() + 10
-            while not promoter._changed._waiters:  # the long-poll is waiting
+            while not promoter.published.waiting:  # the long-poll is waiting
                 if time.monotonic() > deadline:
                     raise RuntimeError("the long-poll did not start waiting within 10 s")
                 time.sleep(0.001)
@@ -920,7 +920,7 @@ def bench_live(work, sizes, run):
                 f.write(boots[mode])
         with open(os.path.join(folder, "main.py"), "w") as f:
             f.write("print('app 0 starts')\n")
-        promoter = ota_promoter.Promoter(folder, interval=ota_promoter.DEFAULT_INTERVAL)
+        promoter = ota_promoter.Promoter(folder, interval=ota_promoter.Promoter.interval)
         published = []
         publish = promoter._publish
 

@@ -233,9 +233,9 @@ def test_long_poll_wakes_on_a_new_version(tree, server):
     waiter = threading.Thread(target=poll)
     waiter.start()
     deadline = time.monotonic() + TIMEOUT
-    while not p._changed._waiters and time.monotonic() < deadline:  # the request is waiting
+    while not p.published.waiting and time.monotonic() < deadline:  # the request is waiting
         time.sleep(0.01)
-    assert p._changed._waiters
+    assert p.published.waiting
     write(tree, "main.py", "new")
     settle(p)
     waiter.join(TIMEOUT)
@@ -266,7 +266,7 @@ def test_long_poll_for_an_old_version_answers_at_once(server):
 
 
 def test_long_poll_is_capped(server, monkeypatch):
-    monkeypatch.setattr(ota_promoter, "MAX_WAIT", 0.2)
+    monkeypatch.setattr(server, "MAX_WAIT", 0.2)
     r = request(server.url, "/files/version?wait=3600&since=" + README_VERSION, timeout=5)
     assert r.status == 304
 
@@ -287,7 +287,7 @@ def test_closing_the_server_releases_long_polls(tree, serve):
     )
     waiter.start()
     deadline = time.monotonic() + TIMEOUT
-    while not p._changed._waiters and time.monotonic() < deadline:
+    while not p.published.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
     server.close()
     waiter.join(TIMEOUT)
@@ -298,7 +298,7 @@ def test_closing_the_server_releases_long_polls(tree, serve):
 # -- Integrity while a file changes ------------------------------------------------------
 
 
-@pytest.mark.parametrize("store_limit", [ota_promoter.STORE_LIMIT, 0])
+@pytest.mark.parametrize("store_limit", [ota_promoter.ContentStore.limit, 0])
 def test_downloads_always_match_their_checksum_while_a_file_changes(tree, serve, store_limit):
     full = write(tree, "main.py", b"0" * 5000)
     p = Promoter(str(tree), interval=0.01, store_limit=store_limit)
@@ -406,7 +406,7 @@ def test_unexpected_error_is_500_logged_once_and_the_server_goes_on(server, monk
     def broken(checksum):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(server.promoter, "blob", broken)
+    monkeypatch.setattr(server.published, "blob", broken)
     with caplog.at_level(logging.ERROR, "ota_promoter"):
         r = request(server.url, "/files/" + README_CHECKSUM)
     assert (r.status, r.json()) == (500, {"error": "internal error: see the server's log"})

@@ -362,7 +362,7 @@ def test_save_of_several_files_is_published_as_one_version(tree):
 
 
 def test_a_file_that_never_settles_does_not_block_the_others(tree, caplog, monkeypatch):
-    monkeypatch.setattr(ota_promoter, "MAX_HOLD", 0.3)  # seconds; 5 by default
+    monkeypatch.setattr(Promoter, "MAX_HOLD", 0.3)  # seconds; 5 by default
     write(tree, "main.py", "1")
     write(tree, "log.txt", "")
     p = Promoter(str(tree), settle=0)  # polled by hand: a change settles at the next poll

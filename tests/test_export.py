@@ -453,7 +453,7 @@ def test_the_first_version_of_a_server_waits_for_a_file_being_written(app):
 
 
 def test_an_export_of_a_file_that_never_settles_is_refused(app, site, monkeypatch):
-    monkeypatch.setattr(ota_promoter, "MAX_HOLD", 0.5)
+    monkeypatch.setattr(Promoter, "MAX_HOLD", 0.5)
     import threading
 
     stop = threading.Event()

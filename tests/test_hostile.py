@@ -88,7 +88,7 @@ def published_bytes(promoter):
 # -- 1. Nothing outside DIR is ever published or served ---------------------------------
 
 
-@pytest.mark.parametrize("store_limit", [ota_promoter.STORE_LIMIT, 0])
+@pytest.mark.parametrize("store_limit", [ota_promoter.ContentStore.limit, 0])
 @needs_symlinks
 def test_a_file_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path, serve, store_limit):
     outside = write(tmp_path, "outside.txt", OUTSIDE)

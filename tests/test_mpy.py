@@ -207,7 +207,7 @@ def test_past_the_store_limit_the_bytecode_is_served_from_a_private_copy_for_two
         r = request(url, "/files/" + blob.checksum)
         assert (r.status, r.body) == (200, compiled(source, "lib/x.py"))
     assert sorted(os.listdir(p.store._folder)) == sorted([first.checksum, second.checksum] + [
-        entry[1].checksum for entry in p._seen.values()])
+        entry.blob.checksum for entry in p._seen.values()])
     write(tree, "lib/x.py", "X = 3\n")
     settle(p)
     assert request(url, "/files/" + first.checksum).status == 404  # two versions back: let go

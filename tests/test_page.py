@@ -175,7 +175,7 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
              "lines": ["boot", "Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
                        "ZeroDivisionError: divide by zero"]},
         ],
-        "silent_after": ota_promoter.SILENT_AFTER,
+        "silent_after": ota_promoter.Boards.SILENT_AFTER,
     }
     assert promoter.current.held["boot.py"].startswith("1:") and "SyntaxError" in promoter.current.held["boot.py"]
 

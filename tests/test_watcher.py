@@ -160,7 +160,7 @@ def test_the_files_looked_at_quickly_are_bounded(tree):
         write(tree, "f%02d.py" % n, "2")
     p.poll_once()
     p.poll_once()
-    assert len(p._hot) == ota_promoter.HOT_FILES
+    assert len(p._hot) == p.HOT_FILES
     assert set(p._hot) < {"f%02d.py" % n for n in range(20)}
     assert paths(p) == ["f%02d.py" % n for n in range(20)]
 
