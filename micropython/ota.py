@@ -41,11 +41,17 @@ _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux an
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
 
 
+# What ota_update.py and the parts of an update take from here (besides the functions
+# below): OTAError, const, ticks_ms, ticks_diff, reset; and live mode's state, _named
+# and _live, which ota_update keeps.
+
+
 class OTAError(Exception):
     pass
 
 
-def _reset():
+def reset():
+    """Reset the board (machine.reset); nothing where there is none (CPython, the unix port)."""
     try:
         import machine
 
@@ -63,8 +69,9 @@ _named = False
 _live = None  # live mode's state, once armed
 
 
-def _run(name, args, kw={}):
-    # Call ota_update's function; the module is dropped afterwards if this call
+def _run(name, args, kw):
+    # ota_update's function of that name, called with the arguments as given: the
+    # one place they are forwarded. The module is dropped afterwards if this call
     # imported it, so that live mode keeps only this file in memory. Whatever goes
     # wrong (no memory to import it, a bug) is an OTAError: nothing escapes boot.py.
     mine = "ota_update" not in sys.modules
@@ -85,24 +92,24 @@ def _run(name, args, kw={}):
 def _scrub(n):
     # Covers the C stack where the update ran with frames of its own, then collects:
     # the GC scans the stack conservatively, and a stale word left in a frame's
-    # unused slots would keep the whole dropped module alive, by chance, beside the app.
+    # unused slots would keep the whole dropped module alive, by chance.
     return _scrub(n - 1) if n else gc.collect()
 
 
-# The functions: their arguments and defaults are ota_update's (README: "The
-# functions"), which these only import.
+# The functions: each is ota_update's function of the same name, which has their
+# arguments and defaults (README: "The functions"); these only import it.
 
 
-def update(url, *args, **kw):
+def update(*args, **kw):
     """Install the files that changed on the server; True if any did."""
     global _named
     _named = None
-    return _run("update", (url,) + args, kw)
+    return _run("update", args, kw)
 
 
-def recover(*args):
+def recover(*args, **kw):
     """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
-    return _run("recover", args)
+    return _run("recover", args, kw)
 
 
 def watch(*args, **kw):
@@ -114,7 +121,7 @@ def live(*args, **kw):
     """Arm live mode and return: a new version stops the app, is installed, and
     main.py restarts on it. Runs update() first if it has not run since boot.
     Returns the live-mode object (tests call its tick() where there is no Timer)."""
-    return _run("_live", args, kw)
+    return _run("live", args, kw)
 
 
 # -- Live mode: a Timer callback that never waits --------------------------------------
@@ -130,8 +137,8 @@ class _Live(IOBase):
     than the one installed (which the app runs) and the one the server named when
     nothing could be installed is confirmed with a plain GET /files/version (what
     update() reads), then the app is stopped (Ctrl-C through the console stream),
-    and ota_update installs it while the REPL idles and restarts main.py (_restart).
-    Its state is set by ota_update._live, once (see there).
+    and ota_update installs it while the REPL idles and restarts main.py (ota_update.restart).
+    Its state is set by ota_update.live, once (see there).
     """
 
     def write(self, data):
@@ -317,7 +324,7 @@ class _Live(IOBase):
                 fails = min(fails + 1, 4)
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
-        # restarts main.py (_restart).
+        # restarts main.py (ota_update.restart).
         import os
 
         began = ticks_ms()
@@ -334,12 +341,12 @@ class _Live(IOBase):
                 schedule(notify, None)
             yield
         try:
-            _run("_restart", (self,))
+            _run("restart", (self,), {})
         except OTAError as e:  # not even the installer loads: a reset, and boot.py's update()
             try:
                 print("ota: %s; resetting: boot.py installs it" % e)
             finally:
-                _reset()
+                reset()
 
     def _posts(self):
         # What the console holds, posted as it comes (POST /console, at most 1,024
