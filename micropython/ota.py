@@ -141,6 +141,11 @@ class _Live(IOBase):
     Its state is set by ota_update.live, once (see there).
     """
 
+    # Set only once the app is being stopped: until then the instance holds 16 names
+    # (a board's Timer included), which fit a table of 17 slots where 18 take 23.
+    key = 0  # the key readinto() hands the REPL, once: Ctrl-C, then Ctrl-D
+    prompt = False  # seen: the app has stopped, until the checks press Ctrl-C
+
     def write(self, data):
         # Called inside every print: keeps the newest output (the last line of a
         # traceback says what went wrong) and counts what it drops: the oldest bytes
@@ -209,7 +214,7 @@ class _Live(IOBase):
                 s = None
         try:
             if not s:
-                s = socket.socket(self.family)
+                s = socket.socket(self.host[2])
                 s.setblocking(False)
                 try:
                     s.connect(self.address)
@@ -221,7 +226,12 @@ class _Live(IOBase):
             data = [("%s\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
             if body:
                 data.append(body)
+            # Made once per connection, so that a read makes no object (a slice only
+            # after a short one, as mip): the reader, and views of buf, whole and after
+            # the 3 bytes a read of the head keeps.
+            read = s.readinto if hasattr(s, "readinto") else s.recv_into  # MicroPython; CPython
             mv = memoryview(buf)
+            tail = mv[3:]
             n = status = reads = 0
             head = True
             while True:
@@ -244,7 +254,7 @@ class _Live(IOBase):
                 reads += 1
                 if n == len(buf):
                     raise ValueError  # a version answer too long
-                k = (s.readinto if hasattr(s, "readinto") else s.recv_into)(mv[n:])
+                k = read(tail if n == 3 else mv[n:])
                 if k is None:
                     continue
                 if not k:
@@ -259,7 +269,7 @@ class _Live(IOBase):
                         status = int(bytes(buf[9:12]))  # ValueError if not HTTP; 1.20 has no int(bytearray)
                     end = buf.find(b"\r\n\r\n", 0, n)
                     if end < 0:
-                        buf[:3] = buf[n - 3 : n]
+                        mv[:3] = mv[n - 3 : n]
                         n = 3
                         continue
                     if not version or status != 200:
@@ -277,7 +287,7 @@ class _Live(IOBase):
 
     def _version(self, line, extra, ms, buf):
         # The version a GET of /files/version names; a 304's is the one asked about.
-        s, status, n = yield from self._ask(None, line, extra, b"", ms, buf, True)
+        s, status, n = yield from self._ask(None, line, extra, None, ms, buf, True)
         s.close()  # not kept: a long-poll holds its connection
         if status == 304:
             return self.named
@@ -286,7 +296,7 @@ class _Live(IOBase):
             raise ValueError
         return json.loads(buf[:n])["version"]
 
-    def _checks(self, pause=0):
+    def _checks(self, pause):
         # The long-poll, for ever; a server that is away costs a retry 1, 2, 4, 8, then
         # every 10 s, and one that answers at once (ignoring wait, a static host) a
         # second's rest. A half-open connection is given up wait + 3 s after it began.
@@ -299,7 +309,7 @@ class _Live(IOBase):
             began = ticks_ms()
             try:
                 if self.address is None:  # resolved once: a name costs a DNS lookup
-                    self.address = socket.getaddrinfo(self.host[0], self.host[1], self.family)[0][-1]
+                    self.address = socket.getaddrinfo(*self.host)[0][-1]
                 polled = yield from self._version(
                     self.lines[0], 'If-None-Match: "%s"\r\n' % self.named if self.named else "", self.held, buf)
                 pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0

@@ -245,8 +245,7 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
                   "POST %s/console HTTP/1.1" % prefix)
     live.held = wait * 1000 + _SLACK
     live.ms = int(timeout * 1000)
-    live.family = family
-    live.host = host, port
+    live.host = host, port, family  # what getaddrinfo takes
     try:  # a name is looked up here, where waiting is free; else at a tick (README)
         live.address = socket.getaddrinfo(host, port, family)[0][-1]
     except Exception:
@@ -261,11 +260,10 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # and counted). Attached even without console: the restart presses its keys
     # through it.
     live.buf = bytearray(_CONSOLE if console else 0)
-    live.n = live.dropped = live.key = live.sending = 0
-    live.prompt = False
+    live.n = live.dropped = live.sending = 0  # key and prompt: ota._Live's, until the app is stopped
     if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
         os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
-    live.checks = live._checks()
+    live.checks = live._checks(0)
     live.posts = live._posts() if console else None
     live.timer = None
     ota._live = live
