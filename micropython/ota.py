@@ -92,7 +92,7 @@ def _run(name, args, kw):
 def _scrub(n):
     # Covers the C stack where the update ran with frames of its own, then collects:
     # the GC scans the stack conservatively, and a stale word left in a frame's
-    # unused slots would keep the whole dropped module alive, by chance.
+    # unused slots would keep the whole dropped module alive, by chance, beside the app.
     return _scrub(n - 1) if n else gc.collect()
 
 

@@ -183,10 +183,9 @@ class Server:
         # Up to count bytes of the body, as a view into the buffer; empty at its end.
         if self.index == self.n:
             self._fill()
-        j = min(self.n, self.index + count)
-        c = self.mv[self.index : j]
-        self.index = j
-        return c
+        i = self.index
+        j = self.index = min(self.n, i + count)
+        return self.mv if j - i == len(self.buf) else self.mv[i:j]  # a full read: no slice (mip's way)
 
     def readline(self):
         # A line of at most _LINE bytes; shorter only at the end of the answer.
