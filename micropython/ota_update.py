@@ -28,8 +28,8 @@ import ota
 from ota import OTAError, const, ticks_diff, ticks_ms
 from ota import reset as _reset  # reset is also update()'s argument
 
-# What ota_check.py, ota_plan.py and ota_commit.py take from here: OTAError and the rest
-# from ota, and these two.
+# What the parts take from here (the rest comes from ota): STATE (ota_plan.py and
+# ota_commit.py) and hex40() (ota_check.py and ota_plan.py).
 STATE = ".ota"  # under the device root: the version installed, and every file this client put there
 _CONSOLE = const(512)  # bytes of console output live mode holds for the server
 _SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
