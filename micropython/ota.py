@@ -41,11 +41,17 @@ _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux an
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
 
 
+# What ota_update.py and the parts of an update take from here (besides the functions
+# below): OTAError, const, ticks_ms, ticks_diff, reset; and live mode's state, _named
+# and _live, which ota_update keeps.
+
+
 class OTAError(Exception):
     pass
 
 
-def _reset():
+def reset():
+    """Reset the board (machine.reset); nothing where there is none (CPython, the unix port)."""
     try:
         import machine
 
@@ -63,8 +69,9 @@ _named = False
 _live = None  # live mode's state, once armed
 
 
-def _run(name, args, kw={}):
-    # Call ota_update's function; the module is dropped afterwards if this call
+def _run(name, args, kw):
+    # ota_update's function of that name, called with the arguments as given: the
+    # one place they are forwarded. The module is dropped afterwards if this call
     # imported it, so that live mode keeps only this file in memory. Whatever goes
     # wrong (no memory to import it, a bug) is an OTAError: nothing escapes boot.py.
     mine = "ota_update" not in sys.modules
@@ -89,20 +96,20 @@ def _scrub(n):
     return _scrub(n - 1) if n else gc.collect()
 
 
-# The functions: their arguments and defaults are ota_update's (README: "The
-# functions"), which these only import.
+# The functions: each is ota_update's function of the same name, which has their
+# arguments and defaults (README: "The functions"); these only import it.
 
 
-def update(url, *args, **kw):
+def update(*args, **kw):
     """Install the files that changed on the server; True if any did."""
     global _named
     _named = None
-    return _run("update", (url,) + args, kw)
+    return _run("update", args, kw)
 
 
-def recover(*args):
+def recover(*args, **kw):
     """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
-    return _run("recover", args)
+    return _run("recover", args, kw)
 
 
 def watch(*args, **kw):
@@ -114,7 +121,7 @@ def live(*args, **kw):
     """Arm live mode and return: a new version stops the app, is installed, and
     main.py restarts on it. Runs update() first if it has not run since boot.
     Returns the live-mode object (tests call its tick() where there is no Timer)."""
-    return _run("_live", args, kw)
+    return _run("live", args, kw)
 
 
 # -- Live mode: a Timer callback that never waits --------------------------------------
@@ -130,9 +137,14 @@ class _Live(IOBase):
     than the one installed (which the app runs) and the one the server named when
     nothing could be installed is confirmed with a plain GET /files/version (what
     update() reads), then the app is stopped (Ctrl-C through the console stream),
-    and ota_update installs it while the REPL idles and restarts main.py (_restart).
-    Its state is set by ota_update._live, once (see there).
+    and ota_update installs it while the REPL idles and restarts main.py (ota_update.restart).
+    Its state is set by ota_update.live, once (see there).
     """
+
+    # Set only once the app is being stopped: until then the instance holds 16 names
+    # (a board's Timer included), which fit a table of 17 slots where 18 take 23.
+    key = 0  # the key readinto() hands the REPL, once: Ctrl-C, then Ctrl-D
+    prompt = False  # seen: the app has stopped, until the checks press Ctrl-C
 
     def write(self, data):
         # Called inside every print: keeps the newest output (the last line of a
@@ -202,7 +214,7 @@ class _Live(IOBase):
                 s = None
         try:
             if not s:
-                s = socket.socket(self.family)
+                s = socket.socket(self.host[2])
                 s.setblocking(False)
                 try:
                     s.connect(self.address)
@@ -214,7 +226,12 @@ class _Live(IOBase):
             data = [("%s\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
             if body:
                 data.append(body)
+            # Made once per connection, so that a read makes no object (a slice only
+            # after a short one, as mip): the reader, and views of buf, whole and after
+            # the 3 bytes a read of the head keeps.
+            read = s.readinto if hasattr(s, "readinto") else s.recv_into  # MicroPython; CPython
             mv = memoryview(buf)
+            tail = mv[3:]
             n = status = reads = 0
             head = True
             while True:
@@ -237,7 +254,7 @@ class _Live(IOBase):
                 reads += 1
                 if n == len(buf):
                     raise ValueError  # a version answer too long
-                k = (s.readinto if hasattr(s, "readinto") else s.recv_into)(mv[n:])
+                k = read(tail if n == 3 else mv[n:])
                 if k is None:
                     continue
                 if not k:
@@ -252,7 +269,7 @@ class _Live(IOBase):
                         status = int(bytes(buf[9:12]))  # ValueError if not HTTP; 1.20 has no int(bytearray)
                     end = buf.find(b"\r\n\r\n", 0, n)
                     if end < 0:
-                        buf[:3] = buf[n - 3 : n]
+                        mv[:3] = mv[n - 3 : n]
                         n = 3
                         continue
                     if not version or status != 200:
@@ -270,7 +287,7 @@ class _Live(IOBase):
 
     def _version(self, line, extra, ms, buf):
         # The version a GET of /files/version names; a 304's is the one asked about.
-        s, status, n = yield from self._ask(None, line, extra, b"", ms, buf, True)
+        s, status, n = yield from self._ask(None, line, extra, None, ms, buf, True)
         s.close()  # not kept: a long-poll holds its connection
         if status == 304:
             return self.named
@@ -279,7 +296,7 @@ class _Live(IOBase):
             raise ValueError
         return json.loads(buf[:n])["version"]
 
-    def _checks(self, pause=0):
+    def _checks(self, pause):
         # The long-poll, for ever; a server that is away costs a retry 1, 2, 4, 8, then
         # every 10 s, and one that answers at once (ignoring wait, a static host) a
         # second's rest. A half-open connection is given up wait + 3 s after it began.
@@ -292,7 +309,7 @@ class _Live(IOBase):
             began = ticks_ms()
             try:
                 if self.address is None:  # resolved once: a name costs a DNS lookup
-                    self.address = socket.getaddrinfo(self.host[0], self.host[1], self.family)[0][-1]
+                    self.address = socket.getaddrinfo(*self.host)[0][-1]
                 polled = yield from self._version(
                     self.lines[0], 'If-None-Match: "%s"\r\n' % self.named if self.named else "", self.held, buf)
                 pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0
@@ -317,7 +334,7 @@ class _Live(IOBase):
                 fails = min(fails + 1, 4)
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
-        # restarts main.py (_restart).
+        # restarts main.py (ota_update.restart).
         import os
 
         began = ticks_ms()
@@ -334,12 +351,12 @@ class _Live(IOBase):
                 schedule(notify, None)
             yield
         try:
-            _run("_restart", (self,))
+            _run("restart", (self,), {})
         except OTAError as e:  # not even the installer loads: a reset, and boot.py's update()
             try:
                 print("ota: %s; resetting: boot.py installs it" % e)
             finally:
-                _reset()
+                reset()
 
     def _posts(self):
         # What the console holds, posted as it comes (POST /console, at most 1,024

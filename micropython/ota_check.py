@@ -7,7 +7,7 @@ import os
 
 from ota import OTAError, const
 from ota_http import Server
-from ota_update import _hex
+from ota_update import hex40
 
 _LINE = const(256)  # the longest version answer read
 _EEXIST = const(17)
@@ -29,7 +29,7 @@ def version(args, since=None, wait=0):
         body = server.readline() if 0 < length <= _LINE else b""
         try:
             named = json.loads(body)["version"]
-            _hex(named)
+            hex40(named)
         except Exception as e:
             raise OTAError("bad version answer from %s: %r" % (server.where, e))
         return named
@@ -56,7 +56,7 @@ def manifest(args, named, root):
             raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
                            % server.where)
         listed = line[:-1].decode()
-        _hex(listed)
+        hex40(listed)
         if named and listed != named:
             raise OTAError("%s: /files/%s is not the manifest of that version" % (server.where, named))
         if listed == old:

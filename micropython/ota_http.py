@@ -1,6 +1,7 @@
 # ota_http.py: the HTTP client of an update: one request at a time, its answer
 # read through one buffer within a deadline, every failure an OTAError.
-# ota_check.py and ota_fetch.py use it; ota_update.py drops it with them.
+# ota_check.py and ota_fetch.py use it; ota_update.py drops it with them, and
+# arms live mode with parse() and head(), so that ota.py's requests say the same.
 
 import binascii
 import json
@@ -13,8 +14,8 @@ _LINE = const(256)  # longest header line read: a Location, an X-Target-Path
 _HEADERS = const(32)  # most header lines an answer may have
 
 
-def _where(url):
-    # (host:port as written, host, port, address family, path prefix, https?) of a url.
+def parse(url):
+    """(host:port as written, host, port, address family, path prefix, https?) of a url."""
     i = url.find("://")
     tls = url[:i] == "https"
     if not tls and url[:i] != "http":
@@ -41,6 +42,12 @@ def _where(url):
     return where, host, port, family, rest[len(where) :], tls
 
 
+def head(where, version, token):
+    """The header lines every request of this client sends (live mode's too)."""
+    return "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
+        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "")
+
+
 def _device():
     try:
         import machine
@@ -53,17 +60,12 @@ def _device():
 class Server:
     def __init__(self, url, token, timeout, version, ca, buf):
         # buf: the update's one buffer (ota_update.py allocates it first, whole)
-        self.where, self.host, self.port, self.family, self.prefix, self.https = _where(url)
+        self.where, self.host, self.port, self.family, self.prefix, self.https = parse(url)
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
         self.mv = memoryview(buf)
-        self.head = "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
-            self.where,
-            _device(),
-            version or "none",
-            "Authorization: Bearer %s\r\n" % token if token else "",
-        )
+        self.head = head(self.where, version, token)
 
     def get(self, path, extra=""):
         # Sends a request and reads the answer's head: (status, length, target) of a
@@ -181,10 +183,9 @@ class Server:
         # Up to count bytes of the body, as a view into the buffer; empty at its end.
         if self.index == self.n:
             self._fill()
-        j = min(self.n, self.index + count)
-        c = self.mv[self.index : j]
-        self.index = j
-        return c
+        i = self.index
+        j = self.index = min(self.n, i + count)
+        return self.mv if j - i == len(self.buf) else self.mv[i:j]  # a full read: no slice (mip's way)
 
     def readline(self):
         # A line of at most _LINE bytes; shorter only at the end of the answer.

@@ -6,7 +6,7 @@ import hashlib
 import os
 
 from ota import OTAError, const
-from ota_update import _hex
+from ota_update import STATE, hex40
 
 _LINE = const(256)  # longest manifest line: paths up to about 200 bytes
 
@@ -71,7 +71,7 @@ def _entry(f, last, where):
     if line[-1:] != b"\n" or len(line) > _LINE:
         raise OTAError("%s line cut off or too long: %r" % (where, line[:60]))
     entry = line[:-1].decode().split(" ", 2)  # ValueError if not UTF-8
-    _hex(entry[0])
+    hex40(entry[0])
     if not _safe(entry[2]) or entry[2] <= last or int(entry[1]) < 0:  # IndexError if too short
         raise OTAError("refusing unsafe or unsorted path %r in the %s" % (entry[2], where))
     return entry
@@ -158,7 +158,7 @@ def plan(root, old, delete, data):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    state = _state(root + "/.ota", old)
+    state = _state(root + "/" + STATE, old)
     new = open(manifest, "rb")
     out = open(root + "/.ota-new/plan", "wb")
     try:

@@ -25,9 +25,12 @@ import sys
 import time
 
 import ota
-from ota import OTAError, _reset, const, ticks_diff, ticks_ms
+from ota import OTAError, const, ticks_diff, ticks_ms
+from ota import reset as _reset  # reset is also update()'s argument
 
-_STATE = ".ota"
+# What the parts take from here (the rest comes from ota): STATE (ota_plan.py and
+# ota_commit.py) and hex40() (ota_check.py and ota_plan.py).
+STATE = ".ota"  # under the device root: the version installed, and every file this client put there
 _CONSOLE = const(512)  # bytes of console output live mode holds for the server
 _SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
 _mine = []  # the parts this call imported, to drop (a test imports them first, to patch them)
@@ -61,11 +64,12 @@ def _installed(root):
     # damaged then, and taking it for so would forget what this client installed.
     # Not open() of a missing file: on the unix port of 1.20 its object is left with
     # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
+    path = root + "/" + STATE
     try:
-        os.stat(root + "/" + _STATE)
+        os.stat(path)
     except OSError:
         return ""
-    with open(root + "/" + _STATE, "rb") as f:
+    with open(path, "rb") as f:
         line = f.readline(42)  # bounded: erased flash reads as one endless line
     try:
         binascii.unhexlify(line[:40])  # safe in a header line
@@ -74,7 +78,7 @@ def _installed(root):
     return line[:40].decode() if len(line) == 41 and line[40] == 10 else ""
 
 
-def _hex(value):
+def hex40(value):
     # 40 hex digits, as a checksum or a version: also what keeps one from changing a request line.
     if len(value) != 40:
         raise OTAError("bad checksum %r" % value)
@@ -216,7 +220,7 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
 # Run once each, so kept out of ota.py, which stays in memory beside the app.
 
 
-def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100):
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100):
     # ota.live(): update() first if it has not run since boot, then the state of
     # ota._Live, the console stream and the Timer.
     if ota._live:
@@ -227,11 +231,11 @@ def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=1
             ota.update(url, root, token, timeout=timeout)
         except OTAError as e:
             print("ota: no update: %s" % e)
-    where, host, port, family, prefix, tls = _call("ota_http", "_where", url)
+    where, host, port, family, prefix, tls = _call("ota_http", "parse", url)
     if tls:
         raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
     live = ota._Live()
-    live.args = url, root, token  # for the update, once the app has stopped
+    live.args = url, root, token  # update()'s first three, once the app has stopped (restart)
     # The requests: the long-poll, the plain version check, the console's post; a
     # long-poll is given up (a half-open connection) 3 s after its wait
     wait = max(int(wait), 1)
@@ -241,8 +245,7 @@ def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=1
                   "POST %s/console HTTP/1.1" % prefix)
     live.held = wait * 1000 + _SLACK
     live.ms = int(timeout * 1000)
-    live.family = family
-    live.host = host, port
+    live.host = host, port, family  # what getaddrinfo takes
     try:  # a name is looked up here, where waiting is free; else at a tick (README)
         live.address = socket.getaddrinfo(host, port, family)[0][-1]
     except Exception:
@@ -251,18 +254,16 @@ def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=1
     # server named at this boot's update (also one that failed): the long-poll
     # waits for another, so a version that cannot be installed is tried once.
     live.version = _installed(root)
-    live.head = "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
-        where, _call("ota_http", "_device"), live.version or "none", "Authorization: Bearer %s\r\n" % token if token else "")
+    live.head = _call("ota_http", "head", where, live.version, token)
     live.named = ota._named or live.version
     # The console: what the REPL prints, held for the server (the oldest is dropped
     # and counted). Attached even without console: the restart presses its keys
     # through it.
     live.buf = bytearray(_CONSOLE if console else 0)
-    live.n = live.dropped = live.key = live.sending = 0
-    live.prompt = False
+    live.n = live.dropped = live.sending = 0  # key and prompt: ota._Live's, until the app is stopped
     if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
         os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
-    live.checks = live._checks()
+    live.checks = live._checks(0)
     live.posts = live._posts() if console else None
     live.timer = None
     ota._live = live
@@ -279,7 +280,7 @@ def _live(url, root="/", token=None, console=True, wait=10, timeout=10, period=1
     return live
 
 
-def _restart(live):
+def restart(live):
     # The app has stopped (live mode pressed Ctrl-C, and the REPL shows its prompt):
     # install the version, waiting on the network as an update does, as nothing
     # runs; let the console send what that printed; then Ctrl-D, a soft reset that
@@ -293,7 +294,7 @@ def _restart(live):
         live.stop()
         return _reset()
     try:
-        _update(live.args[0], live.args[1], live.args[2], False, True, live.ms / 1000, None)
+        update(*live.args, reset=False, timeout=live.ms / 1000)
     except Exception as e:
         try:
             print("ota: %s; restarting: boot.py installs it" % (

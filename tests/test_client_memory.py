@@ -448,7 +448,7 @@ def test_live_mode_restarts_the_app_on_a_commit_an_earlier_call_could_not_finish
     board = copy(template, tmp_path / "board")
     run_failing(board, promoter.url, monkeypatch, "os", ("rename", "remove", "rmdir"), after="/.ota-journal")
     # live mode's call: (the version the server named, the changes installed)
-    assert ota._run("_update", (promoter.url, str(board), None, False, True, TIMEOUT, None)) == (promoter.version, 1)
+    assert ota._run("_update", (promoter.url, str(board), None, False, True, TIMEOUT, None), {}) == (promoter.version, 1)
     assert files(board) == new
 
 
