@@ -11,7 +11,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import TIMEOUT, checksum, raw_request, request, settle, write
+from helpers import TIMEOUT, checksum, raw_request, request, settle, write
 
 README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
 README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"

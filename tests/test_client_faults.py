@@ -17,10 +17,8 @@ import ota
 import ota_http
 import ota_update
 import ota_promoter
-from conftest import checksum, request, write
+from helpers import checksum, files, folders, promoted, publish, request, through, write
 from proxy import is_manifest, set_header, split
-from conftest import files, folders, promoted, publish
-from test_client import through
 
 VERSION = "5" * 40
 

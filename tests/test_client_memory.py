@@ -18,7 +18,7 @@ import pytest
 
 import ota
 import ota_update
-from conftest import (
+from helpers import (
     CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, files, heap_for,
     needs_micropython, promoted, publish, write,
 )

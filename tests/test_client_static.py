@@ -9,10 +9,8 @@ import time
 import pytest
 
 import ota
-from conftest import TIMEOUT, request, write
+from helpers import TIMEOUT, exported, files, request, write
 from proxy import FaultProxy, is_download
-from conftest import files
-from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
 
 def app_files(tree):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import ota_promoter
-from conftest import TIMEOUT, raw_request, request, settle, write
+from helpers import TIMEOUT, raw_request, request, settle, write
 
 DEVICE = "a4cf12f3e9b1c0ffee"  # the log shows its first 12 characters
 

@@ -13,7 +13,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, PromoterError
-from conftest import (
+from helpers import (
     TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks, settle, write,
 )
 

@@ -16,21 +16,14 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, export
-from conftest import ROOT, TIMEOUT, Response, checksum, request, write
-from nginx import MISSING, NGINX, Nginx, free_port
+from helpers import ROOT, TIMEOUT, Response, assert_user_error, checksum, exported, request, run, write
 
-SCRIPT = os.path.join(ROOT, "ota_promoter.py")
 SUMMARY = re.compile(r"\d\d:\d\d:\d\d exported version ([0-9a-f]{7}) to (.+): "
                      r"(\d+) written, (\d+) kept, (\d+) pruned, in \d+\.\d\d s\n")
 
 
-def run(*args, **kwargs):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=TIMEOUT, **kwargs)
-
-
 def get(url, path, context=None, headers=None):
-    """One GET over http or https (verified against context); returns a conftest Response."""
+    """One GET over http or https (verified against context); returns a Response."""
     scheme, address = url.split("://")
     host, port = address.rsplit(":", 1)
     if scheme == "https":
@@ -97,12 +90,6 @@ def content_files(site):
                 if f.read(41) != name.encode() + b"\n":
                     names.append(name)
     return sorted(names)
-
-
-def exported(tree, site, keep=ota_promoter.DEFAULT_KEEP):
-    """Export tree to site in this process; returns (promoter, (written, kept, pruned))."""
-    promoter = Promoter(str(tree), interval=3600)
-    return promoter, export(promoter, str(site), keep)
 
 
 @pytest.fixture
@@ -501,11 +488,6 @@ def test_export_with_a_token_warns_that_the_host_must_check_it(app, site):
         "warning: --token does not protect an export: the web server must check it (README: Fleets)")
 
 
-def assert_user_error(result, message):
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "ota_promoter.py: error: %s\n" % message
-
-
 def test_export_errors_are_one_line(app, site, tmp_path):
     missing = str(tmp_path / "nothing")
     assert_user_error(run(missing, "--export", str(site)), "folder %r does not exist" % missing)
@@ -561,25 +543,6 @@ def test_a_second_export_at_once_is_refused(app, site):
 
 
 # -- Real static hosts ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    """Start the README's nginx block on a free loopback port; stopped at teardown."""
-    if NGINX is None:
-        pytest.skip(MISSING)
-    started = []
-
-    def start(site, **options):
-        work = tmp_path / ("nginx%d" % len(started))
-        work.mkdir()
-        server = Nginx(str(work), str(site), **options)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def test_nginx_serves_a_first_install(app, site, nginx, serve):
@@ -645,23 +608,6 @@ def test_nginx_checks_the_token_as_documented(app, site, nginx):
     assert r.status == 200
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate for localhost and 127.0.0.1, made with openssl:
-    (cert, key) paths. MicroPython 1.20's mbedtls checks names, not addresses."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: apt-get install openssl (CI's .ci/run does)")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=TIMEOUT,
-    )
-    return cert, key
-
-
 def test_nginx_serves_the_export_over_verified_https(app, site, nginx, certificate):
     promoter, _ = exported(app, site)
     host = nginx(site, certificate=certificate)
@@ -674,33 +620,6 @@ def test_nginx_serves_the_export_over_verified_https(app, site, nginx, certifica
     # Verification is on: without the certificate as a CA, the connection is refused.
     with pytest.raises(ssl.SSLCertVerificationError):
         get(host.url, "/files/version", ssl.create_default_context())
-
-
-@pytest.fixture
-def http_server():
-    """Start python3 -m http.server on a folder, the simplest static host; its url."""
-    started = []
-
-    def start(folder):
-        port = free_port()
-        started.append(subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                get(url, "/")
-                return url
-            except OSError:
-                assert started[-1].poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.02)
-
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def test_python_http_server_serves_the_export(app, site, http_server):

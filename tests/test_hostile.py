@@ -18,11 +18,10 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import (
-    ROOT, TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
+from helpers import (
+    ROOT, TIMEOUT, checksum, free_port, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
     raw_request, request, settle, wait_for_server, write,
 )
-from test_cli import free_port, running  # noqa: F401 (a fixture)
 
 INSIDE = b"INSIDE = \"fine to publish\"\n"
 OUTSIDE = b"OUTSIDE-SECRET, never to be published\n"

@@ -15,8 +15,8 @@ import pytest
 import ota
 import ota_promoter
 import ota_http
-from conftest import ROOT, TIMEOUT, checksum, settle, write
-from conftest import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
+from helpers import ROOT, TIMEOUT, checksum, free_port, settle, write
+from helpers import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
@@ -437,8 +437,6 @@ print("wrote", [a, b, c], stream.n, stream.dropped)
 
 @needs_console
 def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, caplog):
-    from test_cli import free_port
-
     caplog.set_level(logging.INFO, logger="ota_promoter")
     port = free_port()
     write(tree, "main.py", "m")

@@ -10,11 +10,10 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck, export, status
-from conftest import (
-    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, heap_for, needs_micropython, request, settle, write,
+from helpers import (
+    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, heap_for, mpy_cross_program, needs_micropython, request,
+    run, settle, write,
 )
-from test_check import mpy_cross_program
-from test_cli import run, running  # noqa: F401 (a fixture)
 
 MPY_CROSS = mpy_cross_program()
 needs_mpy_cross = pytest.mark.skipif(

@@ -27,8 +27,9 @@ import pytest
 
 import ota
 import ota_promoter
-from conftest import (
-    ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, wait_for_server, write,
+from helpers import (
+    ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
+    write,
 )
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -68,17 +69,6 @@ def browser(tmp_path):
     driver.set_script_timeout(TIMEOUT)
     yield driver
     driver.quit()
-
-
-def until(check, what, timeout=TIMEOUT):
-    """Wait until check() returns something true; returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "waited %d s for %s" % (timeout, what)
-        time.sleep(0.02)
 
 
 def card(driver, device):

@@ -27,9 +27,8 @@ import ota_http
 import ota_plan
 import ota_update
 import ota_promoter
-from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
-from test_cli import free_port
-from conftest import CPythonBoard, files, promoted, publish
+from helpers import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
+from helpers import CPythonBoard, files, free_port, promoted, publish
 
 # The client's parts, loaded here: an update then keeps them (it drops only the parts it
 # loaded), and several boards can update at once in this one process.

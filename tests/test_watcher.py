@@ -9,7 +9,7 @@ import time
 
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import TIMEOUT, checksum, write
+from helpers import TIMEOUT, checksum, write
 
 
 def paths(p):
