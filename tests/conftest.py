@@ -5,13 +5,12 @@ The plain helpers they use, which the tests import too, are in helpers.py."""
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers import (  # first: it puts the server and the client on sys.path
     APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, Hostile,
-    MicroPythonBoard, Running, StaticHost, files, free_port, publish, request, write,
+    MicroPythonBoard, Running, StaticHost, files, first_line, publish, write,
 )
 import ota  # noqa: E402
 import ota_promoter  # noqa: E402
@@ -218,22 +217,17 @@ def http_server():
     started = []
 
     def start(folder):
-        port = free_port()
         started.append(subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         ))
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                request(url, "/")
-                return url
-            except OSError:
-                assert started[-1].poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.02)
+        # Printed once it listens: "Serving HTTP on 127.0.0.1 port 41234 (http://...) ..."
+        banner = first_line(started[-1])
+        assert " port " in banner, "http.server did not start: %r" % banner
+        return "http://127.0.0.1:%s" % banner.split(" port ")[1].split()[0]
 
     yield start
     for process in started:
         process.terminate()
         process.wait(TIMEOUT)
+        process.stdout.close()

@@ -343,6 +343,14 @@ class Running:
         return self.process.returncode, rest
 
 
+def first_line(process, timeout=TIMEOUT):
+    """The first line a process just started writes to its stdout (a pipe, in text
+    mode), waiting at most timeout seconds; "" if it ended without one."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+    return lines.get(timeout=timeout)
+
+
 # -- Servers on loopback that answer as the tests need ------------------------------------
 
 

@@ -9,13 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 import ota
 import ota_promoter
-from helpers import ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, write
+from helpers import ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, wait_for_server, write
 
 
 @pytest.mark.parametrize("args", [[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
@@ -177,17 +176,10 @@ def test_sigterm_exits_0(tree, running):
 
 
 def test_quiet_shows_only_warnings(tree, running):
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     app = running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q")
     url = "http://127.0.0.1:%d" % port
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            assert request(url, "/files/version").status == 200
-            break
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    assert wait_for_server(url).status == 200
     assert app.stop() == (0, ["warning: 127.0.0.1 is this machine's own address: no board can reach it "
                               "(--host 0.0.0.0, the default, lets boards on the LAN in)"])
 

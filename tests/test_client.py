@@ -25,7 +25,7 @@ import ota_update
 import ota_promoter
 from helpers import (
     APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, Running, files,
-    folders, free_port, promoted, publish, request, settle, through, write,
+    folders, free_port, promoted, publish, request, settle, through, until, write,
 )
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
@@ -652,7 +652,7 @@ def test_recover_discards_an_incomplete_journal(device):
 
 def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
     write(tree, "main.py", "v1")
-    port = free_port()
+    port = free_port()  # the server is stopped, then started again on the port the board knows
     args = (str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.05")
     server = Running(*args)
     server.banner()
@@ -668,10 +668,7 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
     threading.Thread(target=lambda: [output.put(line) for line in watcher.stdout], daemon=True).start()
 
     def wait_for(content):
-        deadline = time.monotonic() + TIMEOUT
-        while files(device, own=False).get("main.py") != content:
-            assert time.monotonic() < deadline, "the board did not get %r" % content
-            time.sleep(0.02)
+        until(lambda: files(device, own=False).get("main.py") == content, "the board to get %r" % content)
 
     def next_retry():
         while True:
@@ -799,13 +796,14 @@ def test_watch_against_a_site_left_by_a_killed_export_installs_once_then_rests(
                                             "ota.watch(%r, root=%r, reset=False, wait=5, timeout=2)"
                                             % (client[1], host.url, str(device))], stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        # Installed, and the switch's own files gone (the new .ota is moved in before them).
-        while files(device, own=False) != {path: data.encode() for path, data in V2.items()} or \
-                files(device)[".ota"].decode().splitlines()[0] != v2 or \
-                {".ota-journal", ".ota-new"} & set(os.listdir(str(device))):
-            assert watcher.poll() is None and time.monotonic() < deadline, "V2 was not installed"
-            time.sleep(0.02)
+        def installed():
+            # Installed, and the switch's own files gone (the new .ota is moved in before them).
+            assert watcher.poll() is None, "the watcher ended"
+            return files(device, own=False) == {path: data.encode() for path, data in V2.items()} and \
+                files(device)[".ota"].decode().splitlines()[0] == v2 and \
+                not {".ota-journal", ".ota-new"} & set(os.listdir(str(device)))
+
+        until(installed, "V2 to be installed")
         before = untouched(device)
         moment = time.monotonic()
         time.sleep(3)
@@ -856,17 +854,11 @@ def external():
     started = []
 
     def start(tree):
-        port = free_port()
+        port = free_port()  # -q hides the banner that would name a port the server chose
         started.append(Running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q", "--no-check"))
         url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                ota_check.version(server_args(url))
-                return url
-            except ota.OTAError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        until(lambda: ota_check.version(server_args(url)), "the server to start", ignore=ota.OTAError)
+        return url
 
     yield start
     for app in started:

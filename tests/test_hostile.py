@@ -20,7 +20,7 @@ import ota_promoter
 from ota_promoter import Promoter
 from helpers import (
     ROOT, TIMEOUT, checksum, free_port, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
-    raw_request, request, settle, wait_for_server, write,
+    raw_request, request, settle, until, wait_for_server, write,
 )
 
 INSIDE = b"INSIDE = \"fine to publish\"\n"
@@ -174,7 +174,7 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
     keep = write(tree, ".keep/x.py", INSIDE)
     os.utime(keep, LONG_AGO)
     os.link(keep, os.path.join(str(tree), "x.py"))
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     app = running(str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.001", "-q")
     url = "http://127.0.0.1:%d" % port
     states = [lambda: swap_in(tree, "x.py", os.mkfifo), lambda: swap_in(tree, "x.py", lambda t: os.link(keep, t))]
@@ -183,16 +183,8 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
     swap_in(tree, "x.py", lambda t: os.link(keep, t))
     assert flipper.flips > 50
     os.utime(write(tree, "after.py", "SAVED = \"after the swaps\"\n"), LONG_AGO)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            paths = [f["path"] for f in request(url, "/files", timeout=1).json()["files"]]
-            if paths == ["after.py", "x.py"]:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the save after the swaps was not published"
-        time.sleep(0.05)
+    until(lambda: [f["path"] for f in request(url, "/files", timeout=1).json()["files"]] == ["after.py", "x.py"],
+          "the save after the swaps to be published", ignore=OSError)
     assert app.stop(signal.SIGTERM) == (0, ["warning: 127.0.0.1 is this machine's own address: no board can reach "
                                            "it (--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
@@ -332,7 +324,7 @@ sys.exit(ota_promoter.main(sys.argv[3:]))
 
 
 def start_limited(tree, soft, hard):
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     server = subprocess.Popen(
         [sys.executable, "-c", LIMITED, str(soft), str(hard), str(tree), "--host", "127.0.0.1",
          "--port", str(port), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -616,7 +608,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
     write(tree, "main.py", "1")
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
-    port = free_port()
+    port = free_port()  # the log, which names a port the server chose, is what this test blocks
     server = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
          "--port", str(port), "--interval", "0.05", "-v"], stdout=subprocess.DEVNULL, stderr=write_end)

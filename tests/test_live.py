@@ -15,7 +15,7 @@ import pytest
 import ota
 import ota_promoter
 import ota_http
-from helpers import ROOT, TIMEOUT, checksum, free_port, settle, write
+from helpers import ROOT, TIMEOUT, checksum, free_port, settle, until, write
 from helpers import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
@@ -106,11 +106,12 @@ def board(tree, promoter, interpreter, tmp_path):
 def save(tree, promoter, path, data):
     """Write a file and wait until the server publishes it."""
     write(tree, path, data)
-    deadline = time.monotonic() + TIMEOUT
-    while checksum(data, path) not in [f["checksum"] for f in promoter.manifest()]:
-        assert time.monotonic() < deadline, "%s was not published" % path
+
+    def published():
         settle(promoter)
-        time.sleep(0.01)
+        return checksum(data, path) in [f["checksum"] for f in promoter.manifest()]
+
+    until(published, "%s to be published" % path)
 
 
 def test_the_app_keeps_running_while_live_mode_is_armed(board, capsys):
@@ -339,22 +340,19 @@ def test_prints_and_tracebacks_reach_the_server_log(board, tree, promoter, caplo
     # the line posted before the traceback, which alone may fill the console's 512 bytes
     save(tree, promoter, "main.py", "import time\nprint('v2 crashes')\ntime.sleep(0.5)\nundefined_name\n")
     board.expect("NameError")
-    deadline = time.monotonic() + TIMEOUT
     want = ["127.0.0.1 [a4cf12f3e9b1] | v1 tick 5", "127.0.0.1 [a4cf12f3e9b1] | v2 crashes"]
-    while True:
-        logged = [r.getMessage() for r in caplog.records]
-        if all(w in logged for w in want) and any("[a4cf12f3e9b1] | NameError" in m for m in logged):
-            break
-        assert time.monotonic() < deadline, "not in the server's log: %r" % logged[-20:]
-        time.sleep(0.05)
+
+    def logged():
+        return [r.getMessage() for r in caplog.records]
+
+    until(lambda: all(w in logged() for w in want) and any("[a4cf12f3e9b1] | NameError" in m for m in logged()),
+          lambda: "the lines in the server's log, not in: %r" % logged()[-20:])
 
 
 # -- The console stream and the timer callback, called directly --------------------
 
 
 def test_a_dead_server_never_blocks_a_print(tmp_path):
-    from test_cli import free_port
-
     url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
     ota._named = None  # as after boot.py's update()
     live = ota.live(url, root=str(tmp_path), wait=1, timeout=1)
@@ -438,7 +436,7 @@ print("wrote", [a, b, c], stream.n, stream.dropped)
 @needs_console
 def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
-    port = free_port()
+    port = free_port()  # the board is given the port before the server starts on it
     write(tree, "main.py", "m")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
     write(tmp_path, ".ota", promoter.version + "\n")  # the board runs what the server has
@@ -448,11 +446,12 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     live.tick()  # refused: the post waits 1 s
     server = promoter.serve("127.0.0.1", port).start()  # on the port the board was given
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while live.n or live.dropped:  # posted once the back-off is over
-            assert time.monotonic() < deadline, (live.n, live.dropped, live.posts, live.checks)
-            live.tick()
-            time.sleep(0.01)
+        def posted():  # once the back-off is over
+            if live.n or live.dropped:
+                live.tick()
+            return not (live.n or live.dropped)
+
+        until(posted, lambda: "the output to be posted: %r" % ((live.n, live.dropped, live.posts, live.checks),))
         logged = [r.getMessage() for r in caplog.records]
         assert "127.0.0.1 [%s] | hello" % ota_http._device()[:12] in logged
         assert any("(%d bytes of output dropped)" % (1507 - 512) in m for m in logged), logged

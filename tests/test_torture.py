@@ -27,7 +27,7 @@ import ota_http
 import ota_plan
 import ota_update
 import ota_promoter
-from helpers import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
+from helpers import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, until, write
 from helpers import CPythonBoard, files, free_port, promoted, publish
 
 # The client's parts, loaded here: an update then keeps them (it drops only the parts it
@@ -127,7 +127,7 @@ def test_load_with_edits(tree, capsys):
     writer = Writer(tree)
     for _ in range(40):
         writer.step()
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     server = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, str(tree), "--host", "127.0.0.1", "--port", str(port),
          "--interval", "0.2", "-q", "--no-check"],  # the writer's .py files are random bytes
@@ -145,14 +145,7 @@ def test_load_with_edits(tree, capsys):
     threading.Thread(target=read_publishes, daemon=True).start()
     stop_polling, stop_downloading = threading.Event(), threading.Event()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                status, body = get(port, "/files/version")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        status, body = until(lambda: get(port, "/files/version"), "the server to start", ignore=OSError)
         threads_before = settled_threads(server.pid)  # the first request's thread may still be ending
         rss_before = proc_status(server.pid, "VmRSS")
         first_version = json.loads(body)["version"]
@@ -220,10 +213,8 @@ def test_load_with_edits(tree, capsys):
         # Let the tree settle, then publish one last, known change.
         time.sleep(1)
         write(tree, "final.py", "the end")
-        deadline = time.monotonic() + TIMEOUT
-        while not (order and published[order[-1]] > end + 1 and "final.py" in get(port, "/files")[1].decode()):
-            assert time.monotonic() < deadline, "the final version was not published"
-            time.sleep(0.05)
+        until(lambda: order and published[order[-1]] > end + 1 and "final.py" in get(port, "/files")[1].decode(),
+              "the final version to be published")
         final = order[-1]
         deadline = time.monotonic() + TIMEOUT
         while not all(final in s for s in seen) and time.monotonic() < deadline:

@@ -9,7 +9,7 @@ import time
 
 import ota_promoter
 from ota_promoter import Promoter
-from helpers import TIMEOUT, checksum, write
+from helpers import TIMEOUT, checksum, until, write
 
 
 def paths(p):
@@ -52,10 +52,7 @@ def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
                 time.sleep(0.1 * (n % 5 + 1) / 5)  # 20 to 100 ms
                 f.write(second)
             pauses.append(time.perf_counter() - start)  # at least the pause between the writes
-            deadline = time.monotonic() + TIMEOUT
-            while not published or published[-1] != first + second:
-                assert time.monotonic() < deadline, "round %d was not published" % n
-                time.sleep(0.01)
+            until(lambda: published and published[-1] == first + second, "round %d to be published" % n)
     finally:
         p.stop()
     # A loaded machine may stretch a pause past 100 ms: such rounds prove nothing.
@@ -93,10 +90,7 @@ def test_in_place_saves_under_load_never_publish_an_empty_or_partial_file(tree):
                 f.flush()
                 f.write(data[len(data) // 2:])
             time.sleep(rng.choice([0.0, 0.01, 0.05, 0.15, 0.3]))  # some saves settle, some do not
-        deadline = time.monotonic() + TIMEOUT
-        while not published or published[-1] != saves[-1]:
-            assert time.monotonic() < deadline, "the last save was not published"
-            time.sleep(0.01)
+        until(lambda: published and published[-1] == saves[-1], "the last save to be published")
     finally:
         p.stop()
         for burner in burners:
