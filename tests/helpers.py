@@ -132,6 +132,21 @@ def until(check, what, timeout=TIMEOUT, ignore=()):
         time.sleep(0.02)
 
 
+def entered(monkeypatch, obj, name):
+    """Wrap the method obj.name (a wait that holds a request, as Boards.wait) so that
+    the Event returned is set once a thread is in it: a test that asserts nothing
+    happened yet first waits on it, to know the request is being held."""
+    event = threading.Event()
+    method = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        event.set()
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return event
+
+
 def free_port():
     """A loopback port that was free a moment ago. Another process may take it before
     the server binds it: start servers on port 0 and read the port they report, and

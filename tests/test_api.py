@@ -11,7 +11,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from helpers import TIMEOUT, checksum, raw_request, request, settle, write
+from helpers import TIMEOUT, checksum, entered, raw_request, request, settle, write
 
 README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
 README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"
@@ -245,10 +245,12 @@ def test_long_poll_wakes_on_a_new_version(tree, server):
     assert p.version != README_VERSION
 
 
-def test_long_poll_with_if_none_match(tree, server):
+def test_long_poll_with_if_none_match(tree, server, monkeypatch):
     p = server.promoter
     write(tree, "main.py", "new")
-    threading.Timer(0.2, settle, [p]).start()
+    held = entered(monkeypatch, p, "wait_for_change")
+    # Published once the request is held, not after a delay the request may arrive after.
+    threading.Thread(target=lambda: held.wait(TIMEOUT) and settle(p), daemon=True).start()
     r = request(server.url, "/files/version?wait=30", headers={"If-None-Match": '"%s"' % README_VERSION})
     assert (r.status, r.json()) == (200, {"version": p.version})
 

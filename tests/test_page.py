@@ -28,7 +28,7 @@ import pytest
 import ota
 import ota_promoter
 from helpers import (
-    ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
+    ROOT, TIMEOUT, checksum, entered, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
     write,
 )
 
@@ -170,16 +170,18 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
     assert promoter.current.held["boot.py"].startswith("1:") and "SyntaxError" in promoter.current.held["boot.py"]
 
 
-def test_boards_long_polls_until_a_board_changes(server):
+def test_boards_long_polls_until_a_board_changes(server, monkeypatch):
     first = request(server.url, "/boards").json()
     started = time.monotonic()
     import threading
 
+    held = entered(monkeypatch, server.boards, "wait")
     answers = []
     t = threading.Thread(target=lambda: answers.append(
         request(server.url, "/boards?wait=20&since=" + first["state"]).json()))
     t.start()
-    time.sleep(0.3)
+    assert held.wait(TIMEOUT), "the server never held the request"
+    t.join(0.3)
     assert answers == []  # still waiting
     board_request(server, "/files/version", "late", "none")
     t.join(TIMEOUT)
