@@ -19,6 +19,10 @@ from proxy import FaultProxy  # noqa: E402
 
 
 def pytest_configure(config):
+    # Marked slow: what runs MicroPython or a browser, races and loads that last
+    # seconds, ota_promoter.py run as a process (but a sample), and most cases of a
+    # long parametrized list (helpers.slow_except). What is left keeps a sample of
+    # every module and runs in under a minute.
     config.addinivalue_line(
         "markers", "slow: takes seconds (races run for a while, loads, processes, MicroPython, a browser); "
         "pytest -m \"not slow\" runs the rest, a fast subset of every module")
@@ -127,7 +131,7 @@ def mpy_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(params=["cpython", "micropython"])
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
 def board(request, tmp_path):
     """A device folder and the client that updates it."""
     if request.param == "cpython":

@@ -147,6 +147,15 @@ def entered(monkeypatch, obj, name):
     return event
 
 
+def slow_except(cases, *fast):
+    """cases for @pytest.mark.parametrize (a tuple each if it names several arguments),
+    each marked slow but those in fast: the fast subset (pytest -m "not slow") runs a
+    sample of a long list, the whole suite all of it."""
+    slow = pytest.mark.slow
+    return [case if case in fast else pytest.param(*case, marks=slow) if isinstance(case, tuple)
+            else pytest.param(case, marks=slow) for case in cases]
+
+
 def free_port():
     """A loopback port that was free a moment ago. Another process may take it before
     the server binds it: start servers on port 0 and read the port they report, and

@@ -30,6 +30,7 @@ def test_without_a_folder_it_names_the_usage_and_publishes_nothing(tmp_path, arg
     assert os.listdir(str(tmp_path)) == ["main.py"]  # no site exported
 
 
+@pytest.mark.slow
 def test_a_folder_holding_the_server_itself_is_refused_unless_ignored(tmp_path):
     """A folder that holds ota_promoter.py, in a clone or with a copy of it next to
     the app, would send the server (and in a clone its tests) to every board."""
@@ -59,6 +60,7 @@ def test_missing_folder(tmp_path):
     assert_user_error(run(str(tmp_path / "app")), "folder %r does not exist" % str(tmp_path / "app"))
 
 
+@pytest.mark.slow
 def test_file_instead_of_folder(tmp_path):
     f = write(tmp_path, "main.py", "x")
     assert_user_error(run(f), "%r is a file, not a folder: give the folder to promote" % f)
@@ -75,6 +77,7 @@ def test_port_in_use(tree):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--port", "70000"], "argument --port: invalid port value: '70000'"),
     (["--port", "x"], "argument --port: invalid port value: 'x'"),
@@ -98,11 +101,13 @@ def test_empty_token(tree):
     assert_user_error(run(str(tree), "--token", ""), "the token is empty (see --help)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env", [(["--token", "sécret"], None), ([], {"OTA_TOKEN": "tok\x1b"})])
 def test_a_token_no_client_could_send_is_refused(tree, args, env):
     assert_user_error(run(str(tree), *args, env=env), "the token must be printable ASCII characters (see --help)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="Windows words its socket errors its own way")
 def test_address_not_on_this_machine(tree):
     result = run(str(tree), "--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: binding fails locally
@@ -168,6 +173,7 @@ def test_banner_serves_and_ctrl_c_exits_0(tree, running):
     assert app.stop(signal.SIGINT) == (0, ["stopped"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="Windows ends a process on SIGTERM without telling it")
 def test_sigterm_exits_0(tree, running):
     app = running(str(tree), "--host", "127.0.0.1", "--port", "0")
@@ -175,6 +181,7 @@ def test_sigterm_exits_0(tree, running):
     assert app.stop(signal.SIGTERM) == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_quiet_shows_only_warnings(tree, running):
     port = free_port()  # -q hides the banner that would name a port the server chose
     app = running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q")
@@ -184,6 +191,7 @@ def test_quiet_shows_only_warnings(tree, running):
                               "(--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
 
+@pytest.mark.slow
 def test_lan_binding_lists_board_urls_and_warns_without_token(tree, running):
     app = running(str(tree), "--host", "0.0.0.0", "--port", "0")
     lines, urls = app.banner()
@@ -196,6 +204,7 @@ def test_lan_binding_lists_board_urls_and_warns_without_token(tree, running):
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_token_from_option_or_environment(tree, running):
     write(tree, "README.txt", "hello\n")
     for args, env in [(["--token", "abc"], None), ([], {"OTA_TOKEN": "abc"})]:
@@ -207,6 +216,7 @@ def test_token_from_option_or_environment(tree, running):
         assert app.stop() == (0, ["stopped"])  # and no warning
 
 
+@pytest.mark.slow
 def test_with_a_token_the_start_up_lines_give_the_boards_line_and_the_pages_address(tree, tmp_path, running):
     """Both carry the token, as the board and the browser need it; the rest of the
     log never shows it."""
@@ -264,6 +274,7 @@ def test_on_a_loopback_address_it_warns_that_no_board_can_reach_it(tree, running
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_the_example_app_publishes_its_code_not_the_secrets_template(running):
     """As the README runs it: python3 ota_promoter.py micropython/example."""
     app = running(os.path.join(ROOT, "micropython", "example"), "--host", "127.0.0.1", "--port", "0")
@@ -279,6 +290,7 @@ def test_lan_addresses_are_ipv4_and_not_loopback():
         assert not address.startswith("127.")
 
 
+@pytest.mark.slow
 def test_server_and_client_need_nothing_newer_than_python_3_9():
     pytest.importorskip("vermin", reason="needs vermin: .venv/bin/pip install -r requirements-dev.txt")
     result = subprocess.run(

@@ -49,6 +49,7 @@ def test_first_install_then_an_update_from_nginx(app, site, nginx, board):
     assert board.update(host.url) is False  # up to date: one request, nothing written
 
 
+@pytest.mark.slow
 def test_a_board_mid_update_finishes_the_version_it_started_while_the_next_export_lands(app, site, nginx, device):
     exported(app, site)
     host = nginx(site)
@@ -137,6 +138,7 @@ def test_a_2_kb_header_line_from_nginx_does_not_break_updates(app, site, nginx, 
     assert files(board.root, own=False) == app_files(app)
 
 
+@pytest.mark.slow
 def test_live_mode_reads_the_version_through_a_2_kb_header_line_from_nginx(app, site, nginx, device):
     exported(app, site)
     host = nginx(site, headers=[("Content-Security-Policy", CSP)])

@@ -87,6 +87,7 @@ def published_bytes(promoter):
 # -- 1. Nothing outside DIR is ever published or served ---------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store_limit", [ota_promoter.STORE_LIMIT, 0])
 @needs_symlinks
 def test_a_file_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path, serve, store_limit):
@@ -136,6 +137,7 @@ def test_a_folder_swapped_for_a_symlink_is_not_entered_even_with_its_parents_mti
         "skipping sub: symlink points outside the folder, to %r" % str(tmp_path / "outdir")]
 
 
+@pytest.mark.slow
 @needs_symlinks
 def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path):
     outdir = str(tmp_path / "outdir")
@@ -169,6 +171,7 @@ def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_
 # -- 2. Special files never block or exhaust the server ---------------------------------
 
 
+@pytest.mark.slow
 @needs_posix
 def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree, running):
     keep = write(tree, ".keep/x.py", INSIDE)
@@ -189,6 +192,7 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
                                            "it (--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
 
+@pytest.mark.slow
 @needs_posix
 def test_a_file_swapped_for_a_symlink_to_dev_zero_is_not_read(tree):
     keep = write(tree, ".keep/x.py", INSIDE)
@@ -243,6 +247,7 @@ def vm(pid, field):
     raise KeyError(field)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc")
 def test_concurrent_downloads_of_a_big_file_use_bounded_memory(tree, capsys):
     size = 64 * 1024 * 1024
@@ -339,6 +344,7 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads CPU time from /proc")
 def test_1100_idle_connections_do_not_lock_out_a_normal_request(tree, capsys):
     write(tree, "README.txt", "hello\n")
@@ -399,6 +405,7 @@ def remove_deep(folder):
         os.rmdir(stack.pop())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="makes paths of 2,000 characters, past macOS's and Windows's limits")
 def test_a_folder_1000_deep_is_skipped_with_one_warning_and_the_rest_published(tree, caplog):
     write(tree, "main.py", "x")
@@ -601,6 +608,7 @@ def read_available(fd, seconds):
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shrinks a pipe with F_SETPIPE_SZ")
 def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
     import fcntl
@@ -636,6 +644,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
         os.close(read_end)
 
 
+@pytest.mark.slow
 @needs_any_name
 def test_terminal_escapes_from_names_and_headers_are_shown_escaped(tree, running):
     write(tree, "README.txt", "hello\n")

@@ -73,7 +73,7 @@ class Board:
         self.process.wait(TIMEOUT)
 
 
-@pytest.fixture(params=["cpython", "micropython"])
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
 def interpreter(request):
     if request.param == "cpython":
         return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
@@ -114,6 +114,7 @@ def save(tree, promoter, path, data):
     until(published, "%s to be published" % path)
 
 
+@pytest.mark.slow
 def test_the_app_keeps_running_while_live_mode_is_armed(board, capsys):
     board.expect("^v1 tick 50$")  # the app runs on, with the long-poll pending (wait=5)
     ticks, slowest = map(int, board.expect(r"^@ticks (\d+) (\d+)$").groups())
@@ -124,6 +125,7 @@ def test_the_app_keeps_running_while_live_mode_is_armed(board, capsys):
     assert board.seen.count("app v1 starts") == 1  # never restarted
 
 
+@pytest.mark.slow
 def test_a_save_restarts_main_py_on_the_new_code_with_a_soft_reset(board, tree, promoter):
     save(tree, promoter, "main.py", APP % ("v2", "v2"))
     board.expect("^KeyboardInterrupt")  # Ctrl-C through the console stream stopped v1
@@ -133,6 +135,7 @@ def test_a_save_restarts_main_py_on_the_new_code_with_a_soft_reset(board, tree, 
     assert files(board.root, own=False) == promoted(tree)
 
 
+@pytest.mark.slow
 def test_a_crashed_app_still_gets_the_fix(board, tree, promoter):
     save(tree, promoter, "main.py", "print('v2 crashes')\nundefined_name\n")
     board.expect("^@boot 3 soft")
@@ -144,6 +147,7 @@ def test_a_crashed_app_still_gets_the_fix(board, tree, promoter):
     board.expect("^v3 tick 3$")
 
 
+@pytest.mark.slow
 def test_a_stuck_app_still_gets_the_update(tree, promoter, tmp_path):
     # CPython only: the unix port has no signals to preempt a loop that never prints
     save(tree, promoter, "boot.py", BOOT)
@@ -208,6 +212,7 @@ def board_of_38_kb(tree, promoter, mpy_dir, tmp_path, app):
     return b
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_a_save_reaches_a_board_whose_app_holds_16_kb_of_a_38_kb_heap(tree, promoter, mpy_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -242,6 +247,7 @@ except MemoryError:
     del hold[-16:]""")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_an_update_that_does_not_fit_beside_the_app_is_installed_at_boot_in_a_fresh_heap(
         tree, promoter, mpy_dir, tmp_path, caplog):
@@ -263,6 +269,7 @@ def test_an_update_that_does_not_fit_beside_the_app_is_installed_at_boot_in_a_fr
         b.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["stalls on the manifest", "trickles the file at 2 KB/s"])
 def test_the_app_runs_at_its_pace_until_it_is_stopped_whatever_the_server_does(
         tree, promoter, interpreter, tmp_path, fault):
@@ -299,6 +306,7 @@ def test_the_app_runs_at_its_pace_until_it_is_stopped_whatever_the_server_does(
     assert stalled or fault != "stalls on the manifest"
 
 
+@pytest.mark.slow
 def test_a_version_that_cannot_be_installed_is_tried_once_then_waits_for_the_next_save(
         tree, promoter, interpreter, tmp_path):
     def damage(path, response):  # every download of v2's main.py arrives damaged
@@ -333,6 +341,7 @@ def test_a_version_that_cannot_be_installed_is_tried_once_then_waits_for_the_nex
         proxy.close()
 
 
+@pytest.mark.slow
 @needs_console
 def test_prints_and_tracebacks_reach_the_server_log(board, tree, promoter, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -401,6 +410,7 @@ def test_the_console_never_raises_even_without_memory_and_counts_what_it_lost(mo
     assert (bytes(stream.buf[: stream.n]), stream.dropped) == (b"kept\n", 5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_the_console_never_raises_under_micropython_with_the_heap_full(mpy_dir):
     script = """import sys
@@ -433,6 +443,7 @@ print("wrote", [a, b, c], stream.n, stream.dropped)
     assert int(n) + int(dropped) == 800  # every byte kept or counted
 
 
+@pytest.mark.slow
 @needs_console
 def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -460,6 +471,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
         server.close()
 
 
+@pytest.mark.slow
 def test_a_half_open_server_is_noticed_within_15_s_of_it_coming_back(tree, promoter, tmp_path, capsys):
     """The long-poll (10 s by default) on a connection the server never answers is given
     up 3 s after its wait; the next one sees the version saved in the meantime."""
@@ -555,6 +567,7 @@ ANSWERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answers", sorted(ANSWERS))
 def test_a_check_answered_at_once_rests_a_second_and_never_holds_a_tick(hostile, interpreter, tmp_path, answers,
                                                                          capsys):

@@ -121,6 +121,7 @@ class Writer:
         self.operations += 1
 
 
+@pytest.mark.slow
 @needs_proc
 def test_load_with_edits(tree, capsys):
     """200 long-polling boards and 20 downloaders while the folder changes for 30 s."""
@@ -262,6 +263,7 @@ def big_tree(tree):
     return tree
 
 
+@pytest.mark.slow
 def test_idle_and_trickling_connections_do_not_stop_a_normal_client(big_tree, serve, capsys):
     server = serve(ota_promoter.Promoter(str(big_tree), interval=3600), idle_timeout=2)
     port = server.server_address[1]
@@ -312,6 +314,7 @@ def test_idle_and_trickling_connections_do_not_stop_a_normal_client(big_tree, se
             s.close()
 
 
+@pytest.mark.slow
 def test_a_slow_reader_holds_no_lock(big_tree, serve):
     p = ota_promoter.Promoter(str(big_tree), interval=3600)
     server = serve(p)
@@ -396,6 +399,7 @@ def check_answer(answer):
     return status and int(status.group(1))
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=methods, path=paths, query=queries, version=versions, extra=headers, raw=st.binary(max_size=40))
 def test_fuzzed_requests_never_fail_or_leak(fuzz_target, method, path, query, version, extra, raw):
@@ -408,6 +412,7 @@ def test_fuzzed_requests_never_fail_or_leak(fuzz_target, method, path, query, ve
             assert b"Authorization: Bearer tok" in data
 
 
+@pytest.mark.slow  # it checks the server the fuzzing above hammered: slow with it
 def test_server_still_answers_after_the_fuzzing(fuzz_target):
     for server in fuzz_target.values():
         r = request(server.url, "/files", headers={"Authorization": "Bearer tok"})
@@ -460,6 +465,7 @@ def promoted_app(tree, serve):
     return p
 
 
+@pytest.mark.slow
 def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_path, monkeypatch):
     board = CPythonBoard(tmp_path / "device")
     board.update(promoted_app.url)
@@ -490,6 +496,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
         restarted.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saves", [1, 2])
 def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_path, monkeypatch, saves):
     board = CPythonBoard(tmp_path / "device")
@@ -519,6 +526,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
     assert files(board.root, own=False) == promoted(tree)
 
 
+@pytest.mark.slow
 def test_several_boards_updating_at_once(tree, promoted_app, tmp_path):
     boards = [CPythonBoard(tmp_path / ("board%d" % i)) for i in range(8)]
     for round_ in range(3):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import ota_promoter
 from ota_promoter import Promoter
 from helpers import TIMEOUT, checksum, until, write
@@ -28,6 +30,7 @@ def count_calls(monkeypatch, obj, name):
     return calls
 
 
+@pytest.mark.slow
 def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
     full = write(tree, "main.py", "start\n")
     p = Promoter(str(tree))  # the default settle time, with the watcher thread
@@ -63,6 +66,7 @@ def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
     assert published[-1] == b"# round 19, first half\n" + b"a" * 2000 + b"\nb = 19\n"
 
 
+@pytest.mark.slow
 def test_in_place_saves_under_load_never_publish_an_empty_or_partial_file(tree):
     # An editor that saves with open(path, "wb"): truncate, then write. With the
     # machine busy, a look can land between the two (issue 15: an empty boot.py
@@ -159,6 +163,7 @@ def test_the_files_looked_at_quickly_are_bounded(tree):
     assert paths(p) == ["f%02d.py" % n for n in range(20)]
 
 
+@pytest.mark.slow
 def test_a_change_is_dated_from_when_it_was_first_seen_not_from_its_mtime(tree):
     # An editor's open(O_TRUNC) can show size 0 with the previous write's mtime
     # (ext4): a file that looks written long ago is no more settled than another.
