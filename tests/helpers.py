@@ -24,12 +24,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "micropython"))
 
 import ota  # noqa: E402
-import ota_promoter  # noqa: E402
 import ota_check  # noqa: E402
 import ota_commit  # noqa: E402
 import ota_fetch  # noqa: E402
 import ota_http  # noqa: E402
 import ota_plan  # noqa: E402
+import ota_promoter  # noqa: E402
 import ota_update  # noqa: E402
 from ota_promoter import Promoter, export  # noqa: E402
 
