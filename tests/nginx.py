@@ -47,6 +47,7 @@ def configure(block, site, port, token=None, certificate=None, headers=()):
 
 
 def free_port():
+    # nginx is given its port in its configuration: it cannot take port 0 and say which.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

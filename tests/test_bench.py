@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import bench
-from conftest import TIMEOUT
+from helpers import TIMEOUT
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 
@@ -43,6 +45,7 @@ def test_figure_numbers_take_lists_and_ranges():
     assert bench.figure_numbers("1-3,9 11") == [1, 2, 3, 9, 11]
 
 
+@pytest.mark.slow
 def test_quick_run_of_figures_1_and_2_prints_a_labelled_table():
     result = run("--quick", "--runs", "1", "--figures", "1,2")
     assert result.returncode == 0, result.stderr

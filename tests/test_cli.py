@@ -4,93 +4,17 @@ import ast
 import errno
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
 import ota
 import ota_promoter
-from conftest import ROOT, TIMEOUT, files, request, write
-
-SCRIPT = os.path.join(ROOT, "ota_promoter.py")
-URL = re.compile(r"  (http://(?:[0-9.]+|\[[0-9a-f:]+\]):\d+)$")
-
-
-def run(*args, env=None, cwd=None, script=SCRIPT):
-    return subprocess.run(
-        [sys.executable, script] + list(args), capture_output=True, text=True, timeout=TIMEOUT,
-        env=dict(os.environ, **(env or {})), cwd=cwd,
-    )
-
-
-def assert_user_error(result, message):
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert result.stderr == "ota_promoter.py: error: %s\n" % message
-
-
-class Running:
-    """ota_promoter.py started in the background, its log read by a thread."""
-
-    def __init__(self, *args, env=None):
-        # Windows delivers Ctrl-Break to a child only in a process group of its own.
-        self.process = subprocess.Popen(
-            [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=dict(os.environ, **(env or {})),
-            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
-        )
-        self.log = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.log.put(line.rstrip("\n")[9:])  # without the HH:MM:SS stamp
-        self.log.put(None)
-
-    def banner(self):
-        """The log lines up to the device hint, and the URLs among them."""
-        lines = []
-        while not lines or "on the board:" not in lines[-1]:
-            lines.append(self.log.get(timeout=TIMEOUT))
-        return lines, [m.group(1) for m in map(URL.match, lines) if m]
-
-    def stop(self, sig=signal.SIGINT):
-        """Send sig; returns the exit status and the log lines not read yet."""
-        if os.name == "nt" and sig == signal.SIGINT:
-            sig = signal.CTRL_BREAK_EVENT  # what Windows can send: the server takes it as Ctrl-C
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(TIMEOUT)
-        finally:
-            self.process.kill()
-        rest = []
-        for line in iter(lambda: self.log.get(timeout=TIMEOUT), None):
-            rest.append(line)
-        self.process.stdout.close()
-        return self.process.returncode, rest
-
-
-@pytest.fixture
-def running():
-    started = []
-
-    def start(*args, **kwargs):
-        r = Running(*args, **kwargs)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        if r.process.poll() is None:
-            r.process.kill()
-            r.stop()
+from helpers import ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, wait_for_server, write
 
 
 @pytest.mark.parametrize("args", [[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
@@ -106,6 +30,7 @@ def test_without_a_folder_it_names_the_usage_and_publishes_nothing(tmp_path, arg
     assert os.listdir(str(tmp_path)) == ["main.py"]  # no site exported
 
 
+@pytest.mark.slow
 def test_a_folder_holding_the_server_itself_is_refused_unless_ignored(tmp_path):
     """A folder that holds ota_promoter.py, in a clone or with a copy of it next to
     the app, would send the server (and in a clone its tests) to every board."""
@@ -135,6 +60,7 @@ def test_missing_folder(tmp_path):
     assert_user_error(run(str(tmp_path / "app")), "folder %r does not exist" % str(tmp_path / "app"))
 
 
+@pytest.mark.slow
 def test_file_instead_of_folder(tmp_path):
     f = write(tmp_path, "main.py", "x")
     assert_user_error(run(f), "%r is a file, not a folder: give the folder to promote" % f)
@@ -151,6 +77,7 @@ def test_port_in_use(tree):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--port", "70000"], "argument --port: invalid port value: '70000'"),
     (["--port", "x"], "argument --port: invalid port value: 'x'"),
@@ -174,11 +101,13 @@ def test_empty_token(tree):
     assert_user_error(run(str(tree), "--token", ""), "the token is empty (see --help)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env", [(["--token", "sécret"], None), ([], {"OTA_TOKEN": "tok\x1b"})])
 def test_a_token_no_client_could_send_is_refused(tree, args, env):
     assert_user_error(run(str(tree), *args, env=env), "the token must be printable ASCII characters (see --help)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="Windows words its socket errors its own way")
 def test_address_not_on_this_machine(tree):
     result = run(str(tree), "--host", "192.0.2.1", "--port", "0")  # TEST-NET-1: binding fails locally
@@ -225,12 +154,6 @@ def test_help_and_the_readme_say_the_same():
         "--quiet", "--verbose", "--version"}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_banner_serves_and_ctrl_c_exits_0(tree, running):
     write(tree, "README.txt", "hello\n")
     write(tree, "lib/x.py", "x")
@@ -250,6 +173,7 @@ def test_banner_serves_and_ctrl_c_exits_0(tree, running):
     assert app.stop(signal.SIGINT) == (0, ["stopped"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="Windows ends a process on SIGTERM without telling it")
 def test_sigterm_exits_0(tree, running):
     app = running(str(tree), "--host", "127.0.0.1", "--port", "0")
@@ -257,22 +181,17 @@ def test_sigterm_exits_0(tree, running):
     assert app.stop(signal.SIGTERM) == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_quiet_shows_only_warnings(tree, running):
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     app = running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q")
     url = "http://127.0.0.1:%d" % port
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            assert request(url, "/files/version").status == 200
-            break
-        except ConnectionRefusedError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    assert wait_for_server(url).status == 200
     assert app.stop() == (0, ["warning: 127.0.0.1 is this machine's own address: no board can reach it "
                               "(--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
 
+@pytest.mark.slow
 def test_lan_binding_lists_board_urls_and_warns_without_token(tree, running):
     app = running(str(tree), "--host", "0.0.0.0", "--port", "0")
     lines, urls = app.banner()
@@ -285,6 +204,7 @@ def test_lan_binding_lists_board_urls_and_warns_without_token(tree, running):
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_token_from_option_or_environment(tree, running):
     write(tree, "README.txt", "hello\n")
     for args, env in [(["--token", "abc"], None), ([], {"OTA_TOKEN": "abc"})]:
@@ -296,6 +216,7 @@ def test_token_from_option_or_environment(tree, running):
         assert app.stop() == (0, ["stopped"])  # and no warning
 
 
+@pytest.mark.slow
 def test_with_a_token_the_start_up_lines_give_the_boards_line_and_the_pages_address(tree, tmp_path, running):
     """Both carry the token, as the board and the browser need it; the rest of the
     log never shows it."""
@@ -353,6 +274,7 @@ def test_on_a_loopback_address_it_warns_that_no_board_can_reach_it(tree, running
     assert app.stop() == (0, ["stopped"])
 
 
+@pytest.mark.slow
 def test_the_example_app_publishes_its_code_not_the_secrets_template(running):
     """As the README runs it: python3 ota_promoter.py micropython/example."""
     app = running(os.path.join(ROOT, "micropython", "example"), "--host", "127.0.0.1", "--port", "0")
@@ -368,6 +290,7 @@ def test_lan_addresses_are_ipv4_and_not_loopback():
         assert not address.startswith("127.")
 
 
+@pytest.mark.slow
 def test_server_and_client_need_nothing_newer_than_python_3_9():
     pytest.importorskip("vermin", reason="needs vermin: .venv/bin/pip install -r requirements-dev.txt")
     result = subprocess.run(

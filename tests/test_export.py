@@ -16,21 +16,14 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, export
-from conftest import ROOT, TIMEOUT, Response, checksum, request, write
-from nginx import MISSING, NGINX, Nginx, free_port
+from helpers import ROOT, TIMEOUT, Response, assert_user_error, checksum, exported, request, run, slow_except, write
 
-SCRIPT = os.path.join(ROOT, "ota_promoter.py")
 SUMMARY = re.compile(r"\d\d:\d\d:\d\d exported version ([0-9a-f]{7}) to (.+): "
                      r"(\d+) written, (\d+) kept, (\d+) pruned, in \d+\.\d\d s\n")
 
 
-def run(*args, **kwargs):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=TIMEOUT, **kwargs)
-
-
 def get(url, path, context=None, headers=None):
-    """One GET over http or https (verified against context); returns a conftest Response."""
+    """One GET over http or https (verified against context); returns a Response."""
     scheme, address = url.split("://")
     host, port = address.rsplit(":", 1)
     if scheme == "https":
@@ -97,12 +90,6 @@ def content_files(site):
                 if f.read(41) != name.encode() + b"\n":
                     names.append(name)
     return sorted(names)
-
-
-def exported(tree, site, keep=ota_promoter.DEFAULT_KEEP):
-    """Export tree to site in this process; returns (promoter, (written, kept, pruned))."""
-    promoter = Promoter(str(tree), interval=3600)
-    return promoter, export(promoter, str(site), keep)
 
 
 @pytest.fixture
@@ -189,6 +176,7 @@ def test_second_export_writes_only_new_files_and_keeps_the_old(app, site):
         set(b.checksum for b in first.current.blobs) | set(b.checksum for b in second.current.blobs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [1, 2, 3])
 def test_pruning_keeps_exactly_the_last_keep_versions(app, site, keep):
     # Five versions; the fourth reverts to the first, so files come back.
@@ -230,6 +218,7 @@ def test_the_export_holds_the_bytes_that_were_hashed_even_if_a_file_changed_sinc
     promoter.stop()
 
 
+@pytest.mark.slow
 def test_a_damaged_record_stops_the_export(app, site):
     exported(app, site)
     write(site, ".ota-export", "not a version\n")
@@ -284,6 +273,7 @@ def assert_served_consistently(site, old, new):
         assert checksum(body("files/" + blob.checksum), blob.path) == blob.checksum
 
 
+@pytest.mark.slow
 def test_export_killed_at_any_write_leaves_the_previous_version_served(app, site, tmp_path):
     old = exported(app, site)[0].current
     pristine = tmp_path / "pristine"
@@ -319,6 +309,7 @@ def test_export_killed_at_any_write_leaves_the_previous_version_served(app, site
 # -- The command line -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_each_version_exported_has_its_manifest_under_its_own_name(app, site):
     first = exported(app, site)[0].current
     write(app, "main.py", "print(2)\n")
@@ -334,7 +325,7 @@ def test_each_version_exported_has_its_manifest_under_its_own_name(app, site):
 # -- What the export may touch -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inside", ["site", "", "lib/site", "link", "link/.."])
+@pytest.mark.parametrize("inside", slow_except(["site", "", "lib/site", "link", "link/.."], "site", ""))
 def test_an_export_into_the_promoted_folder_is_refused(app, inside):
     if inside.startswith("link"):
         try:
@@ -352,6 +343,7 @@ def test_an_export_into_the_promoted_folder_is_refused(app, inside):
     assert listing(app) == before
 
 
+@pytest.mark.slow
 def test_an_export_to_a_folder_that_holds_the_promoted_folder_is_refused(tmp_path):
     app = tmp_path / "site" / "files"  # where the export would write its files
     write(app, "main.py", "print(1)\n")
@@ -362,6 +354,7 @@ def test_an_export_to_a_folder_that_holds_the_promoted_folder_is_refused(tmp_pat
     assert listing(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_first_export_into_a_folder_of_other_files_is_refused_and_touches_nothing(app, site):
     write(site, "files/" + "ab" * 20, "someone's file named like a checksum")
     write(site, "files/version", "someone's version")
@@ -375,6 +368,7 @@ def test_a_first_export_into_a_folder_of_other_files_is_refused_and_touches_noth
     assert listing(site) == before
 
 
+@pytest.mark.slow
 def test_an_export_removes_only_what_an_export_wrote(app, site):
     exported(app, site)
     foreign = {"files/" + "cd" * 20: b"named like a checksum", ".ota-tmp-notes": b"notes",
@@ -391,6 +385,7 @@ def test_an_export_removes_only_what_an_export_wrote(app, site):
     assert (site / "files" / promoter.version).read_bytes() == promoter.current.files_text
 
 
+@pytest.mark.slow
 def test_an_export_killed_before_it_published_has_its_files_removed_by_the_next(app, site, tmp_path):
     exported(app, site)
     write(app, "lib/big.bin", os.urandom(5000))
@@ -452,6 +447,7 @@ def test_the_first_version_of_a_server_waits_for_a_file_being_written(app):
     assert promoter.read(promoter.current.by_path["boot.py"]) == data
 
 
+@pytest.mark.slow
 def test_an_export_of_a_file_that_never_settles_is_refused(app, site, monkeypatch):
     monkeypatch.setattr(Promoter, "MAX_HOLD", 0.5)
     import threading
@@ -482,6 +478,7 @@ def build_args(site):
     return ota_promoter.build_parser().parse_args([".", "--export", str(site)])  # DIR: the promoter's, given apart
 
 
+@pytest.mark.slow
 def test_export_prints_one_summary_line(app, site):
     result = run(str(app), "--export", str(site))
     assert (result.returncode, result.stdout) == (0, "")
@@ -494,6 +491,7 @@ def test_export_prints_one_summary_line(app, site):
     assert run(str(app), "--export", str(site), "-q").stderr == ""
 
 
+@pytest.mark.slow
 def test_export_with_a_token_warns_that_the_host_must_check_it(app, site):
     result = run(str(app), "--export", str(site), "--token", "abc")
     assert result.returncode == 0
@@ -501,11 +499,7 @@ def test_export_with_a_token_warns_that_the_host_must_check_it(app, site):
         "warning: --token does not protect an export: the web server must check it (README: Fleets)")
 
 
-def assert_user_error(result, message):
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "ota_promoter.py: error: %s\n" % message
-
-
+@pytest.mark.slow
 def test_export_errors_are_one_line(app, site, tmp_path):
     missing = str(tmp_path / "nothing")
     assert_user_error(run(missing, "--export", str(site)), "folder %r does not exist" % missing)
@@ -520,6 +514,7 @@ def test_export_errors_are_one_line(app, site, tmp_path):
     assert result.stderr == "ota_promoter.py: error: argument --keep: invalid count value: '0' (see --help)\n"
 
 
+@pytest.mark.slow
 def test_a_py_that_does_not_compile_stops_the_export_unless_no_check(app, site):
     write(app, "boot.py", "import ota\nif True\n")
     result = run(str(app), "--export", str(site), "-q")
@@ -533,6 +528,7 @@ def test_a_py_that_does_not_compile_stops_the_export_unless_no_check(app, site):
         assert b" boot.py\n" in f.read()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="Windows folders cannot be made read-only with chmod")
 def test_export_to_a_site_that_cannot_be_written(app, tmp_path):
     if os.geteuid() != 0:
@@ -549,6 +545,7 @@ def test_export_to_a_site_that_cannot_be_written(app, tmp_path):
     assert os.listdir(site) == before
 
 
+@pytest.mark.slow
 def test_a_second_export_at_once_is_refused(app, site):
     os.makedirs(str(site))
     fd = os.open(str(site), os.O_RDONLY)
@@ -561,25 +558,6 @@ def test_a_second_export_at_once_is_refused(app, site):
 
 
 # -- Real static hosts ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    """Start the README's nginx block on a free loopback port; stopped at teardown."""
-    if NGINX is None:
-        pytest.skip(MISSING)
-    started = []
-
-    def start(site, **options):
-        work = tmp_path / ("nginx%d" % len(started))
-        work.mkdir()
-        server = Nginx(str(work), str(site), **options)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def test_nginx_serves_a_first_install(app, site, nginx, serve):
@@ -620,6 +598,7 @@ def test_nginx_serves_an_update_and_keeps_the_previous_files(app, site, nginx):
         assert get(host.url, "/files/" + blob.checksum).body == first.read(blob)
 
 
+@pytest.mark.slow
 def test_a_board_mid_update_finishes_while_a_third_export_lands(app, site, nginx):
     exported(app, site)
     write(app, "main.py", "print(2)\n")
@@ -645,23 +624,7 @@ def test_nginx_checks_the_token_as_documented(app, site, nginx):
     assert r.status == 200
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    """A self-signed certificate for localhost and 127.0.0.1, made with openssl:
-    (cert, key) paths. MicroPython 1.20's mbedtls checks names, not addresses."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: apt-get install openssl (CI's .ci/run does)")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=TIMEOUT,
-    )
-    return cert, key
-
-
+@pytest.mark.slow
 def test_nginx_serves_the_export_over_verified_https(app, site, nginx, certificate):
     promoter, _ = exported(app, site)
     host = nginx(site, certificate=certificate)
@@ -674,33 +637,6 @@ def test_nginx_serves_the_export_over_verified_https(app, site, nginx, certifica
     # Verification is on: without the certificate as a CA, the connection is refused.
     with pytest.raises(ssl.SSLCertVerificationError):
         get(host.url, "/files/version", ssl.create_default_context())
-
-
-@pytest.fixture
-def http_server():
-    """Start python3 -m http.server on a folder, the simplest static host; its url."""
-    started = []
-
-    def start(folder):
-        port = free_port()
-        started.append(subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                get(url, "/")
-                return url
-            except OSError:
-                assert started[-1].poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.02)
-
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(TIMEOUT)
 
 
 def test_python_http_server_serves_the_export(app, site, http_server):

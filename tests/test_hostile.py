@@ -18,11 +18,10 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import (
-    ROOT, TIMEOUT, checksum, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
-    raw_request, request, settle, wait_for_server, write,
+from helpers import (
+    ROOT, TIMEOUT, checksum, free_port, needs_any_name, needs_case_sensitive_fs, needs_posix, needs_symlinks,
+    raw_request, request, settle, until, wait_for_server, write,
 )
-from test_cli import free_port, running  # noqa: F401 (a fixture)
 
 INSIDE = b"INSIDE = \"fine to publish\"\n"
 OUTSIDE = b"OUTSIDE-SECRET, never to be published\n"
@@ -88,6 +87,7 @@ def published_bytes(promoter):
 # -- 1. Nothing outside DIR is ever published or served ---------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store_limit", [ota_promoter.ContentStore.limit, 0])
 @needs_symlinks
 def test_a_file_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path, serve, store_limit):
@@ -137,6 +137,7 @@ def test_a_folder_swapped_for_a_symlink_is_not_entered_even_with_its_parents_mti
         "skipping sub: symlink points outside the folder, to %r" % str(tmp_path / "outdir")]
 
 
+@pytest.mark.slow
 @needs_symlinks
 def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_path):
     outdir = str(tmp_path / "outdir")
@@ -170,12 +171,13 @@ def test_a_folder_swapped_for_a_symlink_to_outside_is_never_published(tree, tmp_
 # -- 2. Special files never block or exhaust the server ---------------------------------
 
 
+@pytest.mark.slow
 @needs_posix
 def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree, running):
     keep = write(tree, ".keep/x.py", INSIDE)
     os.utime(keep, LONG_AGO)
     os.link(keep, os.path.join(str(tree), "x.py"))
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     app = running(str(tree), "--host", "127.0.0.1", "--port", str(port), "--interval", "0.001", "-q")
     url = "http://127.0.0.1:%d" % port
     states = [lambda: swap_in(tree, "x.py", os.mkfifo), lambda: swap_in(tree, "x.py", lambda t: os.link(keep, t))]
@@ -184,20 +186,13 @@ def test_a_fifo_swapped_in_never_blocks_the_watcher_and_sigterm_still_stops(tree
     swap_in(tree, "x.py", lambda t: os.link(keep, t))
     assert flipper.flips > 50
     os.utime(write(tree, "after.py", "SAVED = \"after the swaps\"\n"), LONG_AGO)
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            paths = [f["path"] for f in request(url, "/files", timeout=1).json()["files"]]
-            if paths == ["after.py", "x.py"]:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the save after the swaps was not published"
-        time.sleep(0.05)
+    until(lambda: [f["path"] for f in request(url, "/files", timeout=1).json()["files"]] == ["after.py", "x.py"],
+          "the save after the swaps to be published", ignore=OSError)
     assert app.stop(signal.SIGTERM) == (0, ["warning: 127.0.0.1 is this machine's own address: no board can reach "
                                            "it (--host 0.0.0.0, the default, lets boards on the LAN in)"])
 
 
+@pytest.mark.slow
 @needs_posix
 def test_a_file_swapped_for_a_symlink_to_dev_zero_is_not_read(tree):
     keep = write(tree, ".keep/x.py", INSIDE)
@@ -252,6 +247,7 @@ def vm(pid, field):
     raise KeyError(field)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from /proc")
 def test_concurrent_downloads_of_a_big_file_use_bounded_memory(tree, capsys):
     size = 64 * 1024 * 1024
@@ -333,7 +329,7 @@ sys.exit(ota_promoter.main(sys.argv[3:]))
 
 
 def start_limited(tree, soft, hard):
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     server = subprocess.Popen(
         [sys.executable, "-c", LIMITED, str(soft), str(hard), str(tree), "--host", "127.0.0.1",
          "--port", str(port), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -348,6 +344,7 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads CPU time from /proc")
 def test_1100_idle_connections_do_not_lock_out_a_normal_request(tree, capsys):
     write(tree, "README.txt", "hello\n")
@@ -408,6 +405,7 @@ def remove_deep(folder):
         os.rmdir(stack.pop())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="makes paths of 2,000 characters, past macOS's and Windows's limits")
 def test_a_folder_1000_deep_is_skipped_with_one_warning_and_the_rest_published(tree, caplog):
     write(tree, "main.py", "x")
@@ -610,6 +608,7 @@ def read_available(fd, seconds):
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shrinks a pipe with F_SETPIPE_SZ")
 def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
     import fcntl
@@ -617,7 +616,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
     write(tree, "main.py", "1")
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
-    port = free_port()
+    port = free_port()  # the log, which names a port the server chose, is what this test blocks
     server = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "ota_promoter.py"), str(tree), "--host", "127.0.0.1",
          "--port", str(port), "--interval", "0.05", "-v"], stdout=subprocess.DEVNULL, stderr=write_end)
@@ -645,6 +644,7 @@ def test_a_blocked_log_output_stalls_neither_publishing_nor_requests(tree):
         os.close(read_end)
 
 
+@pytest.mark.slow
 @needs_any_name
 def test_terminal_escapes_from_names_and_headers_are_shown_escaped(tree, running):
     write(tree, "README.txt", "hello\n")

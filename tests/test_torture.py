@@ -27,9 +27,8 @@ import ota_http
 import ota_plan
 import ota_update
 import ota_promoter
-from conftest import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, write
-from test_cli import free_port
-from conftest import CPythonBoard, files, promoted, publish
+from helpers import ROOT, TIMEOUT, checksum, needs_proc, raw_request, request, settle, until, write
+from helpers import CPythonBoard, files, free_port, promoted, publish
 
 # The client's parts, loaded here: an update then keeps them (it drops only the parts it
 # loaded), and several boards can update at once in this one process.
@@ -122,13 +121,14 @@ class Writer:
         self.operations += 1
 
 
+@pytest.mark.slow
 @needs_proc
 def test_load_with_edits(tree, capsys):
     """200 long-polling boards and 20 downloaders while the folder changes for 30 s."""
     writer = Writer(tree)
     for _ in range(40):
         writer.step()
-    port = free_port()
+    port = free_port()  # -q hides the banner that would name a port the server chose
     server = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, str(tree), "--host", "127.0.0.1", "--port", str(port),
          "--interval", "0.2", "-q", "--no-check"],  # the writer's .py files are random bytes
@@ -146,14 +146,7 @@ def test_load_with_edits(tree, capsys):
     threading.Thread(target=read_publishes, daemon=True).start()
     stop_polling, stop_downloading = threading.Event(), threading.Event()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                status, body = get(port, "/files/version")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        status, body = until(lambda: get(port, "/files/version"), "the server to start", ignore=OSError)
         threads_before = settled_threads(server.pid)  # the first request's thread may still be ending
         rss_before = proc_status(server.pid, "VmRSS")
         first_version = json.loads(body)["version"]
@@ -221,10 +214,8 @@ def test_load_with_edits(tree, capsys):
         # Let the tree settle, then publish one last, known change.
         time.sleep(1)
         write(tree, "final.py", "the end")
-        deadline = time.monotonic() + TIMEOUT
-        while not (order and published[order[-1]] > end + 1 and "final.py" in get(port, "/files")[1].decode()):
-            assert time.monotonic() < deadline, "the final version was not published"
-            time.sleep(0.05)
+        until(lambda: order and published[order[-1]] > end + 1 and "final.py" in get(port, "/files")[1].decode(),
+              "the final version to be published")
         final = order[-1]
         deadline = time.monotonic() + TIMEOUT
         while not all(final in s for s in seen) and time.monotonic() < deadline:
@@ -272,6 +263,7 @@ def big_tree(tree):
     return tree
 
 
+@pytest.mark.slow
 def test_idle_and_trickling_connections_do_not_stop_a_normal_client(big_tree, serve, capsys):
     server = serve(ota_promoter.Promoter(str(big_tree), interval=3600), idle_timeout=2)
     port = server.server_address[1]
@@ -322,6 +314,7 @@ def test_idle_and_trickling_connections_do_not_stop_a_normal_client(big_tree, se
             s.close()
 
 
+@pytest.mark.slow
 def test_a_slow_reader_holds_no_lock(big_tree, serve):
     p = ota_promoter.Promoter(str(big_tree), interval=3600)
     server = serve(p)
@@ -406,6 +399,7 @@ def check_answer(answer):
     return status and int(status.group(1))
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(method=methods, path=paths, query=queries, version=versions, extra=headers, raw=st.binary(max_size=40))
 def test_fuzzed_requests_never_fail_or_leak(fuzz_target, method, path, query, version, extra, raw):
@@ -418,6 +412,7 @@ def test_fuzzed_requests_never_fail_or_leak(fuzz_target, method, path, query, ve
             assert b"Authorization: Bearer tok" in data
 
 
+@pytest.mark.slow  # it checks the server the fuzzing above hammered: slow with it
 def test_server_still_answers_after_the_fuzzing(fuzz_target):
     for server in fuzz_target.values():
         r = request(server.url, "/files", headers={"Authorization": "Bearer tok"})
@@ -470,6 +465,7 @@ def promoted_app(tree, serve):
     return p
 
 
+@pytest.mark.slow
 def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_path, monkeypatch):
     board = CPythonBoard(tmp_path / "device")
     board.update(promoted_app.url)
@@ -500,6 +496,7 @@ def test_server_restarted_in_the_middle_of_an_update(tree, promoted_app, tmp_pat
         restarted.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saves", [1, 2])
 def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_path, monkeypatch, saves):
     board = CPythonBoard(tmp_path / "device")
@@ -529,6 +526,7 @@ def test_folder_changes_between_manifest_and_downloads(tree, promoted_app, tmp_p
     assert files(board.root, own=False) == promoted(tree)
 
 
+@pytest.mark.slow
 def test_several_boards_updating_at_once(tree, promoted_app, tmp_path):
     boards = [CPythonBoard(tmp_path / ("board%d" % i)) for i in range(8)]
     for round_ in range(3):

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import ota_promoter
 from ota_promoter import Promoter
-from conftest import TIMEOUT, checksum, write
+from helpers import TIMEOUT, checksum, until, write
 
 
 def paths(p):
@@ -28,6 +30,7 @@ def count_calls(monkeypatch, obj, name):
     return calls
 
 
+@pytest.mark.slow
 def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
     full = write(tree, "main.py", "start\n")
     p = Promoter(str(tree))  # the default settle time, with the watcher thread
@@ -52,10 +55,7 @@ def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
                 time.sleep(0.1 * (n % 5 + 1) / 5)  # 20 to 100 ms
                 f.write(second)
             pauses.append(time.perf_counter() - start)  # at least the pause between the writes
-            deadline = time.monotonic() + TIMEOUT
-            while not published or published[-1] != first + second:
-                assert time.monotonic() < deadline, "round %d was not published" % n
-                time.sleep(0.01)
+            until(lambda: published and published[-1] == first + second, "round %d to be published" % n)
     finally:
         p.stop()
     # A loaded machine may stretch a pause past 100 ms: such rounds prove nothing.
@@ -66,6 +66,7 @@ def test_a_writer_pausing_up_to_100_ms_is_never_published_half_way(tree):
     assert published[-1] == b"# round 19, first half\n" + b"a" * 2000 + b"\nb = 19\n"
 
 
+@pytest.mark.slow
 def test_in_place_saves_under_load_never_publish_an_empty_or_partial_file(tree):
     # An editor that saves with open(path, "wb"): truncate, then write. With the
     # machine busy, a look can land between the two (issue 15: an empty boot.py
@@ -93,10 +94,7 @@ def test_in_place_saves_under_load_never_publish_an_empty_or_partial_file(tree):
                 f.flush()
                 f.write(data[len(data) // 2:])
             time.sleep(rng.choice([0.0, 0.01, 0.05, 0.15, 0.3]))  # some saves settle, some do not
-        deadline = time.monotonic() + TIMEOUT
-        while not published or published[-1] != saves[-1]:
-            assert time.monotonic() < deadline, "the last save was not published"
-            time.sleep(0.01)
+        until(lambda: published and published[-1] == saves[-1], "the last save to be published")
     finally:
         p.stop()
         for burner in burners:
@@ -165,6 +163,7 @@ def test_the_files_looked_at_quickly_are_bounded(tree):
     assert paths(p) == ["f%02d.py" % n for n in range(20)]
 
 
+@pytest.mark.slow
 def test_a_change_is_dated_from_when_it_was_first_seen_not_from_its_mtime(tree):
     # An editor's open(O_TRUNC) can show size 0 with the previous write's mtime
     # (ext4): a file that looks written long ago is no more settled than another.

