@@ -11,7 +11,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from helpers import TIMEOUT, checksum, entered, raw_request, request, settle, slow_except, write
+from helpers import TIMEOUT, checksum, entered, raw_request, request, settle, slow_except, until, write
 
 README_CHECKSUM = "b5463907b61ada69504740be605374912c85d866"
 README_VERSION = "1955d4c78d0dc6f6a4b7c1cde37c0e16a85b0a2f"
@@ -248,7 +248,7 @@ def test_long_poll_wakes_on_a_new_version(tree, server):
 def test_long_poll_with_if_none_match(tree, server, monkeypatch):
     p = server.promoter
     write(tree, "main.py", "new")
-    held = entered(monkeypatch, p, "wait_for_change")
+    held = entered(monkeypatch, p.published, "wait_for_change")
     # Published once the request is held, not after a delay the request may arrive after.
     threading.Thread(target=lambda: held.wait(TIMEOUT) and settle(p), daemon=True).start()
     r = request(server.url, "/files/version?wait=30", headers={"If-None-Match": '"%s"' % README_VERSION})
@@ -288,9 +288,7 @@ def test_closing_the_server_releases_long_polls(tree, serve):
         target=lambda: result.update(r=request(server.url, "/files/version?wait=60&since=" + p.version))
     )
     waiter.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not p.published.waiting and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: p.published.waiting, "the long-poll held by the server")
     server.close()
     waiter.join(TIMEOUT)
     assert not waiter.is_alive()
