@@ -97,7 +97,7 @@ def _scrub(n):
 
 
 # The functions: each is ota_update's function of the same name, which has their
-# arguments and defaults (README: "The functions"); these only import it.
+# arguments and defaults (micropython/README.md); these only import it.
 
 
 def update(*args, **kw):
@@ -338,7 +338,7 @@ class _Live(IOBase):
         import os
 
         began = ticks_ms()
-        notify = getattr(os, "dupterm_notify", None)  # the ports that read the stream (README)
+        notify = getattr(os, "dupterm_notify", None)  # the ports that read the stream (micropython/README.md)
         # Until the REPL shows its prompt, and the console has posted what was said.
         # Ctrl-C again at each tick (one that lands while the app prints is lost),
         # through micropython.schedule: run as a callback of its own, the port's code

@@ -246,7 +246,7 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     live.held = wait * 1000 + _SLACK
     live.ms = int(timeout * 1000)
     live.host = host, port, family  # what getaddrinfo takes
-    try:  # a name is looked up here, where waiting is free; else at a tick (README)
+    try:  # a name is looked up here, where waiting is free; else at a tick (micropython/README.md)
         live.address = socket.getaddrinfo(host, port, family)[0][-1]
     except Exception:
         live.address = None
