@@ -367,6 +367,33 @@ class Running:
         return self.process.returncode, rest
 
 
+class Lines:
+    """What a process writes to a pipe, read by a thread line by line; seen are the
+    lines expect() has read so far."""
+
+    def __init__(self, stream, quiet=None):
+        self.lines = queue.Queue()
+        self.seen = []
+        self.quiet = quiet  # a pattern of lines a failure does not show (a board's ticks)
+        threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in stream], daemon=True).start()
+
+    def expect(self, pattern):
+        """The next line matching pattern (a regular expression), within TIMEOUT; a line
+        starting with @error (the simulated board's) fails at once."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                shown = [seen for seen in self.seen if not (self.quiet and re.search(self.quiet, seen))]
+                raise AssertionError("no line matching %r; the last lines:\n%s" % (pattern, "\n".join(shown[-40:])))
+            self.seen.append(line)
+            assert not line.startswith("@error"), line
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+
 def first_line(process, timeout=TIMEOUT):
     """The first line a process just started writes to its stdout (a pipe, in text
     mode), waiting at most timeout seconds; "" if it ended without one."""

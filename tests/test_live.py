@@ -3,11 +3,9 @@ under CPython, and under $MICROPYTHON when set, against a real server."""
 
 import logging
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 import ota
 import ota_promoter
 import ota_http
-from helpers import ROOT, TIMEOUT, checksum, free_port, settle, until, write
+from helpers import ROOT, TIMEOUT, Lines, checksum, free_port, settle, until, write
 from helpers import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
@@ -49,24 +47,12 @@ class Board:
         self.process = subprocess.Popen(
             interpreter + [BOARD, client, root, str(seconds), url] + ([str(free)] if free else []),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output = queue.Queue()
-        self.seen = []
-        threading.Thread(target=lambda: [self.output.put(line.rstrip("\n")) for line in self.process.stdout],
-                         daemon=True).start()
+        self.lines = Lines(self.process.stdout, quiet=" tick [0-9]+$")
+        self.seen = self.lines.seen
 
     def expect(self, pattern):
         """The next line matching pattern (a regular expression), within TIMEOUT."""
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                line = self.output.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError("no line matching %r; the last lines:\n%s" % (pattern, "\n".join([l for l in self.seen if not re.search(" tick [0-9]+$", l)][-40:])))
-            self.seen.append(line)
-            assert not line.startswith("@error"), line
-            match = re.search(pattern, line)
-            if match:
-                return match
+        return self.lines.expect(pattern)
 
     def stop(self):
         self.process.kill()

@@ -10,19 +10,16 @@ import glob
 import hashlib
 import importlib.metadata
 import os
-import queue
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import threading
-import time
 import zipfile
 
 import pytest
 
-from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT
+from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT, Lines
 
 mpremote_main = pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
                                     "pip install -r requirements-dev.txt")
@@ -174,28 +171,6 @@ def mpremote(line, flash, monkeypatch):
         args += sorted(glob.glob(word)) if "*" in word else [word]
     monkeypatch.setattr(sys, "argv", ["mpremote"] + args)
     assert mpremote_main.main() == 0
-
-
-class Lines:
-    """What a process writes, line by line; expect() waits for a line, within TIMEOUT."""
-
-    def __init__(self, stream):
-        self.lines = queue.Queue()
-        self.seen = []
-        threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in stream], daemon=True).start()
-
-    def expect(self, pattern):
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError("no line matching %r after:\n%s" % (pattern, "\n".join(self.seen[-30:])))
-            self.seen.append(line)
-            assert not line.startswith("@error"), line
-            match = re.search(pattern, line)
-            if match:
-                return match
 
 
 def copy_of_the_clone(clone):
