@@ -208,6 +208,15 @@ class FlashOS(PortOS):
     def statvfs(self, path):
         return real_os.statvfs(on_flash(path))
 
+    def listdir(self, path="/"):
+        return real_os.listdir(on_flash(path))
+
+    def ilistdir(self, path="/"):
+        return real_os.ilistdir(on_flash(path))
+
+    def chdir(self, path):
+        real_os.chdir(on_flash(path))
+
 
 real_open = builtins.open
 
