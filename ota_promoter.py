@@ -2464,7 +2464,10 @@ def _parse_path(path):
     """(route, query) of a request target; the common plain path costs no parsing."""
     if "?" not in path and "%" not in path and path.startswith("/f"):
         return path.rstrip("/"), {}
-    url = urlsplit(path)
+    try:
+        url = urlsplit(path)
+    except ValueError:  # "http://[::1/": an absolute target urlsplit cannot read
+        raise Refused(400, "malformed request target: not a path", close=True)  # a body may follow
     return unquote(url.path, errors="replace").rstrip("/"), parse_qs(url.query, keep_blank_values=True)
 
 
@@ -2531,7 +2534,8 @@ class PromoterServer(ThreadingHTTPServer):
     Promoter's stop() in on_close). url, server_address, boards and published may be read from any
     thread; token and cookie never change.
     Tunables, class attributes set on an instance: idle_timeout, MAX_WAIT,
-    MAX_CONNECTIONS, MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM.
+    MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM; MAX_CONNECTIONS is read when the server
+    is made, so it is set on the class (or a subclass) before.
     """
 
     daemon_threads = True
@@ -2567,6 +2571,7 @@ class PromoterServer(ThreadingHTTPServer):
         self.cookie_name = COOKIE
         self.closing = False
         self._thread = None
+        self._serving = None  # the thread in serve_forever(), if one is
         files = raise_open_file_limit()
         limit = self.MAX_CONNECTIONS if files is None else max(8, min(self.MAX_CONNECTIONS, (files - 64) // 2))
         self.connections = Connections(limit)
@@ -2626,6 +2631,15 @@ class PromoterServer(ThreadingHTTPServer):
             host = "[%s]" % host
         return "http://%s:%d" % (host, port)
 
+    def serve_forever(self, poll_interval=0.5):
+        # close() from another thread must stop this loop: with the socket closed
+        # under it, the loop would spin on a descriptor that is always ready.
+        self._serving = threading.current_thread()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = None
+
     def start(self):
         """Serve from a background thread; returns self."""
         # A short poll interval makes close() quick; idle, it costs 20 wake-ups a second.
@@ -2646,8 +2660,10 @@ class PromoterServer(ThreadingHTTPServer):
         except ValueError:
             pass
         self.published.release()  # its long-polls see closing, and answer
+        serving = self._serving
+        if self._thread is not None or serving not in (None, threading.current_thread()):
+            self.shutdown()  # returns once serve_forever(), started or in a caller's thread, stops
         if self._thread is not None:
-            self.shutdown()
             self._thread.join()
             self._thread = None
         self.server_close()

@@ -436,3 +436,15 @@ def test_watcher_thread_publishes_changes(tree, serve):
     assert r.json() == {"version": p.version}
     assert p.manifest() == [{"path": "main.py", "checksum": checksum("2", "main.py")}]
     assert os.path.exists(str(tree))
+
+
+def test_close_stops_serve_forever_run_in_the_callers_thread(tree):
+    # The README: serve() returns a server to start() or serve_forever(), and close().
+    write(tree, "README.txt", "hello\n")
+    server = Promoter(str(tree), interval=3600).serve("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    assert request(server.url, "/files/version").status == 200
+    server.close()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()

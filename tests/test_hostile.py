@@ -661,3 +661,11 @@ def test_terminal_escapes_from_names_and_headers_are_shown_escaped(tree, running
     assert "skipping evil\\x1b[2J.py: name is not valid UTF-8" in log
     assert "[\\x1b]0;owned\\x07\\x1b[1A] got README.txt (6 B)" in log
     assert "127.0.0.1 got bidi\\u202eyp.txt (1 B)" in log
+
+
+def test_a_target_urlsplit_cannot_read_is_400_not_a_logged_500(guarded_server, caplog):
+    caplog.set_level(logging.ERROR, logger="ota_promoter")
+    answer = raw_request(guarded_server.url, b"GET http://[::1/files HTTP/1.1\r\nContent-Length: 4\r\n\r\nGET ")
+    assert answers(answer) == [b"400"]
+    assert b"Connection: close" in answer
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
