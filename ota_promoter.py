@@ -2679,7 +2679,9 @@ class PromoterServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
+        # EBADF: socketserver closed the request's socket under its thread, as it
+        # does when Ctrl-C lands while it hands a request on: the server is stopping.
+        if isinstance(error, (ConnectionError, socket.timeout)) or getattr(error, "errno", None) == errno.EBADF:
             log.debug("%s: connection dropped: %s", client_address[0], error)
         else:
             log.exception("error on the connection from %s", client_address[0])

@@ -669,3 +669,18 @@ def test_a_target_urlsplit_cannot_read_is_400_not_a_logged_500(guarded_server, c
     assert answers(answer) == [b"400"]
     assert b"Connection: close" in answer
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_socket_closed_under_its_thread_as_the_server_stops_is_no_traceback(server, caplog):
+    """Ctrl-C that lands while socketserver hands a request to its thread closes that
+    request's socket under the thread (its bare except), whose setup() then fails with
+    EBADF: not an error of the server's, so not a traceback after "stopped"."""
+    caplog.set_level(logging.DEBUG, logger="ota_promoter")
+    with socket.socket() as s:
+        s.close()
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # what setup() does first
+        except OSError:
+            server.handle_error(s, ("127.0.0.1", 5))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "127.0.0.1: connection dropped: [Errno 9] Bad file descriptor")]
