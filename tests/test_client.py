@@ -24,8 +24,8 @@ import ota_plan
 import ota_update
 import ota_promoter
 from helpers import (
-    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, Running, files,
-    folders, free_port, promoted, publish, request, settle, slow_except, through, until, write,
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard,
+    Running, files, folders, free_port, promoted, publish, request, settle, slow_except, through, until, write,
 )
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
@@ -569,27 +569,12 @@ def test_a_failed_step_rolls_back_even_through_power_cuts(switch, promoter, tmp_
     assert len(rollbacks) > 10  # failures in the switch itself were rolled back
 
 
-class CutAfterTheCommitPoint:
-    """The client's os, but the power fails right after the journal is put in place."""
-
-    def __getattr__(self, name):
-        return getattr(os, name)
-
-    def rename(self, src, dst):
-        os.rename(src, dst)
-        if dst.endswith("/.ota-journal"):
-            raise PowerCut()
-
-    def open(self, *args):
-        return open(*args)
-
-
 @pytest.mark.slow
 def test_update_finishes_an_interrupted_journal_first_and_restarts_the_app(app, promoter, device, monkeypatch):
     device.update(promoter.url)
     publish(promoter, app, {"main.py": "v2", "lib/x.py": None})
     new_version = promoter.version
-    through(CutAfterTheCommitPoint(), monkeypatch)
+    through(CutAfterTheCommitPoint(PowerCut), monkeypatch)
     with pytest.raises(PowerCut):
         device.update(promoter.url)
     monkeypatch.undo()

@@ -19,7 +19,7 @@ import pytest
 import ota
 import ota_update
 from helpers import (
-    CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, MicroPythonBoard, files, heap_for,
+    CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard, files, heap_for,
     needs_micropython, promoted, publish, slow_except, write,
 )
 
@@ -273,21 +273,6 @@ def test_a_damaged_ota_is_said_once(tree, promoter, tmp_path, capsys):
 
 
 # -- A damaged journal: refused whole, nothing touched; cut short, dropped ----------------
-
-
-class CutAfterTheCommitPoint:
-    """The client's os, but the power fails right after the journal is put in place."""
-
-    def __getattr__(self, name):
-        return getattr(os, name)
-
-    def rename(self, src, dst):
-        os.rename(src, dst)
-        if dst.endswith("/.ota-journal"):
-            raise KeyboardInterrupt  # the power cut: nothing more reaches the flash
-
-    def open(self, *args):
-        return open(*args)
 
 
 @pytest.fixture
