@@ -771,7 +771,11 @@ class ContentStore:
         limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
         with open(fd, "rb", closefd=False) as f:
             if self.held + st.st_size <= self.limit:
-                data = f.read(limit + 1)
+                # read(n) allocates n bytes before it shrinks them to what it read,
+                # and glibc keeps a page per such read: ask for the size the stat said.
+                data = f.read(st.st_size + 1)
+                if len(data) > st.st_size:
+                    data += f.read(limit + 1 - len(data))  # it grew while it was read
                 if len(data) > limit:
                     return None
                 checksum = file_checksum(data, path)
