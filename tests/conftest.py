@@ -28,6 +28,16 @@ def pytest_configure(config):
         "pytest -m \"not slow\" runs the rest, a fast subset of every module")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_cache_folder(tmp_path_factory):
+    """ota_promoter.py run by a test keeps its compile verdicts in a folder of the
+    test run's, never in the user's cache (a test that needs its own sets another)."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def fresh_boot():
     """Each test starts as a board does after a reset: no update() has run since boot

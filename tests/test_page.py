@@ -145,6 +145,7 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
     assert times[0] < now - 900 and all(now - TIMEOUT < t <= now for t in times[1:])
     assert body == {
         "version": {"id": v2, "first": False, "added": ["main.py"], "changed": [], "removed": []},
+        "starting": None,
         "files": [
             {"path": "README.txt", "size": 6, "changed": False, "held": None},
             {"path": "boot.py", "size": None, "changed": False,
