@@ -707,15 +707,21 @@ class VerdictCache:
                 self._warn("cannot read", e)
         return found
 
-    def add(self, keys, live=()):
-        """Append keys; past 1.5 LIMIT lines, keep the live keys and the newest."""
+    def add(self, keys, live=list):
+        """Append keys; past 1.5 LIMIT lines, keep the keys live() returns (those
+        of the sources served now) and the newest others."""
         if not keys:
             return
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                os.write(fd, b"".join(key + b"\n" for key in keys))  # one write: whole lines
+                size, torn = os.lseek(fd, 0, os.SEEK_END), False
+                if size:
+                    os.lseek(fd, size - 1, os.SEEK_SET)
+                    torn = os.read(fd, 1) != b"\n"
+                # One write of whole lines, on a line of their own (after a torn one, the next).
+                os.write(fd, (b"\n" if torn else b"") + b"".join(key + b"\n" for key in keys))
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
@@ -725,7 +731,7 @@ class VerdictCache:
             self._warn("cannot write", e)
 
     def _compact(self, live):
-        live = list(live)[:self.LIMIT]
+        live = list(live())[:self.LIMIT]
         with open(self.path, "rb") as f:
             keep = (self.LIMIT - len(live)) * self._LINE
             size = os.fstat(f.fileno()).st_size
@@ -1667,10 +1673,11 @@ class Promoter:
         recalled = len(todo)
         todo = self._recall(todo, verdicts)
         recalled -= len(todo)
+        passed = []  # the checksums found to compile now
         if todo:
             if not self._first:
                 self._say_at = time.monotonic() + self.PROGRESS_AFTER
-            passed = []
+            self._tell_at = 0.0  # say what it waits for now: the first verdict may take a while
 
             def verdict(blob):
                 data = self.read(blob)
@@ -1683,34 +1690,45 @@ class Promoter:
                 except (OSError, subprocess.SubprocessError) as e:
                     return _Unchecked("1: cannot run %s (%s)" % (self.check.mpy_cross, e)), None
 
-            def record(done, blob, error, bytecode):
-                target = mpy_path(blob.path) if self.mpy else blob.path
-                if bytecode is not None and target != blob.path:
-                    verdicts[blob.checksum] = _Verdict(None, self.store.put(target, bytecode))
+            def record(blob, error, bytecode):
+                if bytecode is not None and self.mpy and mpy_path(blob.path) != blob.path:
+                    verdicts[blob.checksum] = _Verdict(None, self.store.put(mpy_path(blob.path), bytecode))
                 else:
                     verdicts[blob.checksum] = _PASSED if error is None else _Verdict(error)
                 if error is None:
                     passed.append(blob.checksum)
+
+            def say(done):
                 if self._due():
                     self._progress("checked %s of %s .py files with %s%s" % (
                         _count(done), _count(len(todo)), self.check.name.split(" (")[0],
                         " (%s compiled in an earlier run)" % _count(recalled) if recalled else ""))
 
+            say(0)
             if self.check.mpy_cross is None:  # compile() holds the GIL: threads would not help
                 for done, blob in enumerate(todo, 1):
-                    record(done, blob, *verdict(blob))
+                    record(blob, *verdict(blob))
+                    say(done)
             else:  # mpy-cross is a process per file: several run at once
                 import concurrent.futures
 
                 pool = concurrent.futures.ThreadPoolExecutor(min(8, len(todo), os.cpu_count() or 1))
                 try:
-                    for done, (blob, result) in enumerate(zip(todo, pool.map(verdict, todo)), 1):
-                        record(done, blob, *result)
+                    futures = [pool.submit(verdict, blob) for blob in todo]
+                    for done, (blob, future) in enumerate(zip(todo, futures)):
+                        while True:
+                            try:
+                                result = future.result(timeout=0.25)
+                                break
+                            except concurrent.futures.TimeoutError:
+                                say(done)  # a compile that takes a while: say so meanwhile
+                        record(blob, *result)
+                        say(done + 1)
                 finally:  # Ctrl-C: the compiles not begun are not waited for
                     pool.shutdown(cancel_futures=True)
-            if self.check.cache is not None:
-                self.check.cache.add([self.check.key(c) for c in passed], self._passed_keys)
         self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
+        if passed and self.check.cache is not None:
+            self.check.cache.add([self.check.key(c) for c in passed], self._passed_keys)
         held = {}
         for path, entry in seen.items():
             blob = entry.blob

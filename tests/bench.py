@@ -218,16 +218,15 @@ def free_port():
 
 
 def start(args, port, timeout=30):
-    """Start a server process and wait until it accepts connections on port."""
+    """Start a server process and wait until it answers GET /files/version on
+    port other than 503 (ours answers 503 until its first version)."""
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(process)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if version_status(port) not in (None, 503):
             return process
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     stop(process)
     raise RuntimeError("server did not start: %r" % args)
 

