@@ -1369,7 +1369,7 @@ def build_parser():
                  "  %s=/path/to/ota-promoter python3 tests/bench.py 13\n"
                  "                                             figure 13 with the Go original's row" % ORIGINAL)
     parser.add_argument("figures", nargs="*", metavar="FIGURE",
-                        help="figures to measure: numbers or ranges (1-6); default: all")
+                        help="figures to measure: numbers or ranges (1-6); default: 1-11 (12 and 13 only when named)")
     parser.add_argument("--figures", dest="figure_list", metavar="LIST",
                         help="the same, comma-separated: --figures 3,4 or 1-6,9")
     parser.add_argument("--runs", type=positive, default=3, metavar="N",

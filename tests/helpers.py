@@ -235,11 +235,12 @@ def request(url, path, method="GET", headers=None, timeout=TIMEOUT, body=None):
         conn.close()
 
 
-def wait_for_server(url, timeout=TIMEOUT):
+def wait_for_server(url, timeout=TIMEOUT, headers=None):
     """Wait until a server process just started answers /files/version other than
-    503 (its answer until the first version); its Response."""
+    503 (its answer until the first version; a server with a token answers 401
+    without it at once: give headers); its Response."""
     def answer():
-        response = request(url, "/files/version", timeout=1)
+        response = request(url, "/files/version", headers=headers, timeout=1)
         return response if response.status != 503 else None
 
     return until(answer, "the server to start", timeout, ignore=OSError)

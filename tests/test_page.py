@@ -340,7 +340,7 @@ def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
          "--port", str(port), "--token", TOKEN, "-v"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_server(url)
+        assert wait_for_server(url, headers={"Authorization": "Bearer " + TOKEN}).status == 200
         shapes = every_shape_of_the_token(TOKEN)
         answers = [int(raw_request(url, data).split(b" ", 2)[1]) for data, _ in shapes]
         server.send_signal(signal.SIGINT)
@@ -617,6 +617,31 @@ def test_the_page_says_when_the_server_is_gone_and_recovers(tree, serve, browser
         assert banner() is False
     finally:
         again.close()
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_page_says_how_far_the_start_is_then_shows_the_first_version(tree, browser):
+    published = ota_promoter.Published(gated=True)
+    server = ota_promoter.PromoterServer(("127.0.0.1", 0), published, ota_promoter.Boards()).start()
+    try:
+        browser.get(server.url + "/")
+
+        def shown():
+            return browser.execute_script("return document.getElementById('version-body').textContent")
+
+        until(lambda: shown() == "Starting: reading the folder. Boards are told to retry.", shown)
+        published.progress = "checked 2 of 5 .py files with mpy-cross"
+        until(lambda: shown() == "Starting: checked 2 of 5 .py files with mpy-cross. Boards are told to retry.",
+              shown)  # within a second: the page asks again each second while the server starts
+        write(tree, "main.py", "print(1)\n")
+        promoter = ota_promoter.Promoter(str(tree), interval=3600, published=published)
+        published.ungate()
+        assert until(lambda: shown_version(browser), shown) == promoter.version
+        assert shown().endswith("as found when the server started")
+    finally:
+        server.close()
+        published.close()
 
 
 @pytest.mark.slow

@@ -12,8 +12,10 @@ import pytest
 
 from ota_promoter import Boards, Promoter, PromoterServer, Published, SourceCheck, VerdictCache
 from helpers import (
-    TIMEOUT, Counting, free_port, mpy_cross_program, needs_posix, request, run, slow_except, until, write,
+    TIMEOUT, Counting, CPythonBoard, files, free_port, mpy_cross_program, needs_posix, request, run, slow_except,
+    until, write,
 )
+import ota
 
 
 @pytest.fixture
@@ -193,6 +195,28 @@ def test_the_api_answers_503_until_the_first_version_is_served(tree):
         r = request(server.url, "/files/version")
         assert (r.status, r.json()) == (200, {"version": promoter.version})
         assert request(server.url, "/boards").json()["starting"] is None
+    finally:
+        server.close()
+        published.close()
+
+
+def test_a_board_that_asks_before_the_first_version_keeps_its_files_and_updates_once_it_is_served(
+        tree, tmp_path):
+    board = CPythonBoard(tmp_path / "board")
+    write(board.root, "main.py", "print('old')\n")
+    before = files(board.root)
+    published = Published(gated=True)
+    server = PromoterServer(("127.0.0.1", 0), published, Boards()).start()
+    try:
+        with pytest.raises(ota.OTAError) as raised:
+            board.update(server.url)
+        assert str(raised.value) == "HTTP 503 for /files/version: starting: reading the folder"
+        assert files(board.root) == before
+        write(tree, "main.py", "print('new')\n")
+        Promoter(str(tree), interval=3600, published=published)
+        published.ungate()
+        assert board.update(server.url) is True
+        assert files(board.root, own=False) == {"main.py": b"print('new')\n"}
     finally:
         server.close()
         published.close()

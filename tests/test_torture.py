@@ -146,7 +146,11 @@ def test_load_with_edits(tree, capsys):
     threading.Thread(target=read_publishes, daemon=True).start()
     stop_polling, stop_downloading = threading.Event(), threading.Event()
     try:
-        status, body = until(lambda: get(port, "/files/version"), "the server to start", ignore=OSError)
+        def first():
+            answer = get(port, "/files/version")
+            return answer if answer[0] == 200 else None  # 503 until the first version
+
+        status, body = until(first, "the server's first version", ignore=OSError)
         threads_before = settled_threads(server.pid)  # the first request's thread may still be ending
         rss_before = proc_status(server.pid, "VmRSS")
         first_version = json.loads(body)["version"]
