@@ -52,6 +52,7 @@ import fnmatch
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import logging.handlers
@@ -1712,18 +1713,27 @@ class Promoter:
             else:  # mpy-cross is a process per file: several run at once
                 import concurrent.futures
 
-                pool = concurrent.futures.ThreadPoolExecutor(min(8, len(todo), os.cpu_count() or 1))
+                workers = min(8, len(todo), os.cpu_count() or 1)
+                pool = concurrent.futures.ThreadPoolExecutor(workers)
                 try:
-                    futures = [pool.submit(verdict, blob) for blob in todo]
-                    for done, (blob, future) in enumerate(zip(todo, futures)):
+                    # A few compiles ahead, not a future for each of 10,000 files.
+                    waiting = iter(todo)
+                    running = collections.deque(
+                        (blob, pool.submit(verdict, blob)) for blob in itertools.islice(waiting, 2 * workers))
+                    done = 0
+                    while running:
+                        blob, future = running.popleft()
                         while True:
                             try:
                                 result = future.result(timeout=0.25)
                                 break
                             except concurrent.futures.TimeoutError:
                                 say(done)  # a compile that takes a while: say so meanwhile
+                        for blob_after in itertools.islice(waiting, 1):
+                            running.append((blob_after, pool.submit(verdict, blob_after)))
                         record(blob, *result)
-                        say(done + 1)
+                        done += 1
+                        say(done)
                 finally:  # Ctrl-C: the compiles not begun are not waited for
                     pool.shutdown(cancel_futures=True)
         self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
