@@ -3621,8 +3621,11 @@ def main(argv=None):
             published.ungate()
             promoter.start()
             _announce(promoter, server, args)
-            while True:  # the server's thread serves until Ctrl-C or SIGTERM lands here
-                time.sleep(3600)
+            # The server's thread serves until Ctrl-C or SIGTERM lands here. Short
+            # sleeps: a signal the system hands to another thread wakes no sleep of
+            # this one, which must look for it again soon.
+            while True:
+                time.sleep(0.5)
     except PromoterError as e:
         error = e
     except KeyboardInterrupt:
