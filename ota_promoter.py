@@ -173,8 +173,26 @@ def _close(handle):
 
 
 def _stat_key(st):
-    """What tells that a file or folder changed: compared whole, never read by position."""
+    """What tells that a file or folder changed, compared whole: (mtime_ns, size,
+    ino, dev). The scan keeps this, not the stat: a stat_result holds some twenty
+    objects, this tuple three or four. Its parts are read only through the
+    accessors below."""
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _key_mtime(key):
+    """The st_mtime_ns of a _stat_key()."""
+    return key[0]
+
+
+def _key_size(key):
+    """The st_size of a _stat_key()."""
+    return key[1]
+
+
+def _key_identity(key):
+    """The (st_dev, st_ino) of a _stat_key(): which file it is."""
+    return key[3], key[2]
 
 
 def _stat_handle(handle):
@@ -204,9 +222,9 @@ def _open_folders(root, names):
     return folder
 
 
-def _open_regular(root, real, st):
+def _open_regular(root, real, key):
     """Open the file at real (a path inside root) if it is still the regular file
-    of stat st; None if it changed since (a symlink, a fifo, another file)."""
+    of _stat_key() key; None if it changed since (a symlink, a fifo, another file)."""
     *folders, name = real.split("/")
     try:
         folder = _open_folders(root, folders)
@@ -224,7 +242,7 @@ def _open_regular(root, real, st):
             return None  # swapped or removed since the scan: the next scan sees it
         raise
     opened = os.fstat(fd)
-    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != _key_identity(key):
         os.close(fd)
         return None
     return fd
@@ -289,19 +307,24 @@ def scan(root, ignored=None, problems=None):
     """
     handle = _open_root(root)
     try:
-        return [(path, st) for path, st, _ in Scanner(root).scan(handle, ignored, problems)]
+        return [(path, st) for path, st, _ in Scanner(root, _same).scan(handle, ignored, problems)]
     finally:
         _close(handle)
+
+
+def _same(st):
+    return st
 
 
 class _Walk:
     """What one scan gathers: files, folders entered, listings, symlinks to follow."""
 
-    def __init__(self, ignored, problems, racy):
+    def __init__(self, ignored, problems, racy, key):
         self.ignored = ignored
         self.problems = problems
         self.racy = racy
-        self.files = []  # (promoted path, stat, real path inside DIR)
+        self.key = key  # what of a file's stat the scan keeps
+        self.files = []  # (promoted path, key(stat), real path inside DIR)
         self.entered = {}  # (st_dev, st_ino) of each folder entered -> its promoted prefix
         self.listings = {}
         self.stale = set()  # folders whose cached listing no longer matches them
@@ -331,10 +354,13 @@ class Scanner:
     RACY_NS of a scan are re-read anyway, as racy files are rehashed. Real folders
     are walked first, then symlinks; each folder is entered once per scan, so a
     symlink to a folder already promoted (or to a folder above it) is skipped.
+
+    Of each file's stat, a scan gives key(stat): by default its _stat_key().
     """
 
-    def __init__(self, root):
+    def __init__(self, root, key=_stat_key):
         self.root = root
+        self._key = key
         self._listings = {}  # promoted prefix -> _Listing
 
     def forget(self):
@@ -348,8 +374,8 @@ class Scanner:
         return listing.key if listing is not None else None
 
     def scan(self, root, ignored=None, problems=None):
-        """(promoted path, stat, real path) of each file under root, a handle from _open_root."""
-        walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS)
+        """(promoted path, key(stat), real path) of each file under root, a handle from _open_root."""
+        walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS, self._key)
         self._walk(root, "", "", walk, own=False)
         while walk.links:  # in walk order, so that the same link wins each time
             links, walk.links = sorted(walk.links, key=walk_key), []
@@ -454,7 +480,7 @@ class Scanner:
             try:
                 st = _lstat_in(folder, name)
                 if stat.S_ISREG(st.st_mode):
-                    walk.files.append((path, st, real))
+                    walk.files.append((path, walk.key(st), real))
                 elif stat.S_ISDIR(st.st_mode):
                     self._walk(_open_folder(folder, name), path + "/", real + "/", walk)
             finally:
@@ -469,7 +495,7 @@ class Scanner:
 def _stat_files(folder, prefix, real, names, walk):
     # Relative to the folder's descriptor, as os.scandir does: a stat by full
     # path would look up every folder above again, for every file.
-    files, same, at = walk.files, real == prefix, _AT
+    files, key, same, at = walk.files, walk.key, real == prefix, _AT
     for path, name in names:
         try:
             if at:  # inline: this loop is most of the poll of an unchanged tree
@@ -482,7 +508,7 @@ def _stat_files(folder, prefix, real, names, walk):
             walk.problems[path] = "cannot stat: %s" % (e.strerror or e)
             continue
         if stat.S_ISREG(st.st_mode):
-            files.append((path, st, path if same else real + name))
+            files.append((path, key(st), path if same else real + name))
         else:
             walk.stale.add(prefix)  # swapped for a symlink or a fifo: list it again
 
@@ -765,16 +791,17 @@ class ContentStore:
         self._cleanup = None
         self._copies = set()  # checksums with a private copy
 
-    def hash(self, fd, path, st):
-        """Hash the open file fd, promoted as path and of stat st, into a Blob;
-        None if it grows by more than a chunk while being read (still changing)."""
-        limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
+    def hash(self, fd, path, size):
+        """Hash the open file fd, promoted as path and of size bytes by its stat,
+        into a Blob; None if it grows by more than a chunk while being read (still
+        changing)."""
+        limit = size + _HASH_CHUNK  # never read a file without end (/dev/zero)
         with open(fd, "rb", closefd=False) as f:
-            if self.held + st.st_size <= self.limit:
+            if self.held + size <= self.limit:
                 # read(n) allocates n bytes before it shrinks them to what it read,
                 # and glibc keeps a page per such read: ask for the size the stat said.
-                data = f.read(st.st_size + 1)
-                if len(data) > st.st_size:
+                data = f.read(size + 1)
+                if len(data) > size:
                     data += f.read(limit + 1 - len(data))  # it grew while it was read
                 if len(data) > limit:
                     return None
@@ -1069,12 +1096,11 @@ class _Unreadable:
 class _Change:
     """A file whose stat differs from when it was hashed, waiting to settle."""
 
-    __slots__ = ("key", "real", "st", "since", "looked")
+    __slots__ = ("key", "real", "since", "looked")
 
-    def __init__(self, key, real, st, since):
+    def __init__(self, key, real, since):
         self.key = key
         self.real = real
-        self.st = st
         self.since = since  # time.time_ns() when a look first found this stat
         self.looked = 0  # time.time_ns() of the last look that found the same stat, or 0
 
@@ -1269,7 +1295,7 @@ class Promoter:
                         else:
                             del self._changes[path]
                 else:
-                    self._note(path, real, st, key, now)
+                    self._note(path, real, key, now)
             if not self._changes:
                 return False
             try:
@@ -1328,8 +1354,7 @@ class Promoter:
             log.info("folder %s is readable again", self.root)
             self._root_lost = False
         seen, old, changes = {}, self._seen, self._changes
-        for path, st, real in listing:
-            key = _stat_key(st)
+        for path, key, real in listing:
             failed = self._failed.get(path)
             if failed is not None and failed.key == key:
                 problems[path] = failed.problem  # unreadable as it was: not read again
@@ -1344,23 +1369,23 @@ class Promoter:
                             change.looked = now
                             continue
                         del changes[path]  # back to the stat it was hashed with
-                    if st.st_mtime_ns < prev.hashed - RACY_NS:
+                    if _key_mtime(key) < prev.hashed - RACY_NS:
                         continue  # hashed well after its last write: its stat tells all
                     # Racy: written within RACY_NS of its hashing, it may have
                     # changed since in the same mtime tick. Rehashed at the pace of
                     # full scans (not of quick looks), until it is older.
                     hashed = time.time_ns()
                     try:
-                        blob = self._hash(root, path, real, st)
+                        blob = self._hash(root, path, real, key)
                     except OSError as e:
                         self._unreadable(path, key, e, problems, seen)
                         continue
                     if blob is not None and blob.checksum == prev.blob.checksum:
                         seen[path] = _Hashed(key, prev.blob, hashed)
                         continue
-                    self._note(path, real, st, key, now, again=True)
+                    self._note(path, real, key, now, again=True)
                     continue
-            self._note(path, real, st, key, now)
+            self._note(path, real, key, now)
         if changes:
             listed = {path for path, _, _ in listing}
             for path in [p for p in changes if p not in listed]:
@@ -1377,7 +1402,7 @@ class Promoter:
         self._report(problems)
         return published
 
-    def _note(self, path, real, st, key, before, again=False):
+    def _note(self, path, real, key, before, again=False):
         """A look at a file whose stat differs from when it was hashed; before is
         a time.time_ns() taken before the stat."""
         change = self._changes.get(path)
@@ -1386,7 +1411,7 @@ class Promoter:
             return
         # Dated after the stat, and each later look before its own: the stat has
         # stayed the same for at least looked - since.
-        self._changes[path] = _Change(key, real, st, time.time_ns())
+        self._changes[path] = _Change(key, real, time.time_ns())
         self._hot[path] = real
         self._hot.move_to_end(path)
         while len(self._hot) > self.HOT_FILES:
@@ -1409,7 +1434,7 @@ class Promoter:
                 continue
             hashed = time.time_ns()
             try:
-                blob = self._hash(root, path, change.real, change.st)
+                blob = self._hash(root, path, change.real, change.key)
             except OSError as e:
                 if problems is not None:  # a quick look leaves it to the next full scan
                     self._unreadable(path, change.key, e, problems, seen)
@@ -1468,20 +1493,20 @@ class Promoter:
         self._publish(version, self._first)
         return True
 
-    def _hash(self, root, path, real, st):
-        """A Blob of the file the scan saw at path, or None if it changed since:
-        swapped, or written while it was read."""
-        fd = _open_regular(root, real, st)
+    def _hash(self, root, path, real, key):
+        """A Blob of the file the scan saw at path with _stat_key() key, or None if
+        it changed since: swapped, or written while it was read."""
+        fd = _open_regular(root, real, key)
         if fd is None:
             return None
         start = time.thread_time()
         try:
-            blob = self.store.hash(fd, path, st)
+            blob = self.store.hash(fd, path, _key_size(key))
             after = os.fstat(fd)
         finally:
             os.close(fd)
             self._hash_time += time.thread_time() - start
-        if blob is not None and _stat_key(after) != _stat_key(st):
+        if blob is not None and _stat_key(after) != key:
             return None
         return blob
 
