@@ -332,9 +332,11 @@ class _Walk:
 
 
 class _Listing:
-    """What reading one folder gave: its stat key then, the (promoted path, name)
-    of its files, the names of its folders, the promoted paths of its symlinks, and
-    the problems of the entries left out."""
+    """What reading one folder gave: its stat key then, the promoted paths of its
+    files, the names of its folders, the promoted paths of its symlinks, and the
+    problems of the entries left out. A file's name is sliced from its path when
+    it is stated: listings last as long as the watcher, so each file keeps one
+    string here, the one its path is everywhere."""
 
     __slots__ = ("key", "files", "folders", "links", "problems")
 
@@ -492,11 +494,12 @@ class Scanner:
                 walk.problems[path] = "cannot read: %s" % (e.strerror or e)
 
 
-def _stat_files(folder, prefix, real, names, walk):
+def _stat_files(folder, prefix, real, paths, walk):
     # Relative to the folder's descriptor, as os.scandir does: a stat by full
     # path would look up every folder above again, for every file.
-    files, key, same, at = walk.files, walk.key, real == prefix, _AT
-    for path, name in names:
+    files, key, same, at, start = walk.files, walk.key, real == prefix, _AT, len(prefix)
+    for path in paths:
+        name = path[start:]
         try:
             if at:  # inline: this loop is most of the poll of an unchanged tree
                 st = os.stat(name, dir_fd=folder, follow_symlinks=False)
@@ -515,7 +518,7 @@ def _stat_files(folder, prefix, real, names, walk):
 
 def _list_folder(folder, prefix, key, ignored):
     """Read a folder's names once: what to stat, where to descend, what to warn of."""
-    names, folders, links, problems = [], [], [], {}
+    paths, folders, links, problems = [], [], [], {}
     with os.scandir(folder) as it:
         for entry in it:
             name = entry.name
@@ -540,7 +543,7 @@ def _list_folder(folder, prefix, key, ignored):
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):
-                    names.append((path, name))
+                    paths.append(path)
                 elif entry.is_dir(follow_symlinks=False):
                     folders.append(name)
                 elif entry.is_symlink():
@@ -548,7 +551,7 @@ def _list_folder(folder, prefix, key, ignored):
                 # Sockets, fifos and devices are not files a board can use.
             except OSError:
                 continue  # removed while we looked
-    return _Listing(key, names, folders, links, problems)
+    return _Listing(key, paths, folders, links, problems)
 
 
 def walk_key(path):
