@@ -1075,15 +1075,39 @@ def _json(obj):
 
 
 class _Hashed:
-    """A file as it was last hashed: its _stat_key() then, its Blob, and
-    time.time_ns() when the hashing began."""
+    """A file as it was last hashed: its _stat_key() then, and its Blob.
 
-    __slots__ = ("key", "blob", "hashed")
+    Made by _hashed(). A _Hashed was hashed well after its last write (its
+    mtime), so its stat tells all while it stays the same: hashed is None. A
+    racy file's is a _Racy, that keeps when its hashing began.
+    """
 
-    def __init__(self, key, blob, hashed):
+    __slots__ = ("key", "blob")
+    hashed = None
+
+    def __init__(self, key, blob):
         self.key = key
         self.blob = blob
+
+
+class _Racy(_Hashed):
+    """A file hashed within RACY_NS of its mtime, with hashed, time.time_ns()
+    when its hashing began: the full scans rehash it until it is older. Most
+    files are not racy, so only these carry that time."""
+
+    __slots__ = ("hashed",)
+
+    def __init__(self, key, blob, hashed):
+        _Hashed.__init__(self, key, blob)
         self.hashed = hashed
+
+
+def _hashed(key, blob, hashed):
+    """A _Hashed of a file of _stat_key() key whose hashing began at
+    time.time_ns() hashed; a _Racy if its mtime is within RACY_NS of it."""
+    if _key_mtime(key) < hashed - RACY_NS:
+        return _Hashed(key, blob)
+    return _Racy(key, blob, hashed)
 
 
 class _Unreadable:
@@ -1372,7 +1396,7 @@ class Promoter:
                             change.looked = now
                             continue
                         del changes[path]  # back to the stat it was hashed with
-                    if _key_mtime(key) < prev.hashed - RACY_NS:
+                    if prev.hashed is None or _key_mtime(key) < prev.hashed - RACY_NS:
                         continue  # hashed well after its last write: its stat tells all
                     # Racy: written within RACY_NS of its hashing, it may have
                     # changed since in the same mtime tick. Rehashed at the pace of
@@ -1384,7 +1408,7 @@ class Promoter:
                         self._unreadable(path, key, e, problems, seen)
                         continue
                     if blob is not None and blob.checksum == prev.blob.checksum:
-                        seen[path] = _Hashed(key, prev.blob, hashed)
+                        seen[path] = _hashed(key, prev.blob, hashed)
                         continue
                     self._note(path, real, key, now, again=True)
                     continue
@@ -1453,7 +1477,7 @@ class Promoter:
                 blob = prev.blob  # keep the bytes already held
             else:
                 self._dirty = True
-            seen[path] = _Hashed(change.key, blob, hashed)
+            seen[path] = _hashed(change.key, blob, hashed)
         if self._hash_time:
             self._keep()
         if self._changes:

@@ -150,6 +150,21 @@ def test_a_racy_file_is_rehashed_by_full_scans_only(tree, monkeypatch):
     assert len(hashes) == 1
 
 
+def test_a_racy_file_is_rehashed_until_a_hashing_began_long_after_its_write(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    monkeypatch.setattr(ota_promoter, "RACY_NS", 10**18)  # every hashing is within it of the write
+    p = Promoter(str(tree), settle=0)
+    hashes = count_calls(monkeypatch, p, "_hash")
+    p.poll_once()
+    p.poll_once()
+    assert len(hashes) == 2
+    monkeypatch.setattr(ota_promoter, "RACY_NS", 0)  # the last hashing began after the write
+    p.poll_once()
+    p.poll_once()
+    assert len(hashes) == 2
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("1", "main.py")}]
+
+
 def test_the_files_looked_at_quickly_are_bounded(tree):
     for n in range(20):
         write(tree, "f%02d.py" % n, "1")
