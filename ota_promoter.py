@@ -49,6 +49,7 @@ import codecs
 import collections
 import errno
 import fnmatch
+import functools
 import hashlib
 import hmac
 import io
@@ -911,9 +912,10 @@ class ContentStore:
 
 # -- Published versions --------------------------------------------------------------
 #
-# A Version is built once from the hashed files, with its API bodies rendered, and
-# never changes after; Published holds the current one and the one before, which
-# HTTP threads read without a lock while the watcher publishes the next.
+# A Version is built once from the hashed files and never changes after; its
+# larger API bodies are rendered on first use. Published holds the current one
+# and the one before, which HTTP threads read without a lock while the watcher
+# publishes the next.
 
 
 class Version:
@@ -922,6 +924,11 @@ class Version:
     held maps the paths whose new bytes do not compile to the error: their
     previous bytes are published instead, or nothing if they are new.
     Once published, nothing in it changes: any thread reads it without a lock.
+
+    by_checksum, by_path, files_json and files_text are made on first use, not
+    with the version: a version may be replaced before anyone asks for them, and
+    each holds a line or an entry per file. Two threads that ask at once may both
+    make one; they make the same thing, and the last one made is kept.
     """
 
     def __init__(self, blobs, held=None):
@@ -931,21 +938,59 @@ class Version:
         self.changes = None  # (added, changed, removed) paths against the version before; None for the first
         self.id = version_of(b.checksum for b in blobs)
         self.etag = '"%s"' % self.id
-        self.by_checksum = {b.checksum: b for b in blobs}
-        self.by_path = {b.path: b for b in blobs}
         self.version_json = _json({"version": self.id})
-        files = {"files": [{"path": b.path, "checksum": b.checksum} for b in blobs], "version": self.id}
         self.files_etag = self.etag
         if self.held:
-            files["held"] = [{"path": path, "error": error} for path, error in sorted(self.held.items())]
             # The same version may be published again with other files held back.
             self.files_etag = '"%s-%s"' % (self.id, version_of(p + e for p, e in sorted(self.held.items()))[:8])
-        self.files_json = _json(files)
-        # For devices: one line per file, sorted by path so that a client can merge
-        # it with its own sorted state without holding either in memory.
-        lines = [self.id + "\n"]
-        lines += ["%s %d %s\n" % (b.checksum, b.size, b.path) for b in sorted(blobs, key=_by_path)]
-        self.files_text = "".join(lines).encode("utf-8")
+
+    # Each a functools.cached_property: once made, it is a plain attribute of
+    # the instance, read as fast as one set in __init__.
+
+    @functools.cached_property
+    def by_checksum(self):
+        """{checksum: Blob} of its files."""
+        return {b.checksum: b for b in self.blobs}
+
+    @functools.cached_property
+    def by_path(self):
+        """{promoted path: Blob} of its files."""
+        return {b.path: b for b in self.blobs}
+
+    @functools.cached_property
+    def files_json(self):
+        """The /files body: {"files": [{"path", "checksum"}] in walk order, "version",
+        and "held": [{"path", "error"}] sorted by path if any is held}, as _json()
+        renders it."""
+        # Rendered entry by entry, not from a list of a dict per file: the same
+        # bytes, without 10,000 dicts at once. The encoder _json() uses writes
+        # each string, and _json() the rest (its "{" replaced by the files).
+        string = _JSON.encode
+        body = io.BytesIO()
+        body.write(b'{"files":[')
+        comma = ""
+        for b in self.blobs:
+            body.write(('%s{"path":%s,"checksum":%s}' % (comma, string(b.path), string(b.checksum))).encode("utf-8"))
+            comma = ","
+        rest = {"version": self.id}
+        if self.held:
+            rest["held"] = [{"path": path, "error": error} for path, error in sorted(self.held.items())]
+        body.write(b"]," + _json(rest)[1:])
+        return body.getvalue()
+
+    @functools.cached_property
+    def files_text(self):
+        """The /files?format=text body: the version id, then "<checksum> <size>
+        <path>" per file, each on a line.
+
+        For devices: sorted by path so that a client can merge it with its own
+        sorted state without holding either in memory.
+        """
+        body = io.BytesIO()
+        body.write((self.id + "\n").encode("utf-8"))
+        for b in sorted(self.blobs, key=_by_path):
+            body.write(("%s %d %s\n" % (b.checksum, b.size, b.path)).encode("utf-8"))
+        return body.getvalue()
 
 
 class Published:
@@ -1067,8 +1112,11 @@ def _walk_key_of(blob):
     return walk_key(blob.path)
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _JSON.encode(obj).encode("utf-8")
 
 
 # -- The watcher ---------------------------------------------------------------------
@@ -1647,7 +1695,7 @@ class Promoter:
         self.store.keep(blobs)
 
     def _warn_of_clashes(self, version):
-        clashes = fat_clashes(version.by_path)
+        clashes = fat_clashes([b.path for b in version.blobs])  # not by_path: made on first use
         for group in clashes:
             if group not in self._clashes:
                 log.warning("%s clash on a board's FAT file system (which ignores case and a name's "
