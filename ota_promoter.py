@@ -942,7 +942,9 @@ class Version:
         self.files_etag = self.etag
         if self.held:
             # The same version may be published again with other files held back.
-            self.files_etag = '"%s-%s"' % (self.id, version_of(p + e for p, e in sorted(self.held.items()))[:8])
+            # In UTF-8, not version_of()'s ASCII: a path or an error may be neither.
+            held = "".join(p + e for p, e in sorted(self.held.items())).encode("utf-8")
+            self.files_etag = '"%s-%s"' % (self.id, hashlib.sha1(held).hexdigest()[:8])
 
     # Each a functools.cached_property: once made, it is a plain attribute of
     # the instance, read as fast as one set in __init__.

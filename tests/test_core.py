@@ -104,6 +104,15 @@ def test_version_bodies_are_the_json_and_lines_of_its_files():
         assert version.by_checksum == {b.checksum: b for b in version.blobs}
 
 
+def test_a_module_named_or_erring_in_other_than_ascii_is_held_back(tree):
+    write(tree, "été.py", "x = 'é'\nx = (\n")
+    p = Promoter(str(tree), check=ota_promoter.SourceCheck())
+    assert p.manifest() == []
+    assert list(p.current.held) == ["été.py"]
+    etag = hashlib.sha1(("été.py" + p.current.held["été.py"]).encode("utf-8")).hexdigest()[:8]
+    assert p.current.files_etag == '"%s-%s"' % (p.version, etag)
+
+
 def test_diff_names_added_changed_and_removed():
     old = {"a": "1", "b": "2", "c": "3"}
     new = {"a": "1", "b": "9", "d": "4"}
