@@ -573,14 +573,23 @@ def fat_clashes(paths):
     """Groups of paths that clash on a board's FAT file system, which ignores case
     and the dots and spaces at the end of a name: two files that are one there
     (Config.py, config.py), or a file that is a folder of another (Lib, lib/x.py)."""
-    groups, folders = {}, {}
+    # By FAT's name of each path, its first path; the others of the same name
+    # join a group. Not a group per path: at start, that was 10,000 lists.
+    firsts, groups, folders = {}, {}, {}
     for path in paths:
         parts = [part.rstrip(". ") for part in path.casefold().split("/")]
-        groups.setdefault("/".join(parts), []).append(path)
+        key = "/".join(parts)
+        if key == path:
+            key = path  # most paths are their own FAT name: hold no second string
+        first = firsts.get(key)
+        if first is None:
+            firsts[key] = path
+        else:
+            groups.setdefault(key, [first]).append(path)
         for i in range(1, len(parts)):
             folders.setdefault("/".join(parts[:i]), path)
-    clashes = [g for g in groups.values() if len(g) > 1]
-    clashes += [[group[0], folders[key]] for key, group in groups.items() if key in folders]
+    clashes = list(groups.values())
+    clashes += [[first, folders[key]] for key, first in firsts.items() if key in folders]
     return sorted(tuple(sorted(g)) for g in clashes)
 
 
