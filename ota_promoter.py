@@ -1435,7 +1435,7 @@ class Promoter:
 
     def _observe(self, root, listing, problems, now):
         """Compare a full scan, begun at time.time_ns() now, with what was hashed:
-        note the changes, forget what went."""
+        note the changes, forget what went. Empties listing, the scan's list."""
         if self._root_lost:
             log.info("folder %s is readable again", self.root)
             self._root_lost = False
@@ -1476,6 +1476,10 @@ class Promoter:
             listed = {path for path, _, _ in listing}
             for path in [p for p in changes if p not in listed]:
                 del changes[path]  # gone before it settled
+            del listed
+        # Let go of the scan's entries (a tuple and a key a file) before the
+        # hashing below: at start, that hashes every file.
+        listing.clear()
         if len(seen) != len(old) or any(p not in seen for p in old):
             self._dirty = True
         self._seen = seen
