@@ -557,8 +557,14 @@ def _list_folder(folder, prefix, key, ignored):
 
 def walk_key(path):
     """Sort key of the original's walk order: each folder's entries sorted by name,
-    folders entered in place, so "a/b.py" comes before "a.py"."""
-    return path.split("/")
+    folders entered in place, so "a/b.py" comes before "a.py".
+
+    That is the order of the paths' lists of names (path.split("/")), given
+    here as one string: each "/" made the character below every other, so that
+    a name sorts before any longer one it begins. No promoted name holds it.
+    One string a path, not a list and its names: a version sorts every file.
+    """
+    return path.replace("/", "\x00")
 
 
 def diff(old, new):
