@@ -173,27 +173,46 @@ def _close(handle):
         os.close(handle)
 
 
+# A stat key packed in 32 bytes: one object of 80 bytes, where a tuple of its four
+# ints took about 200. The watcher keeps one a file.
+_KEY = struct.Struct("=qQQQ")
+
+
 def _stat_key(st):
-    """What tells that a file or folder changed, compared whole: (mtime_ns, size,
-    ino, dev). The scan keeps this, not the stat: a stat_result holds some twenty
-    objects, this tuple three or four. Its parts are read only through the
-    accessors below."""
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+    """What tells that a file or folder changed, compared whole: its mtime_ns,
+    size, ino and dev. The scan keeps this, not the stat: a stat_result holds some
+    twenty objects. Its parts are read only through the accessors below.
+
+    Packed in bytes; a stat with a part past 64 bits (an mtime after 2262, a
+    128-bit ReFS file id) is kept as the tuple of its parts. Either compares
+    equal to the key of the same stat, and unequal to any other: a key changes
+    from one form to the other only with the stat.
+    """
+    try:
+        return _KEY.pack(st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+    except struct.error:
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _key_parts(key):
+    """(mtime_ns, size, ino, dev) of a _stat_key()."""
+    return key if type(key) is tuple else _KEY.unpack(key)
 
 
 def _key_mtime(key):
     """The st_mtime_ns of a _stat_key()."""
-    return key[0]
+    return _key_parts(key)[0]
 
 
 def _key_size(key):
     """The st_size of a _stat_key()."""
-    return key[1]
+    return _key_parts(key)[1]
 
 
 def _key_identity(key):
     """The (st_dev, st_ino) of a _stat_key(): which file it is."""
-    return key[3], key[2]
+    _, _, ino, dev = _key_parts(key)
+    return dev, ino
 
 
 def _stat_handle(handle):
