@@ -924,9 +924,9 @@ class ContentStore:
 
     def keep(self, blobs):
         """Let go of everything but blobs: the held count drops, copies are removed."""
-        live = {id(b): b for b in blobs}
-        self.held = sum(b.size for b in live.values() if b.data is not None)
-        wanted = {b.checksum for b in live.values() if b.data is None}
+        live = set(blobs)  # each once: a Blob is equal only to itself
+        self.held = sum(b.size for b in live if b.data is not None)
+        wanted = {b.checksum for b in live if b.data is None}
         for checksum in self._copies - wanted:
             try:
                 os.remove(os.path.join(self._folder, checksum))
@@ -1544,7 +1544,10 @@ class Promoter:
         left have held the others back for MAX_HOLD seconds."""
         settle = int(self.settle * 1e9)
         seen = self._seen
-        for path, change in list(self._changes.items()):
+        # Over a copy of the paths alone (it deletes as it goes): at start, the
+        # pairs would be 10,000 tuples held through all the hashing.
+        for path in list(self._changes):
+            change = self._changes[path]
             if change.looked - change.since < settle or not change.looked:
                 continue
             hashed = time.time_ns()
