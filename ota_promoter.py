@@ -1569,6 +1569,9 @@ class Promoter:
             else:
                 self._dirty = True
             seen[path] = _hashed(change.key, blob, hashed)
+        if not self._changes:
+            # A dict keeps its room once emptied: at start, room for every file.
+            self._changes = {}
         if self._hash_time:
             self._keep()
         if self._changes:
