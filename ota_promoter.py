@@ -333,6 +333,7 @@ def scan(root, ignored=None, problems=None):
 
 
 def _same(st):
+    """What scan() keeps of a stat: all of it, as it always has."""
     return st
 
 
@@ -1502,8 +1503,8 @@ class Promoter:
             for path in [p for p in changes if p not in listed]:
                 del changes[path]  # gone before it settled
             del listed
-        # Let go of the scan's entries (a tuple and a key a file) before the
-        # hashing below: at start, that hashes every file.
+        # Let go of the scan's entries (a tuple and a key a file), and of listed,
+        # before the hashing below: at start, that hashes every file.
         listing.clear()
         if len(seen) != len(old) or any(p not in seen for p in old):
             self._dirty = True
