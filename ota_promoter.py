@@ -49,6 +49,7 @@ import codecs
 import collections
 import errno
 import fnmatch
+import functools
 import hashlib
 import hmac
 import io
@@ -173,9 +174,46 @@ def _close(handle):
         os.close(handle)
 
 
+# A stat key packed in 32 bytes: one object of 80 bytes, where a tuple of its four
+# ints took about 200. The watcher keeps one a file.
+_KEY = struct.Struct("=qQQQ")
+
+
 def _stat_key(st):
-    """What tells that a file or folder changed: compared whole, never read by position."""
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+    """What tells that a file or folder changed, compared whole: its mtime_ns,
+    size, ino and dev. The scan keeps this, not the stat: a stat_result holds some
+    twenty objects. Its parts are read only through the accessors below.
+
+    Packed in bytes; a stat with a part past 64 bits (an mtime after 2262, a
+    128-bit ReFS file id) is kept as the tuple of its parts. Either compares
+    equal to the key of the same stat, and unequal to any other: a key changes
+    from one form to the other only with the stat.
+    """
+    try:
+        return _KEY.pack(st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+    except struct.error:
+        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _key_parts(key):
+    """(mtime_ns, size, ino, dev) of a _stat_key()."""
+    return key if type(key) is tuple else _KEY.unpack(key)
+
+
+def _key_mtime(key):
+    """The st_mtime_ns of a _stat_key()."""
+    return _key_parts(key)[0]
+
+
+def _key_size(key):
+    """The st_size of a _stat_key()."""
+    return _key_parts(key)[1]
+
+
+def _key_identity(key):
+    """The (st_dev, st_ino) of a _stat_key(): which file it is."""
+    _, _, ino, dev = _key_parts(key)
+    return dev, ino
 
 
 def _stat_handle(handle):
@@ -205,9 +243,9 @@ def _open_folders(root, names):
     return folder
 
 
-def _open_regular(root, real, st):
+def _open_regular(root, real, key):
     """Open the file at real (a path inside root) if it is still the regular file
-    of stat st; None if it changed since (a symlink, a fifo, another file)."""
+    of _stat_key() key; None if it changed since (a symlink, a fifo, another file)."""
     *folders, name = real.split("/")
     try:
         folder = _open_folders(root, folders)
@@ -225,7 +263,7 @@ def _open_regular(root, real, st):
             return None  # swapped or removed since the scan: the next scan sees it
         raise
     opened = os.fstat(fd)
-    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != _key_identity(key):
         os.close(fd)
         return None
     return fd
@@ -290,19 +328,25 @@ def scan(root, ignored=None, problems=None):
     """
     handle = _open_root(root)
     try:
-        return [(path, st) for path, st, _ in Scanner(root).scan(handle, ignored, problems)]
+        return [(path, st) for path, st, _ in Scanner(root, _same).scan(handle, ignored, problems)]
     finally:
         _close(handle)
+
+
+def _same(st):
+    """What scan() keeps of a stat: all of it, as it always has."""
+    return st
 
 
 class _Walk:
     """What one scan gathers: files, folders entered, listings, symlinks to follow."""
 
-    def __init__(self, ignored, problems, racy):
+    def __init__(self, ignored, problems, racy, key):
         self.ignored = ignored
         self.problems = problems
         self.racy = racy
-        self.files = []  # (promoted path, stat, real path inside DIR)
+        self.key = key  # what of a file's stat the scan keeps
+        self.files = []  # (promoted path, key(stat), real path inside DIR)
         self.entered = {}  # (st_dev, st_ino) of each folder entered -> its promoted prefix
         self.listings = {}
         self.stale = set()  # folders whose cached listing no longer matches them
@@ -310,9 +354,11 @@ class _Walk:
 
 
 class _Listing:
-    """What reading one folder gave: its stat key then, the (promoted path, name)
-    of its files, the names of its folders, the promoted paths of its symlinks, and
-    the problems of the entries left out."""
+    """What reading one folder gave: its stat key then, the promoted paths of its
+    files, the names of its folders, the promoted paths of its symlinks, and the
+    problems of the entries left out. A file's name is sliced from its path when
+    it is stated: listings last as long as the watcher, so each file keeps one
+    string here, the one its path is everywhere."""
 
     __slots__ = ("key", "files", "folders", "links", "problems")
 
@@ -332,10 +378,13 @@ class Scanner:
     RACY_NS of a scan are re-read anyway, as racy files are rehashed. Real folders
     are walked first, then symlinks; each folder is entered once per scan, so a
     symlink to a folder already promoted (or to a folder above it) is skipped.
+
+    Of each file's stat, a scan gives key(stat): by default its _stat_key().
     """
 
-    def __init__(self, root):
+    def __init__(self, root, key=_stat_key):
         self.root = root
+        self._key = key
         self._listings = {}  # promoted prefix -> _Listing
 
     def forget(self):
@@ -349,8 +398,8 @@ class Scanner:
         return listing.key if listing is not None else None
 
     def scan(self, root, ignored=None, problems=None):
-        """(promoted path, stat, real path) of each file under root, a handle from _open_root."""
-        walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS)
+        """(promoted path, key(stat), real path) of each file under root, a handle from _open_root."""
+        walk = _Walk(ignored, {} if problems is None else problems, time.time_ns() - RACY_NS, self._key)
         self._walk(root, "", "", walk, own=False)
         while walk.links:  # in walk order, so that the same link wins each time
             links, walk.links = sorted(walk.links, key=walk_key), []
@@ -455,7 +504,7 @@ class Scanner:
             try:
                 st = _lstat_in(folder, name)
                 if stat.S_ISREG(st.st_mode):
-                    walk.files.append((path, st, real))
+                    walk.files.append((path, walk.key(st), real))
                 elif stat.S_ISDIR(st.st_mode):
                     self._walk(_open_folder(folder, name), path + "/", real + "/", walk)
             finally:
@@ -467,11 +516,12 @@ class Scanner:
                 walk.problems[path] = "cannot read: %s" % (e.strerror or e)
 
 
-def _stat_files(folder, prefix, real, names, walk):
+def _stat_files(folder, prefix, real, paths, walk):
     # Relative to the folder's descriptor, as os.scandir does: a stat by full
     # path would look up every folder above again, for every file.
-    files, same, at = walk.files, real == prefix, _AT
-    for path, name in names:
+    files, key, same, at, start = walk.files, walk.key, real == prefix, _AT, len(prefix)
+    for path in paths:
+        name = path[start:]
         try:
             if at:  # inline: this loop is most of the poll of an unchanged tree
                 st = os.stat(name, dir_fd=folder, follow_symlinks=False)
@@ -483,14 +533,14 @@ def _stat_files(folder, prefix, real, names, walk):
             walk.problems[path] = "cannot stat: %s" % (e.strerror or e)
             continue
         if stat.S_ISREG(st.st_mode):
-            files.append((path, st, path if same else real + name))
+            files.append((path, key(st), path if same else real + name))
         else:
             walk.stale.add(prefix)  # swapped for a symlink or a fifo: list it again
 
 
 def _list_folder(folder, prefix, key, ignored):
     """Read a folder's names once: what to stat, where to descend, what to warn of."""
-    names, folders, links, problems = [], [], [], {}
+    paths, folders, links, problems = [], [], [], {}
     with os.scandir(folder) as it:
         for entry in it:
             name = entry.name
@@ -515,7 +565,7 @@ def _list_folder(folder, prefix, key, ignored):
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):
-                    names.append((path, name))
+                    paths.append(path)
                 elif entry.is_dir(follow_symlinks=False):
                     folders.append(name)
                 elif entry.is_symlink():
@@ -523,13 +573,19 @@ def _list_folder(folder, prefix, key, ignored):
                 # Sockets, fifos and devices are not files a board can use.
             except OSError:
                 continue  # removed while we looked
-    return _Listing(key, names, folders, links, problems)
+    return _Listing(key, paths, folders, links, problems)
 
 
 def walk_key(path):
     """Sort key of the original's walk order: each folder's entries sorted by name,
-    folders entered in place, so "a/b.py" comes before "a.py"."""
-    return path.split("/")
+    folders entered in place, so "a/b.py" comes before "a.py".
+
+    That is the order of the paths' lists of names (path.split("/")), given
+    here as one string: each "/" made the character below every other, so that
+    a name sorts before any longer one it begins. No promoted name holds it.
+    One string a path, not a list and its names: a version sorts every file.
+    """
+    return path.replace("/", "\x00")
 
 
 def diff(old, new):
@@ -544,14 +600,23 @@ def fat_clashes(paths):
     """Groups of paths that clash on a board's FAT file system, which ignores case
     and the dots and spaces at the end of a name: two files that are one there
     (Config.py, config.py), or a file that is a folder of another (Lib, lib/x.py)."""
-    groups, folders = {}, {}
+    # By FAT's name of each path, its first path; the others of the same name
+    # join a group. Not a group per path: at start, that was 10,000 lists.
+    firsts, groups, folders = {}, {}, {}
     for path in paths:
         parts = [part.rstrip(". ") for part in path.casefold().split("/")]
-        groups.setdefault("/".join(parts), []).append(path)
+        key = "/".join(parts)
+        if key == path:
+            key = path  # most paths are their own FAT name: hold no second string
+        first = firsts.get(key)
+        if first is None:
+            firsts[key] = path
+        else:
+            groups.setdefault(key, [first]).append(path)
         for i in range(1, len(parts)):
             folders.setdefault("/".join(parts[:i]), path)
-    clashes = [g for g in groups.values() if len(g) > 1]
-    clashes += [[group[0], folders[key]] for key, group in groups.items() if key in folders]
+    clashes = list(groups.values())
+    clashes += [[first, folders[key]] for key, first in firsts.items() if key in folders]
     return sorted(tuple(sorted(g)) for g in clashes)
 
 
@@ -888,16 +953,17 @@ class ContentStore:
         self._cleanup = None
         self._copies = set()  # checksums with a private copy
 
-    def hash(self, fd, path, st):
-        """Hash the open file fd, promoted as path and of stat st, into a Blob;
-        None if it grows by more than a chunk while being read (still changing)."""
-        limit = st.st_size + _HASH_CHUNK  # never read a file without end (/dev/zero)
+    def hash(self, fd, path, size):
+        """Hash the open file fd, promoted as path and of size bytes by its stat,
+        into a Blob; None if it grows by more than a chunk while being read (still
+        changing)."""
+        limit = size + _HASH_CHUNK  # never read a file without end (/dev/zero)
         with open(fd, "rb", closefd=False) as f:
-            if self.held + st.st_size <= self.limit:
+            if self.held + size <= self.limit:
                 # read(n) allocates n bytes before it shrinks them to what it read,
                 # and glibc keeps a page per such read: ask for the size the stat said.
-                data = f.read(st.st_size + 1)
-                if len(data) > st.st_size:
+                data = f.read(size + 1)
+                if len(data) > size:
                     data += f.read(limit + 1 - len(data))  # it grew while it was read
                 if len(data) > limit:
                     return None
@@ -982,9 +1048,9 @@ class ContentStore:
 
     def keep(self, blobs):
         """Let go of everything but blobs: the held count drops, copies are removed."""
-        live = {id(b): b for b in blobs}
-        self.held = sum(b.size for b in live.values() if b.data is not None)
-        wanted = {b.checksum for b in live.values() if b.data is None}
+        live = set(blobs)  # each once: a Blob is equal only to itself
+        self.held = sum(b.size for b in live if b.data is not None)
+        wanted = {b.checksum for b in live if b.data is None}
         for checksum in self._copies - wanted:
             try:
                 os.remove(os.path.join(self._folder, checksum))
@@ -1004,9 +1070,10 @@ class ContentStore:
 
 # -- Published versions --------------------------------------------------------------
 #
-# A Version is built once from the hashed files, with its API bodies rendered, and
-# never changes after; Published holds the current one and the one before, which
-# HTTP threads read without a lock while the watcher publishes the next.
+# A Version is built once from the hashed files and never changes after; its
+# larger API bodies are rendered on first use. Published holds the current one
+# and the one before, which HTTP threads read without a lock while the watcher
+# publishes the next.
 
 
 class Version:
@@ -1015,6 +1082,11 @@ class Version:
     held maps the paths whose new bytes do not compile to the error: their
     previous bytes are published instead, or nothing if they are new.
     Once published, nothing in it changes: any thread reads it without a lock.
+
+    by_checksum, by_path, files_json and files_text are made on first use, not
+    with the version: a version may be replaced before anyone asks for them, and
+    each holds a line or an entry per file. Two threads that ask at once may both
+    make one; they make the same thing, and the last one made is kept.
     """
 
     def __init__(self, blobs, held=None):
@@ -1024,21 +1096,61 @@ class Version:
         self.changes = None  # (added, changed, removed) paths against the version before; None for the first
         self.id = version_of(b.checksum for b in blobs)
         self.etag = '"%s"' % self.id
-        self.by_checksum = {b.checksum: b for b in blobs}
-        self.by_path = {b.path: b for b in blobs}
         self.version_json = _json({"version": self.id})
-        files = {"files": [{"path": b.path, "checksum": b.checksum} for b in blobs], "version": self.id}
         self.files_etag = self.etag
         if self.held:
-            files["held"] = [{"path": path, "error": error} for path, error in sorted(self.held.items())]
             # The same version may be published again with other files held back.
-            self.files_etag = '"%s-%s"' % (self.id, version_of(p + e for p, e in sorted(self.held.items()))[:8])
-        self.files_json = _json(files)
-        # For devices: one line per file, sorted by path so that a client can merge
-        # it with its own sorted state without holding either in memory.
-        lines = [self.id + "\n"]
-        lines += ["%s %d %s\n" % (b.checksum, b.size, b.path) for b in sorted(blobs, key=_by_path)]
-        self.files_text = "".join(lines).encode("utf-8")
+            # In UTF-8, not version_of()'s ASCII: a path or an error may be neither.
+            held = "".join(p + e for p, e in sorted(self.held.items())).encode("utf-8")
+            self.files_etag = '"%s-%s"' % (self.id, hashlib.sha1(held).hexdigest()[:8])
+
+    # Each a functools.cached_property: once made, it is a plain attribute of
+    # the instance, read as fast as one set in __init__.
+
+    @functools.cached_property
+    def by_checksum(self):
+        """{checksum: Blob} of its files."""
+        return {b.checksum: b for b in self.blobs}
+
+    @functools.cached_property
+    def by_path(self):
+        """{promoted path: Blob} of its files."""
+        return {b.path: b for b in self.blobs}
+
+    @functools.cached_property
+    def files_json(self):
+        """The /files body: {"files": [{"path", "checksum"}] in walk order, "version",
+        and "held": [{"path", "error"}] sorted by path if any is held}, as _json()
+        renders it."""
+        # Rendered entry by entry, not from a list of a dict per file: the same
+        # bytes, without 10,000 dicts at once. The encoder _json() uses writes
+        # each string, and _json() the rest (its "{" replaced by the files).
+        string = _JSON.encode
+        body = io.BytesIO()
+        body.write(b'{"files":[')
+        comma = ""
+        for b in self.blobs:
+            body.write(('%s{"path":%s,"checksum":%s}' % (comma, string(b.path), string(b.checksum))).encode("utf-8"))
+            comma = ","
+        rest = {"version": self.id}
+        if self.held:
+            rest["held"] = [{"path": path, "error": error} for path, error in sorted(self.held.items())]
+        body.write(b"]," + _json(rest)[1:])
+        return body.getvalue()
+
+    @functools.cached_property
+    def files_text(self):
+        """The /files?format=text body: the version id, then "<checksum> <size>
+        <path>" per file, each on a line.
+
+        For devices: sorted by path so that a client can merge it with its own
+        sorted state without holding either in memory.
+        """
+        body = io.BytesIO()
+        body.write((self.id + "\n").encode("utf-8"))
+        for b in sorted(self.blobs, key=_by_path):
+            body.write(("%s %d %s\n" % (b.checksum, b.size, b.path)).encode("utf-8"))
+        return body.getvalue()
 
 
 class Published:
@@ -1178,23 +1290,50 @@ def _walk_key_of(blob):
     return walk_key(blob.path)
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _JSON.encode(obj).encode("utf-8")
 
 
 # -- The watcher ---------------------------------------------------------------------
 
 
 class _Hashed:
-    """A file as it was last hashed: its _stat_key() then, its Blob, and
-    time.time_ns() when the hashing began."""
+    """A file as it was last hashed: its _stat_key() then, and its Blob.
 
-    __slots__ = ("key", "blob", "hashed")
+    Made by _hashed(). A _Hashed was hashed well after its last write (its
+    mtime), so its stat tells all while it stays the same: hashed is None. A
+    racy file's is a _Racy, that keeps when its hashing began.
+    """
 
-    def __init__(self, key, blob, hashed):
+    __slots__ = ("key", "blob")
+    hashed = None
+
+    def __init__(self, key, blob):
         self.key = key
         self.blob = blob
+
+
+class _Racy(_Hashed):
+    """A file hashed within RACY_NS of its mtime, with hashed, time.time_ns()
+    when its hashing began: the full scans rehash it until it is older. Most
+    files are not racy, so only these carry that time."""
+
+    __slots__ = ("hashed",)
+
+    def __init__(self, key, blob, hashed):
+        _Hashed.__init__(self, key, blob)
         self.hashed = hashed
+
+
+def _hashed(key, blob, hashed):
+    """A _Hashed of a file of _stat_key() key whose hashing began at
+    time.time_ns() hashed; a _Racy if its mtime is within RACY_NS of it."""
+    if _key_mtime(key) < hashed - RACY_NS:
+        return _Hashed(key, blob)
+    return _Racy(key, blob, hashed)
 
 
 class _Unreadable:
@@ -1210,12 +1349,11 @@ class _Unreadable:
 class _Change:
     """A file whose stat differs from when it was hashed, waiting to settle."""
 
-    __slots__ = ("key", "real", "st", "since", "looked")
+    __slots__ = ("key", "real", "since", "looked")
 
-    def __init__(self, key, real, st, since):
+    def __init__(self, key, real, since):
         self.key = key
         self.real = real
-        self.st = st
         self.since = since  # time.time_ns() when a look first found this stat
         self.looked = 0  # time.time_ns() of the last look that found the same stat, or 0
 
@@ -1436,7 +1574,7 @@ class Promoter:
                         else:
                             del self._changes[path]
                 else:
-                    self._note(path, real, st, key, now)
+                    self._note(path, real, key, now)
             if not self._changes:
                 return False
             try:
@@ -1490,13 +1628,12 @@ class Promoter:
 
     def _observe(self, root, listing, problems, now):
         """Compare a full scan, begun at time.time_ns() now, with what was hashed:
-        note the changes, forget what went."""
+        note the changes, forget what went. Empties listing, the scan's list."""
         if self._root_lost:
             log.info("folder %s is readable again", self.root)
             self._root_lost = False
         seen, old, changes = {}, self._seen, self._changes
-        for path, st, real in listing:
-            key = _stat_key(st)
+        for path, key, real in listing:
             failed = self._failed.get(path)
             if failed is not None and failed.key == key:
                 problems[path] = failed.problem  # unreadable as it was: not read again
@@ -1511,27 +1648,31 @@ class Promoter:
                             change.looked = now
                             continue
                         del changes[path]  # back to the stat it was hashed with
-                    if st.st_mtime_ns < prev.hashed - RACY_NS:
+                    if prev.hashed is None or _key_mtime(key) < prev.hashed - RACY_NS:
                         continue  # hashed well after its last write: its stat tells all
                     # Racy: written within RACY_NS of its hashing, it may have
                     # changed since in the same mtime tick. Rehashed at the pace of
                     # full scans (not of quick looks), until it is older.
                     hashed = time.time_ns()
                     try:
-                        blob = self._hash(root, path, real, st)
+                        blob = self._hash(root, path, real, key)
                     except OSError as e:
                         self._unreadable(path, key, e, problems, seen)
                         continue
                     if blob is not None and blob.checksum == prev.blob.checksum:
-                        seen[path] = _Hashed(key, prev.blob, hashed)
+                        seen[path] = _hashed(key, prev.blob, hashed)
                         continue
-                    self._note(path, real, st, key, now, again=True)
+                    self._note(path, real, key, now, again=True)
                     continue
-            self._note(path, real, st, key, now)
+            self._note(path, real, key, now)
         if changes:
             listed = {path for path, _, _ in listing}
             for path in [p for p in changes if p not in listed]:
                 del changes[path]  # gone before it settled
+            del listed
+        # Let go of the scan's entries (a tuple and a key a file), and of listed,
+        # before the hashing below: at start, that hashes every file.
+        listing.clear()
         if len(seen) != len(old) or any(p not in seen for p in old):
             self._dirty = True
         self._seen = seen
@@ -1544,7 +1685,7 @@ class Promoter:
         self._report(problems)
         return published
 
-    def _note(self, path, real, st, key, before, again=False):
+    def _note(self, path, real, key, before, again=False):
         """A look at a file whose stat differs from when it was hashed; before is
         a time.time_ns() taken before the stat."""
         change = self._changes.get(path)
@@ -1553,7 +1694,7 @@ class Promoter:
             return
         # Dated after the stat, and each later look before its own: the stat has
         # stayed the same for at least looked - since.
-        self._changes[path] = _Change(key, real, st, time.time_ns())
+        self._changes[path] = _Change(key, real, time.time_ns())
         self._hot[path] = real
         self._hot.move_to_end(path)
         while len(self._hot) > self.HOT_FILES:
@@ -1571,15 +1712,18 @@ class Promoter:
         left have held the others back for MAX_HOLD seconds."""
         settle = int(self.settle * 1e9)
         seen = self._seen
-        changes = list(self._changes.items())
-        for done, (path, change) in enumerate(changes):
+        # Over a copy of the paths alone (it deletes as it goes): at start, the
+        # pairs would be 10,000 tuples held through all the hashing.
+        paths = list(self._changes)
+        for done, path in enumerate(paths):
             if self._first and self._due():
-                self._progress("read %s of %s files" % (_count(done), _count(len(changes))))
+                self._progress("read %s of %s files" % (_count(done), _count(len(paths))))
+            change = self._changes[path]
             if change.looked - change.since < settle or not change.looked:
                 continue
             hashed = time.time_ns()
             try:
-                blob = self._hash(root, path, change.real, change.st)
+                blob = self._hash(root, path, change.real, change.key)
             except OSError as e:
                 if problems is not None:  # a quick look leaves it to the next full scan
                     self._unreadable(path, change.key, e, problems, seen)
@@ -1595,7 +1739,10 @@ class Promoter:
                 blob = prev.blob  # keep the bytes already held
             else:
                 self._dirty = True
-            seen[path] = _Hashed(change.key, blob, hashed)
+            seen[path] = _hashed(change.key, blob, hashed)
+        if not self._changes:
+            # A dict keeps its room once emptied: at start, room for every file.
+            self._changes = {}
         if self._hash_time:
             self._keep()
         if self._changes:
@@ -1638,20 +1785,20 @@ class Promoter:
         self._publish(version, self._first)
         return True
 
-    def _hash(self, root, path, real, st):
-        """A Blob of the file the scan saw at path, or None if it changed since:
-        swapped, or written while it was read."""
-        fd = _open_regular(root, real, st)
+    def _hash(self, root, path, real, key):
+        """A Blob of the file the scan saw at path with _stat_key() key, or None if
+        it changed since: swapped, or written while it was read."""
+        fd = _open_regular(root, real, key)
         if fd is None:
             return None
         start = time.thread_time()
         try:
-            blob = self.store.hash(fd, path, st)
+            blob = self.store.hash(fd, path, _key_size(key))
             after = os.fstat(fd)
         finally:
             os.close(fd)
             self._hash_time += time.thread_time() - start
-        if blob is not None and _stat_key(after) != _stat_key(st):
+        if blob is not None and _stat_key(after) != key:
             return None
         return blob
 
@@ -1845,7 +1992,7 @@ class Promoter:
         self.store.keep(blobs)
 
     def _warn_of_clashes(self, version):
-        clashes = fat_clashes(version.by_path)
+        clashes = fat_clashes([b.path for b in version.blobs])  # not by_path: made on first use
         for group in clashes:
             if group not in self._clashes:
                 log.warning("%s clash on a board's FAT file system (which ignores case and a name's "

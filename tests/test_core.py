@@ -1,6 +1,7 @@
 """The pure core and the watcher: hashing, walk order, skip rules, change detection."""
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -81,6 +82,35 @@ def test_unicode_paths_are_hashed_as_utf8(tree):
     write(tree, "données/été.py", "x")
     p = Promoter(str(tree))
     assert p.manifest() == [{"path": "données/été.py", "checksum": checksum("x", "données/été.py")}]
+
+
+def test_version_bodies_are_the_json_and_lines_of_its_files():
+    # Rendered on first use, entry by entry: the bytes json.dumps gives the whole.
+    names = ["b.py", 'q"uote\\back\x01ctl', "été/ünï.py", "a/b.py", "\u2028line.py"]
+    blobs = [ota_promoter.Blob(name, hashlib.sha1(name.encode()).hexdigest(), n * 300, b"", True)
+             for n, name in enumerate(names)]
+    held = {"new.py": 'line 1: "x"\n', "a.py": "2: SyntaxError"}
+    for version in (ota_promoter.Version(blobs), ota_promoter.Version(blobs, held), ota_promoter.Version([])):
+        files = {"files": [{"path": b.path, "checksum": b.checksum} for b in version.blobs], "version": version.id}
+        if version.held:
+            files["held"] = [{"path": p, "error": e} for p, e in sorted(version.held.items())]
+        expected = json.dumps(files, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert version.files_json == expected
+        assert version.files_json is version.files_json  # made once
+        lines = [version.id + "\n"] + ["%s %d %s\n" % (b.checksum, b.size, b.path)
+                                       for b in sorted(version.blobs, key=lambda b: b.path)]
+        assert version.files_text == "".join(lines).encode("utf-8")
+        assert version.by_path == {b.path: b for b in version.blobs}
+        assert version.by_checksum == {b.checksum: b for b in version.blobs}
+
+
+def test_a_module_named_or_erring_in_other_than_ascii_is_held_back(tree):
+    write(tree, "été.py", "x = 'é'\nx = (\n")
+    p = Promoter(str(tree), check=ota_promoter.SourceCheck())
+    assert p.manifest() == []
+    assert list(p.current.held) == ["été.py"]
+    etag = hashlib.sha1(("été.py" + p.current.held["été.py"]).encode("utf-8")).hexdigest()[:8]
+    assert p.current.files_etag == '"%s-%s"' % (p.version, etag)
 
 
 def test_diff_names_added_changed_and_removed():

@@ -11,7 +11,7 @@ import pytest
 
 import ota_promoter
 from ota_promoter import Promoter
-from helpers import TIMEOUT, checksum, until, write
+from helpers import TIMEOUT, checksum, settle, until, write
 
 
 def paths(p):
@@ -148,6 +148,38 @@ def test_a_racy_file_is_rehashed_by_full_scans_only(tree, monkeypatch):
     assert hashes == []
     p.poll_once()
     assert len(hashes) == 1
+
+
+def test_a_racy_file_is_rehashed_until_a_hashing_began_long_after_its_write(tree, monkeypatch):
+    write(tree, "main.py", "1")
+    monkeypatch.setattr(ota_promoter, "RACY_NS", 10**18)  # every hashing is within it of the write
+    p = Promoter(str(tree), settle=0)
+    hashes = count_calls(monkeypatch, p, "_hash")
+    p.poll_once()
+    p.poll_once()
+    assert len(hashes) == 2
+    monkeypatch.setattr(ota_promoter, "RACY_NS", 0)  # the last hashing began after the write
+    p.poll_once()
+    p.poll_once()
+    assert len(hashes) == 2
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("1", "main.py")}]
+
+
+def test_a_file_dated_past_what_64_bits_of_nanoseconds_hold_is_watched(tree):
+    full = write(tree, "main.py", "1")
+    far = 2**63 + 10**18  # in nanoseconds since 1970: past the year 2262
+    os.utime(full, ns=(far, far))
+    if os.stat(full).st_mtime_ns != far:
+        pytest.skip("this file system cannot date a file so far ahead")
+    p = Promoter(str(tree), settle=0)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("1", "main.py")}]
+    write(tree, "main.py", "22")
+    os.utime(full, ns=(far, far))  # the same mtime, another size
+    settle(p)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("22", "main.py")}]
+    write(tree, "main.py", "33")  # dated now again
+    settle(p)
+    assert p.manifest() == [{"path": "main.py", "checksum": checksum("33", "main.py")}]
 
 
 def test_the_files_looked_at_quickly_are_bounded(tree):
