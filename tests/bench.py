@@ -1184,7 +1184,9 @@ def bench_start(work, sizes, run):
     a. --no-check; b. the default check with compile() (no mpy-cross on PATH); c. with
     mpy-cross on PATH and an empty cache ($XDG_CACHE_HOME/ota-promoter/); d. the same
     again, with the cache c left; e. the Go original ($OTA_PROMOTER_ORIGINAL); f. a
-    bare interpreter's RSS, the interpreter's own share."""
+    bare interpreter's RSS, the interpreter's own share; g. --no-check run as a module
+    (python3 -m ota_promoter), whose syntax tree CPython frees at once, where a
+    script's stays until the script ends."""
     if not os.path.exists("/proc/self/status"):
         return [], ["13. skipped: no /proc on this system"]
     notes = []
@@ -1220,10 +1222,14 @@ def bench_start(work, sizes, run):
             os.makedirs(folder)
             return folder
 
-        def this_server(*options, env):
+        def this_server(*options, env, program=(server,)):
             port = free_port()
-            return start_and_rss([sys.executable, server, tree, "--host", "127.0.0.1", "--port", str(port), "-q"]
-                                 + list(options), port, env, sizes.start_timeout)
+            return start_and_rss([sys.executable] + list(program) + [tree, "--host", "127.0.0.1", "--port",
+                                 str(port), "-q"] + list(options), port, env, sizes.start_timeout)
+
+        def as_module():
+            return this_server("--no-check", env=dict(environment(cache()), PYTHONPATH=ROOT),
+                               program=("-m", "ota_promoter"))
 
         def go_original():
             port = free_port()
@@ -1237,7 +1243,7 @@ def bench_start(work, sizes, run):
         # Turns: each configuration once, in an order that reverses in odd runs; c and d
         # stay together, c first, as d starts on the cache c leaves.
         turns = [("a", lambda: this_server("--no-check", env=environment(cache()))),
-                 ("b", lambda: this_server(env=environment(cache())))]
+                 ("b", lambda: this_server(env=environment(cache()))), ("g", as_module)]
         if mpy_cross:
             turns.append(("cd", mpy_cross_cold_then_warm))
         if original:
@@ -1256,6 +1262,7 @@ def bench_start(work, sizes, run):
             ("c", "the check with `mpy-cross`, first start (empty cache)"),
             ("d", "the check with `mpy-cross`, second start (the cache of the first)"),
             ("e", "the Go original"),
+            ("g", "`--no-check`, run as a module (`python3 -m ota_promoter`)"),
         ]
         base = "`--no-check`, in turns"
         for i, unit, label in ((0, "ms", "start to the first 200 of `/files/version`"),

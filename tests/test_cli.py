@@ -77,6 +77,16 @@ def test_port_in_use(tree):
     )
 
 
+def test_a_missing_folder_is_said_before_a_port_in_use(tmp_path):
+    # The server listens before the first version: the folder is looked at first.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run(str(tmp_path / "app"), "--host", "127.0.0.1", "--port", str(port))
+    assert_user_error(result, "folder %r does not exist" % str(tmp_path / "app"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--port", "70000"], "argument --port: invalid port value: '70000'"),

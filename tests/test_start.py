@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from helpers import (
     until, write,
 )
 import ota
+import ota_promoter
 
 
 @pytest.fixture
@@ -307,3 +309,122 @@ def test_where_the_verdicts_are_kept(tree, tmp_path, case):
             "warning: compile verdicts are not kept between runs: the cache folder %s is inside %s"
             % (cache_home / "ota-promoter", tree)]
         assert not cache_home.exists()  # nothing written into DIR
+
+
+def test_a_checksum_two_paths_share_is_no_verdict_for_the_other(tmp_path, cache, recall_always):
+    # A checksum is the sha1 of the bytes then the path: these two have one.
+    ok, bad = tmp_path / "ok", tmp_path / "bad"
+    write(ok, "lib/x.py", "A = 1\n")
+    write(bad, "x.py", "A = 1\nlib/")
+    assert ota_promoter.file_checksum(b"A = 1\n", "lib/x.py") == ota_promoter.file_checksum(b"A = 1\nlib/", "x.py")
+    _, compiled = start(ok, Counting(SourceCheck(cache=cache)))
+    assert compiled == ["lib/x.py"] and len(cache_lines(cache)) == 1
+    promoter, compiled = start(bad, Counting(SourceCheck(cache=cache)))
+    assert compiled == ["x.py"]
+    assert list(promoter.current.held) == ["x.py"]
+
+
+@needs_posix
+@pytest.mark.parametrize("kind", ["a fifo", "/dev/zero"])
+def test_a_cache_that_is_no_file_is_neither_waited_for_nor_read_without_end(tree, cache, recall_always, kind,
+                                                                          caplog):
+    every = sources(tree, 3)
+    os.makedirs(cache.folder)
+    if kind == "a fifo":
+        os.mkfifo(cache.path)
+    else:
+        os.symlink("/dev/zero", cache.path)
+    done = []
+    with caplog.at_level(logging.WARNING, logger="ota_promoter"):
+        thread = threading.Thread(target=lambda: done.append(start(tree, Counting(SourceCheck(cache=cache)))),
+                                  daemon=True)  # a blocked open() would hold the test run at its end
+        thread.start()
+        thread.join(TIMEOUT)
+    assert done, "the start waits for the cache"
+    assert done[0][1] == every
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["compile verdicts are not kept between runs: cannot read %s (not a regular file)"
+                        % cache.path]
+
+
+LENIENT_MPY_CROSS = """#!/bin/sh
+# An mpy-cross that compiles anything, and is gone once it compiled a_bad.py.
+if [ "$1" = "--version" ]; then echo "MicroPython v0.0-lenient; mpy-cross emitting mpy v6.3"; exit 0; fi
+out=""; src=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; [ "$prev" = "-s" ] && src="$a"; prev="$a"; done
+printf 'M\\006\\000\\037' > "$out"
+[ "$src" = "a_bad.py" ] && rm -f "$0"
+exit 0
+"""
+
+
+@needs_posix
+def test_a_check_that_falls_back_to_compile_keeps_no_verdict_of_the_mpy_cross_before(
+        tree, tmp_path, cache, recall_always, monkeypatch, caplog):
+    program = tmp_path / "bin" / "mpy-cross"
+    write(program.parent, "mpy-cross", LENIENT_MPY_CROSS)
+    os.chmod(str(program), stat.S_IRWXU)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one compile at a time, in walk order
+    write(tree, "a_bad.py", "f(x for x in y, 1)\n")  # mpy-cross takes it, compile() does not
+    write(tree, "b.py", "B = 1\n")
+    with caplog.at_level(logging.WARNING, logger="ota_promoter"):
+        first, compiled = start(tree, Counting(SourceCheck(str(program), cache=cache)))
+    assert compiled == ["a_bad.py", "b.py"] and first.current.held == {}  # mpy-cross's verdict, then compile()'s
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["cannot run %s" % program]
+    assert first.check.cache is None and not os.path.exists(cache.path)  # the verdicts mix two checkers
+    again, compiled = start(tree, Counting(SourceCheck(cache=cache)))
+    assert compiled == ["a_bad.py", "b.py"] and list(again.current.held) == ["a_bad.py"]
+
+
+def test_no_home_folder_is_no_cache_folder(tree, monkeypatch, caplog):
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # "~" stays: no $HOME, no user entry
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert VerdictCache.default_folder() is None
+    with caplog.at_level(logging.WARNING, logger="ota_promoter"):
+        assert ota_promoter._verdict_cache(str(tree)) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "compile verdicts are not kept between runs: no cache folder (no home folder: set XDG_CACHE_HOME)"]
+
+
+def test_a_long_first_check_says_its_verdicts_are_kept_only_if_they_are(tree, cache, monkeypatch, caplog):
+    monkeypatch.setattr(Promoter, "PROGRESS_AFTER", 0.0)
+    for i in range(20):
+        write(tree, "m%02d.py" % i, "N = %d\n" % i)
+    os.makedirs(cache.path)  # its path taken by a folder: nothing can be read or written there
+    with caplog.at_level(logging.INFO, logger="ota_promoter"):
+        Promoter(str(tree), interval=3600, check=SlowCheck(cache=cache))
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"starting: the first version took \d+\.\d s", lines[-1]), lines
+
+
+POKE = """import os, signal, sys, threading, time, urllib.request
+sys.path.insert(0, %r)
+import ota_promoter
+
+
+def poke():
+    # Once the server serves, SIGTERM to this thread, as the system may give it a
+    # signal sent to the process: the main thread sleeps meanwhile.
+    while True:
+        try:
+            urllib.request.urlopen("http://127.0.0.1:%%s/files/version" %% sys.argv[-1], timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+threading.Thread(target=poke, daemon=True).start()
+sys.exit(ota_promoter.main(sys.argv[1:]))
+"""
+
+
+@needs_posix
+def test_a_signal_the_system_gives_another_thread_stops_the_server(tree, tmp_path):
+    write(tree, "main.py", "print(1)\n")
+    driver = write(tmp_path, "driver.py", POKE % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = run(str(tree), "--host", "127.0.0.1", "--no-cache", "--port", str(free_port()), script=driver)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1][9:] == "stopped"
