@@ -1288,7 +1288,7 @@ class Published:
         self._tell()
 
     def _tell(self):
-        for listener in self.listeners:
+        for listener in list(self.listeners):  # a listener may remove itself
             try:
                 listener()
             except Exception:
@@ -3804,7 +3804,7 @@ def main(argv=None):
         if args.export is not None:
             _export_once(promoter, args, started)
         else:
-            published.ungate()
+            _serve_once_whole(published)
             promoter.start()
             _give_back_freed_memory()
             _announce(promoter, server, args)
@@ -3844,6 +3844,33 @@ def _give_back_freed_memory():
         ctypes.CDLL(None).malloc_trim(0)
     except (ImportError, OSError, AttributeError):
         pass  # no ctypes, or a C library without malloc_trim (musl)
+
+
+def _serve_once_whole(published):
+    """Serve the first version once no file of it is held back (its source does
+    not compile). The server knows no earlier bytes of it to publish instead, and
+    a board told a version without a file it has deletes that file: until the
+    fix is saved, boards are told to come back (503), and keep what they have."""
+    said = False
+
+    def look():
+        nonlocal said
+        held = sorted(published.current.held)
+        if held:
+            published.progress = "%s do%s not compile: boards keep their files until %s fixed" % (
+                ", ".join(held[:3]) + (", ..." if len(held) > 3 else ""), "es" if len(held) == 1 else "",
+                "it is" if len(held) == 1 else "they are")
+            if not said:
+                log.warning("not serving yet: %s", published.progress)
+                said = True
+        else:
+            published.listeners.remove(look)
+            published.ungate()
+            if said:
+                log.info("serving version %s", published.version[:7])
+
+    published.listeners.append(look)
+    look()
 
 
 def _verdict_cache(folder):

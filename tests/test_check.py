@@ -160,8 +160,10 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
         held = "main.py:%s (not published: the boards keep the last copy that compiled)"
         held %= SourceCheck(program if path == str(bin_dir) else None).error("main.py", b"print(1\n")
         assert lines[0] == "error: " + held
-        assert lines[1].startswith("ota-promoter %s: serving %s, 0 files, " % (ota_promoter.__version__, tree))
-        assert lines[3] == ".py files are published once they compile with %s" % name
+        assert lines[1] == ("warning: not serving yet: main.py does not compile: boards keep their files until "
+                            "it is fixed")
+        assert lines[2].startswith("ota-promoter %s: serving %s, 0 files, " % (ota_promoter.__version__, tree))
+        assert lines[4] == ".py files are published once they compile with %s" % name
         assert app.stop() == (0, ["stopped"])
     app = running(str(tree), "--host", "127.0.0.1", "--port", "0", "--no-check")
     lines, [url] = app.banner()

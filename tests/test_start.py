@@ -428,3 +428,30 @@ def test_a_signal_the_system_gives_another_thread_stops_the_server(tree, tmp_pat
     result = run(str(tree), "--host", "127.0.0.1", "--no-cache", "--port", str(free_port()), script=driver)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[-1][9:] == "stopped"
+
+
+@pytest.mark.slow
+def test_a_first_version_with_a_file_held_back_is_served_once_it_compiles(tree, tmp_path, running):
+    # A board told a version without lib/x.py would delete the lib/x.py it has.
+    write(tree, "main.py", "import x\n")
+    write(tree, "lib/x.py", "def f(:\n")
+    port = free_port()  # its version is not served before the fix, when the test must reach it
+    app = running(str(tree), "--host", "127.0.0.1", "--port", str(port))
+    url = "http://127.0.0.1:%d" % port
+    assert app.log.get(timeout=TIMEOUT).startswith("error: lib/x.py:1:7: SyntaxError: ")
+    waiting = "lib/x.py does not compile: boards keep their files until it is fixed"
+    assert app.log.get(timeout=TIMEOUT) == "warning: not serving yet: " + waiting
+    app.banner()
+    r = request(url, "/files/version")
+    assert (r.status, r.json()) == (503, {"error": "starting: " + waiting})
+    write(tree, "lib/x.py", "def f():\n    pass\n")
+
+    def served():
+        answer = request(url, "/files/version")
+        return answer if answer.status == 200 else None
+
+    r = until(served, "the fixed version")
+    files_now = request(url, "/files").json()
+    assert [f["path"] for f in files_now["files"]] == ["lib/x.py", "main.py"]
+    assert files_now["version"] == r.json()["version"]
+    assert app.stop()[0] == 0
