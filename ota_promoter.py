@@ -652,8 +652,8 @@ class SourceCheck:
             found = re.search(r"emitting mpy v([0-9.]+)", version)
             self.mpy_version = found.group(1).rstrip(".") if found else None
             st = os.stat(mpy_cross)
-            identity = [_CHECK_REVISION, "mpy-cross", version, os.path.realpath(mpy_cross), str(st.st_size), str(st.st_mtime_ns),
-                        " ".join(_MPY_CROSS_ARGS)]
+            identity = [_CHECK_REVISION, "mpy-cross", version, os.path.realpath(mpy_cross), str(st.st_size),
+                        str(st.st_mtime_ns), " ".join(_MPY_CROSS_ARGS)]
         self.identity = "\0".join(identity).encode("utf-8", "surrogateescape")
 
     def key(self, checksum, path):
@@ -735,7 +735,7 @@ class SourceCheck:
 
 class VerdictCache:
     """The sources that compiled in earlier runs, so that a restart compiles only
-    what is new: a file in the user's cache folder (folder()), never in DIR, with
+    what is new: a file in the user's cache folder (default_folder()), not in DIR, with
     one line per verdict, its SourceCheck.key(): the sha1 of the checker's exact
     identity, the file's checksum (its bytes and path) and its path, in hex.
 
