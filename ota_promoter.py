@@ -780,10 +780,14 @@ class VerdictCache:
             # Not blocked by a fifo, nor endless on a device: a regular file, up to its size.
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
                          | getattr(os, "O_BINARY", 0))
-            with open(fd, "rb") as f:
+            try:  # before open(fd), which refuses a folder's descriptor and leaves it open
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EINVAL, "not a regular file")
+            except OSError:
+                os.close(fd)
+                raise
+            with open(fd, "rb") as f:
                 f.seek(max(0, st.st_size - 2 * self.LIMIT * self._LINE))  # damaged or foreign: its end at most
                 for line in f:  # a line at a time: the file may be megabytes
                     key = line[:40]
@@ -1108,8 +1112,9 @@ class Version:
 
     by_checksum, by_path, files_json and files_text are made on first use, not
     with the version: a version may be replaced before anyone asks for them, and
-    each holds a line or an entry per file. Two threads that ask at once may both
-    make one; they make the same thing, and the last one made is kept.
+    each holds a line or an entry per file. Two threads that ask at once get the
+    same thing (before Python 3.12, one makes it while the other waits; from
+    3.12, both may make it, and the last one made is kept).
     """
 
     def __init__(self, blobs, held=None):
@@ -1196,10 +1201,10 @@ class Published:
       progress            what the first version waits for, said to those who ask
     For the one publisher: publish(version), replace(version); store, the
       ContentStore that keeps the bytes; progress.
-    For the owner: ungate() serves the first version of a gated Published (one
-      its owner vets before a board may have it); once no one publishes,
-      release() to end the waits a caller stops, close() to end every wait and
-      remove the private copies.
+    For the owner: gate() serves nothing until ungate() (a first version its
+      owner vets before a board may have it: gated=True from the start); once
+      no one publishes, release() to end the waits a caller stops, close() to
+      end every wait and remove the private copies.
     """
 
     def __init__(self, store=None, gated=False):
@@ -1271,6 +1276,13 @@ class Published:
             self.ready = not self._gated
             self._changed.notify_all()
         self._tell()
+
+    def gate(self):
+        """Serve nothing from now until ungate(): for an owner that must vet what
+        is published before boards have it."""
+        with self._changed:
+            self._gated = True
+            self.ready = False
 
     def ungate(self):
         """Serve what is published: the first version of a gated Published."""
@@ -1404,9 +1416,9 @@ class Promoter:
     ready, progress, manifest(), blob(), read(), store, listeners) may be read
     from any thread.
     Tunables, class attributes set on an instance: interval, settle,
-    QUICK_INTERVAL, HOT_FILES, SCAN_PACE, MAX_HOLD, RECALL_FROM; and those
-    the first version uses, set on the class (or a subclass): PROGRESS_AFTER,
-    PROGRESS_EVERY.
+    QUICK_INTERVAL, HOT_FILES, SCAN_PACE, MAX_HOLD; and those the first version
+    uses too, set on the class (or a subclass) for it: RECALL_FROM,
+    PROGRESS_AFTER, PROGRESS_EVERY.
     """
 
     #: The shortest time between two full scans of the tree, in seconds (--interval).
@@ -1466,7 +1478,9 @@ class Promoter:
         self.published = Published(ContentStore(store_limit)) if published is None else published
         self.check = check  # a SourceCheck, or None to publish sources unchecked
         self.mpy = mpy  # publish each module as the .mpy its compile made (mpy_path)
-        self._verdicts = {}  # checksum -> _Verdict, for the sources seen
+        # (checksum, path) -> _Verdict, for the sources seen. Not by checksum alone: that
+        # does not tell "A = 1\n" at lib/x.py from "A = 1\nlib/" at x.py (SourceCheck.key()).
+        self._verdicts = {}
         self._mpy_skipped = {}  # path -> why --mpy leaves it out, already logged
         self._globs = list(ignore)
         self._ignore_text = None
@@ -1804,7 +1818,7 @@ class Promoter:
             if path in unsettled or path in held:
                 blobs.append(published.get(target))
             elif target != path:
-                blobs.append(self._verdicts[seen[path].blob.checksum].bytecode)
+                blobs.append(self._verdicts[seen[path].blob.checksum, path].bytecode)
             else:
                 blobs.append(seen[path].blob)
         blobs = sorted((b for b in blobs if b is not None), key=_walk_key_of)
@@ -1838,16 +1852,18 @@ class Promoter:
         """{path: error} of the settled .py files that do not compile; with mpy,
         the bytecode of the modules that do, in their _Verdict.
 
-        Each checksum is compiled once, so an unchanged tree costs nothing more;
-        with mpy, that one compile is the check and makes the bytecode. What
-        compiled in an earlier run is not compiled again (_recall).
+        Each source (its checksum and its path) is compiled once, so an
+        unchanged tree costs nothing more; with mpy, that one compile is the
+        check and makes the bytecode. What compiled in an earlier run is not
+        compiled again (_recall).
         """
         verdicts, todo = {}, []
         for path, entry in seen.items():
             blob = entry.blob
             if path.endswith(".py") and path not in unsettled and blob is not None:
-                if blob.checksum in self._verdicts:
-                    verdicts[blob.checksum] = self._verdicts[blob.checksum]
+                known = self._verdicts.get((blob.checksum, path))
+                if known is not None:
+                    verdicts[blob.checksum, path] = known
                 else:
                     todo.append(blob)
         recalled = len(todo)
@@ -1872,9 +1888,10 @@ class Promoter:
 
             def record(blob, error, bytecode):
                 if bytecode is not None and self.mpy and mpy_path(blob.path) != blob.path:
-                    verdicts[blob.checksum] = _Verdict(None, self.store.put(mpy_path(blob.path), bytecode))
+                    bytecode = self.store.put(mpy_path(blob.path), bytecode)
+                    verdicts[blob.checksum, blob.path] = _Verdict(None, bytecode)
                 else:
-                    verdicts[blob.checksum] = _PASSED if error is None else _Verdict(error)
+                    verdicts[blob.checksum, blob.path] = _PASSED if error is None else _Verdict(error)
                 if error is None:
                     passed.append(blob)
 
@@ -1922,7 +1939,7 @@ class Promoter:
         held = {}
         for path, entry in seen.items():
             blob = entry.blob
-            verdict = verdicts.get(blob.checksum) if blob is not None else None
+            verdict = verdicts.get((blob.checksum, path)) if blob is not None else None
             if verdict is not None and verdict.error is not None:
                 held[path] = verdict.error
         return held
@@ -1938,14 +1955,14 @@ class Promoter:
         keys = {self.check.key(blob.checksum, blob.path): blob for blob in todo}
         found = cache.passed(keys)
         for key in found:
-            verdicts[keys[key].checksum] = _PASSED
+            verdicts[keys[key].checksum, keys[key].path] = _PASSED
         return [blob for key, blob in keys.items() if key not in found]
 
     def _passed_keys(self, seen):
         """The cache keys of the sources seen that compiled: what a compaction keeps."""
         keys = []
         for path, entry in seen.items():
-            verdict = self._verdicts.get(entry.blob.checksum) if entry.blob is not None else None
+            verdict = self._verdicts.get((entry.blob.checksum, path)) if entry.blob is not None else None
             if verdict is not None and verdict.error is None:
                 keys.append(self.check.key(entry.blob.checksum, path))
         return keys
@@ -1982,7 +1999,7 @@ class Promoter:
             target = mpy_path(path)
             source = path[:-4] + ".py"
             if target != path:
-                verdict = self._verdicts.get(entry.blob.checksum)
+                verdict = self._verdicts.get((entry.blob.checksum, path))
                 if verdict is None or verdict.error is not None:
                     if path in published:  # held or settling: its last copy was published as source
                         target = path
@@ -2053,10 +2070,15 @@ class Promoter:
             fd = os.open(os.path.join(self.root, IGNORE_FILE), _FILE_FLAGS & ~_NOFOLLOW)
         except OSError:
             return ""
-        with open(fd, "rb") as f:
+        # Its mode before open(fd): open() refuses a folder's descriptor with
+        # IsADirectoryError, and leaves it open (a folder named so in DIR).
+        try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return ""
-            return f.read(_HASH_CHUNK).decode("utf-8", "replace")
+            with open(fd, "rb", closefd=False) as f:
+                return f.read(_HASH_CHUNK).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
 
     def _report(self, problems):
         """Log each problem once, while it persists."""
@@ -2111,8 +2133,12 @@ class Promoter:
         PromoterServer, to start() (a background thread) or serve_forever().
 
         The one-call form of what main() composes: the server's close() then stops
-        this Promoter too (its promoter attribute names it).
+        this Promoter too (its promoter attribute names it). As there, a first
+        version with a file held back is not served until that file compiles.
         """
+        if self.current.changes is None and self.current.held:  # the first version
+            self.published.gate()
+            _serve_once_whole(self.published)
         server = PromoterServer((host, port), self.published, Boards(), token=token, idle_timeout=idle_timeout)
         server.promoter = self
         server.on_close.append(self.stop)
@@ -3097,6 +3123,11 @@ class PromoterServer(ThreadingHTTPServer):
         self._thread.start()
         return self
 
+    @property
+    def serving(self):
+        """True while the thread start() made serves."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self):
         """Release the long-polls, stop serving, close the listening socket; then
         call on_close's functions."""
@@ -3811,8 +3842,9 @@ def main(argv=None):
             # The server's thread serves until Ctrl-C or SIGTERM lands here. The
             # system may give a signal to another thread: its handler then runs
             # once this one wakes, so it wakes often (as serve_forever() did here).
-            while True:
+            while server.serving:
                 time.sleep(0.5)
+            raise PromoterError("the server stopped serving: its error is above")
     except PromoterError as e:
         error = e
     except KeyboardInterrupt:

@@ -113,6 +113,29 @@ def test_a_module_named_or_erring_in_other_than_ascii_is_held_back(tree):
     assert p.current.files_etag == '"%s-%s"' % (p.version, etag)
 
 
+@pytest.mark.parametrize("order", ["lib/x.py first", "x.py first"])
+def test_sources_whose_checksums_collide_get_each_its_own_verdict(tree, tmp_path, monkeypatch, order):
+    # A checksum, sha1 of the bytes then the path, does not tell these two apart:
+    # the one that does not compile is held back, the other published, whichever
+    # was compiled last, and again when the verdicts come from the cache.
+    files = [("lib/x.py", "A = 1\n"), ("x.py", "A = 1\nlib/")]
+    assert checksum(*files[0][::-1]) == checksum(*files[1][::-1])
+    for path, data in files if order == "lib/x.py first" else files[::-1]:
+        write(tree, path, data)
+    monkeypatch.setattr(Promoter, "RECALL_FROM", 1)  # the cache is asked by every check
+    cache = ota_promoter.VerdictCache(str(tmp_path / "cache"))
+    for run in ("compiled", "recalled"):
+        p = Promoter(str(tree), check=ota_promoter.SourceCheck(cache=cache))
+        assert (run, list(p.current.held), paths(p)) == (run, ["x.py"], ["lib/x.py"])
+        write(tree, "x.py", "A = 2\n")  # fixed: both published, each by its own verdict
+        settle(p)
+        assert (run, p.current.held, paths(p)) == (run, {}, ["lib/x.py", "x.py"])
+        write(tree, "x.py", "A = 1\nlib/")  # broken again: its last copy stays published
+        settle(p)
+        assert (run, list(p.current.held), paths(p)) == (run, ["x.py"], ["lib/x.py", "x.py"])
+        assert p.current.by_path["x.py"].checksum == checksum("A = 2\n", "x.py")
+
+
 def test_diff_names_added_changed_and_removed():
     old = {"a": "1", "b": "2", "c": "3"}
     new = {"a": "1", "b": "9", "d": "4"}

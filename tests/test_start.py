@@ -14,7 +14,7 @@ import pytest
 from ota_promoter import Boards, Promoter, PromoterServer, Published, SourceCheck, VerdictCache
 from helpers import (
     TIMEOUT, Counting, CPythonBoard, files, free_port, mpy_cross_program, needs_posix, request, run, slow_except,
-    until, write,
+    settle, until, write,
 )
 import ota
 import ota_promoter
@@ -455,3 +455,17 @@ def test_a_first_version_with_a_file_held_back_is_served_once_it_compiles(tree, 
     assert [f["path"] for f in files_now["files"]] == ["lib/x.py", "main.py"]
     assert files_now["version"] == r.json()["version"]
     assert app.stop()[0] == 0
+
+
+def test_serve_holds_back_a_first_version_with_a_file_held_back_as_the_command_line_does(tree, serve):
+    write(tree, "main.py", "print(1)\n")
+    write(tree, "bad.py", "x = (\n")
+    promoter = Promoter(str(tree), interval=3600, check=SourceCheck())
+    server = serve(promoter)
+    r = request(server.url, "/files")
+    waiting = "starting: bad.py does not compile: boards keep their files until it is fixed"
+    assert (r.status, r.json()) == (503, {"error": waiting})
+    write(tree, "bad.py", "x = ()\n")
+    settle(promoter)
+    r = request(server.url, "/files")
+    assert r.status == 200 and [f["path"] for f in r.json()["files"]] == ["bad.py", "main.py"]

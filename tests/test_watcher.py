@@ -264,3 +264,36 @@ def test_a_folder_that_cannot_be_entered_does_not_make_every_quick_look_a_scan(t
     write(tree, "new.py", "1")  # DIR's names changed: now a scan
     p.check_once()
     assert len(scans) == 1
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+
+def test_a_folder_named_promoterignore_is_no_ignore_file(tree):
+    # open() of a folder's descriptor raises IsADirectoryError and leaves it open:
+    # the start failed, and then each poll, leaking a descriptor, published nothing.
+    write(tree, "main.py", "m")
+    os.mkdir(os.path.join(str(tree), ota_promoter.IGNORE_FILE))
+    p = Promoter(str(tree), settle=0.01)
+    assert [f["path"] for f in p.manifest()] == ["main.py"]
+    os.rmdir(os.path.join(str(tree), ota_promoter.IGNORE_FILE))
+    settle(p)
+    os.mkdir(os.path.join(str(tree), ota_promoter.IGNORE_FILE))  # made while it is watched
+    fds = _open_fds()
+    for i in range(20):
+        write(tree, "lib/x.py", "x = %d" % i)
+        settle(p)
+        assert p.current.by_path["lib/x.py"].checksum == checksum("x = %d" % i, "lib/x.py")
+    assert _open_fds() <= fds
+
+
+def test_a_folder_as_the_verdict_cache_is_said_once_and_closed(tmp_path, caplog):
+    cache = ota_promoter.VerdictCache(str(tmp_path / "cache"))
+    os.makedirs(cache.path)  # a folder where its file goes
+    fds = _open_fds()
+    for _ in range(20):
+        assert cache.passed({b"0" * 40}) == set()
+    assert _open_fds() <= fds
+    assert cache.failed
+    assert sum("compile verdicts are not kept" in r.getMessage() for r in caplog.records) == 1
