@@ -501,6 +501,10 @@ def test_a_console_post_that_fails_for_lack_of_memory_never_holds_the_checks(tre
     live = ota.live(promoter.url, root=str(tmp_path / "device"), wait=1)
     began = time.monotonic()
     live.write(b"hello\n")
+    while not posts:  # the output is sent, and fails, before the new version comes
+        assert time.monotonic() - began < TIMEOUT
+        live.tick()
+        time.sleep(0.02)
     save(tree, promoter, "main.py", "print('v2')\n")
     while live.checks is not None:  # the new version seen, in spite of the console
         assert time.monotonic() - began < TIMEOUT
