@@ -147,6 +147,37 @@ def readme_options():
     return usage, rows
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the command line in /proc")
+def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
+    """CPython keeps a script's syntax tree as long as the script runs (7 MB of
+    this one): the script has the interpreter import it instead, in the same
+    process, with the interpreter's options and the arguments as given."""
+    process = subprocess.Popen([sys.executable, "-s", SCRIPT, str(tree), "--host", "127.0.0.1", "--port", "0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert line.endswith("ota-promoter %s: serving %s, 0 files, version %s\n" % (
+            ota_promoter.__version__, tree, ota_promoter.Promoter(str(tree)).version[:7]))
+        with open("/proc/%d/cmdline" % process.pid, encoding="utf-8") as f:
+            assert f.read().split("\0")[:-1] == [
+                sys.executable, "-s", "-c", ota_promoter._AS_MODULE, os.path.abspath(SCRIPT), str(tree),
+                "--host", "127.0.0.1", "--port", "0"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(TIMEOUT) == 0
+        process.stderr.close()
+
+
+def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_path):
+    """As for a script, the script's folder comes first on sys.path, not the
+    working folder: a json.py there is not imported."""
+    write(tmp_path, "json.py", "raise SystemExit('the json.py of the working folder was imported')\n")
+    write(tmp_path, "site", "")
+    result = run(str(tmp_path / "site"), cwd=str(tmp_path))
+    assert_user_error(result, "%r is a file, not a folder: give the folder to promote" % str(tmp_path / "site"))
+    assert run("--version", cwd=str(tmp_path)).stdout == "ota_promoter.py %s\n" % ota_promoter.__version__
+
+
 def test_help_and_the_readme_say_the_same():
     """Each option's --help is what the README's table says of it (which may go on
     to point to a section); the table and the usage lines name every option."""
