@@ -78,12 +78,16 @@ def _run_as_module():
     given = getattr(sys, "orig_argv", None)  # the interpreter's own, from Python 3.10
     if os.name != "posix" or given is None or not sys.executable:
         return  # Windows, Python 3.9, or an embedded interpreter
+    if sys._getframe(1).f_back is not None:
+        return  # run by Python code (pdb, coverage, runpy), not by the interpreter itself
     here = os.path.abspath(__file__)
     if not here.endswith(".py") or not os.path.isfile(here):
         return
     options = given[1:len(given) - len(sys.argv)]  # -X, -W, -u, -I ...
     if given[len(options) + 1:] != sys.argv:
         return
+    if options[-1:] == ["--"]:  # it ended the options: -c would be taken for the script
+        options.pop()
     try:
         os.execv(sys.executable, [sys.executable] + options + ["-c", _AS_MODULE, here] + sys.argv[1:])
     except OSError:

@@ -178,6 +178,18 @@ def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_pa
     assert run("--version", cwd=str(tmp_path)).stdout == "ota_promoter.py %s\n" % ota_promoter.__version__
 
 
+def test_under_a_debugger_the_script_stays_the_script():
+    result = subprocess.run([sys.executable, "-m", "pdb", SCRIPT, "--version"], input="continue\n",
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert "(Pdb) ota_promoter.py %s" % ota_promoter.__version__ in result.stdout.splitlines()
+
+
+def test_the_script_runs_after_an_end_of_the_interpreter_options():
+    result = subprocess.run([sys.executable, "-W", "default", "--", SCRIPT, "--version"], capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ota_promoter.py %s\n" % ota_promoter.__version__, "")
+
+
 def test_help_and_the_readme_say_the_same():
     """Each option's --help is what the README's table says of it (which may go on
     to point to a section); the table and the usage lines name every option."""
