@@ -50,10 +50,11 @@ import sys
 
 #: What _run_as_module() runs: argv[1] is this file, imported as ota_promoter.
 _AS_MODULE = """\
-import importlib.util, os, sys
+import sys
 path = sys.argv[0] = sys.argv.pop(1)
 if sys.path[:1] == [""]:  # as for a script: its folder first, not the working one
-    sys.path[0] = os.path.dirname(path)
+    sys.path[0] = path.rpartition("/")[0]
+import importlib.util
 spec = importlib.util.spec_from_file_location("ota_promoter", path)
 module = sys.modules["ota_promoter"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)

@@ -170,8 +170,10 @@ def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
 
 def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_path):
     """As for a script, the script's folder comes first on sys.path, not the
-    working folder: a json.py there is not imported."""
-    write(tmp_path, "json.py", "raise SystemExit('the json.py of the working folder was imported')\n")
+    working folder: a json.py there is not imported, nor one that the script
+    imports to run on as a module."""
+    for name in ("json", "importlib", "os"):
+        write(tmp_path, name + ".py", "raise SystemExit('the %s.py of the working folder was imported')\n" % name)
     write(tmp_path, "site", "")
     result = run(str(tmp_path / "site"), cwd=str(tmp_path))
     assert_user_error(result, "%r is a file, not a folder: give the folder to promote" % str(tmp_path / "site"))
