@@ -48,12 +48,14 @@ __all__ = [
 import os
 import sys
 
-#: What _run_as_module() runs: argv[1] is this file, imported as ota_promoter.
+#: What _run_as_module() runs: argv[1] is this file, imported as ota_promoter, and the
+#: script's own arguments follow.
 _AS_MODULE = """\
 import sys
-path = sys.argv[0] = sys.argv.pop(1)
+path = sys.argv.pop(1)
+del sys.argv[0]  # then the arguments as given, the script's name first
 if sys.path[:1] == [""]:  # as for a script: its folder first, not the working one
-    sys.path[0] = path.rpartition("/")[0]
+    sys.path[0] = path.rpartition("/")[0] or "/"
 import importlib.util
 spec = importlib.util.spec_from_file_location("ota_promoter", path)
 module = sys.modules["ota_promoter"] = importlib.util.module_from_spec(spec)
@@ -81,7 +83,7 @@ def _run_as_module():
         return  # Windows, Python 3.9, or an embedded interpreter
     if sys._getframe(1).f_back is not None:
         return  # run by Python code (pdb, coverage, runpy), not by the interpreter itself
-    here = os.path.abspath(__file__)
+    here = os.path.realpath(__file__)  # the file run; its folder is the script's on sys.path
     if not here.endswith(".py") or not os.path.isfile(here):
         return
     options = given[1:len(given) - len(sys.argv)]  # -X, -W, -u, -I ...
@@ -90,7 +92,7 @@ def _run_as_module():
     if options[-1:] == ["--"]:  # it ended the options: -c would be taken for the script
         options.pop()
     try:
-        os.execv(sys.executable, [sys.executable] + options + ["-c", _AS_MODULE, here] + sys.argv[1:])
+        os.execv(sys.executable, [sys.executable] + options + ["-c", _AS_MODULE, here] + sys.argv)
     except OSError:
         pass  # run as the script it is
 

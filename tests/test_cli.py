@@ -160,7 +160,7 @@ def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
             ota_promoter.__version__, tree, ota_promoter.Promoter(str(tree)).version[:7]))
         with open("/proc/%d/cmdline" % process.pid, encoding="utf-8") as f:
             assert f.read().split("\0")[:-1] == [
-                sys.executable, "-s", "-c", ota_promoter._AS_MODULE, os.path.abspath(SCRIPT), str(tree),
+                sys.executable, "-s", "-c", ota_promoter._AS_MODULE, os.path.realpath(SCRIPT), SCRIPT, str(tree),
                 "--host", "127.0.0.1", "--port", "0"]
     finally:
         process.send_signal(signal.SIGINT)
@@ -178,6 +178,24 @@ def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_pa
     result = run(str(tmp_path / "site"), cwd=str(tmp_path))
     assert_user_error(result, "%r is a file, not a folder: give the folder to promote" % str(tmp_path / "site"))
     assert run("--version", cwd=str(tmp_path)).stdout == "ota_promoter.py %s\n" % ota_promoter.__version__
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the command line in /proc")
+def test_the_module_sees_what_the_script_would_through_a_link(tmp_path):
+    """Run through a link with a relative path, the module has the arguments as
+    given and, as CPython gives a script, the folder of the file linked to
+    first on sys.path: a json.py next to the link is not imported."""
+    write(tmp_path, "bin/json.py", "raise SystemExit('the json.py next to the link was imported')\n")
+    os.symlink(SCRIPT, str(tmp_path / "bin" / "ota_promoter.py"))
+    write(tmp_path, "probe/sitecustomize.py", (
+        "import atexit, sys\n"
+        "atexit.register(lambda: open(%r, 'w').write(repr([sys.argv, sys.path[0], sys.modules['ota_promoter'].__file__,"
+        " open('/proc/self/cmdline').read().split(chr(0))[1]])))\n") % str(tmp_path / "seen"))
+    result = subprocess.run([sys.executable, "bin/ota_promoter.py", "--version"], capture_output=True, text=True,
+                            timeout=TIMEOUT, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(tmp_path / "probe")))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ota_promoter.py %s\n" % ota_promoter.__version__, "")
+    assert ast.literal_eval((tmp_path / "seen").read_text()) == [
+        ["bin/ota_promoter.py", "--version"], os.path.dirname(os.path.realpath(SCRIPT)), os.path.realpath(SCRIPT), "-c"]
 
 
 def test_under_a_debugger_the_script_stays_the_script():
