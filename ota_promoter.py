@@ -83,6 +83,11 @@ def _run_as_module():
         return  # Windows, Python 3.9, or an embedded interpreter
     if sys._getframe(1).f_back is not None:
         return  # run by Python code (pdb, coverage, runpy), not by the interpreter itself
+    try:
+        if not os.path.samefile(sys.executable, "/proc/self/exe"):
+            return  # guessed from a bare argv[0] along PATH: another interpreter, or a pyenv shim
+    except OSError:
+        pass  # no /proc (macOS, the BSDs): sys.executable it is
     here = os.path.realpath(__file__)  # the file run; its folder is the script's on sys.path
     if not here.endswith(".py") or not os.path.isfile(here):
         return

@@ -198,6 +198,18 @@ def test_the_module_sees_what_the_script_would_through_a_link(tmp_path):
         ["bin/ota_promoter.py", "--version"], os.path.dirname(os.path.realpath(SCRIPT)), os.path.realpath(SCRIPT), "-c"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the interpreter's file in /proc")
+def test_the_interpreter_run_is_the_one_that_goes_on(tmp_path):
+    """Started with a bare argv[0], sys.executable is a guess along PATH: the
+    script does not exec that other file (here a python3 that is not Python)."""
+    write(tmp_path, "bin/python3", "#!/bin/sh\necho 'the python3 on PATH ran' >&2\nexit 3\n")
+    os.chmod(str(tmp_path / "bin" / "python3"), 0o755)
+    result = subprocess.run(["python3", SCRIPT, "--version"], executable=os.path.realpath(sys.executable),
+                            capture_output=True, text=True, timeout=TIMEOUT,
+                            env=dict(os.environ, PATH=str(tmp_path / "bin") + os.pathsep + os.environ["PATH"]))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ota_promoter.py %s\n" % ota_promoter.__version__, "")
+
+
 def test_under_a_debugger_the_script_stays_the_script():
     result = subprocess.run([sys.executable, "-m", "pdb", SCRIPT, "--version"], input="continue\n",
                             capture_output=True, text=True, timeout=TIMEOUT)
