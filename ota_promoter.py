@@ -83,6 +83,8 @@ def _run_as_module():
         return  # Windows, Python 3.9, or an embedded interpreter
     if sys._getframe(1).f_back is not None:
         return  # run by Python code (pdb, coverage, runpy), not by the interpreter itself
+    if sys.flags.inspect:
+        return  # -i: the prompt after the run shows the script's names
     try:
         if not os.path.samefile(sys.executable, "/proc/self/exe"):
             return  # guessed from a bare argv[0] along PATH: another interpreter, or a pyenv shim

@@ -210,6 +210,13 @@ def test_the_interpreter_run_is_the_one_that_goes_on(tmp_path):
     assert (result.returncode, result.stdout, result.stderr) == (0, "ota_promoter.py %s\n" % ota_promoter.__version__, "")
 
 
+def test_after_the_run_the_prompt_of_python_i_has_the_script_names():
+    result = subprocess.run([sys.executable, "-i", SCRIPT, "--version"],
+                            input="print(sorted(n for n in ('Promoter', 'main', 'module', 'spec') if n in globals()))\n",
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout == "ota_promoter.py %s\n['Promoter', 'main']\n" % ota_promoter.__version__
+
+
 def test_under_a_debugger_the_script_stays_the_script():
     result = subprocess.run([sys.executable, "-m", "pdb", SCRIPT, "--version"], input="continue\n",
                             capture_output=True, text=True, timeout=TIMEOUT)
