@@ -150,11 +150,12 @@ def test_the_hmac_is_rfc_2104s():
 
 def test_the_server_answers_with_its_url_and_the_proof_and_ignores_anything_else():
     nonce = b"0123456789abcdef"
-    with_token = ota_promoter.Discovery.answer(
-        type("D", (), {"http": ("0.0.0.0", 9090), "token": TOKEN, "QUESTION": ota_promoter.Discovery.QUESTION})(),
-        b"ota-promoter? " + nonce, ("127.0.0.1", 40000))
-    assert with_token == b"ota-promoter! http://127.0.0.1:9090 " + proof(TOKEN, nonce.decode(),
-                                                                         "http://127.0.0.1:9090").encode()
+    discovery = ota_promoter.Discovery(free_udp_port(), ("0.0.0.0", 9090), token=TOKEN)
+    try:  # listening on every address: the one this machine reaches the sender from
+        assert discovery.answer(b"ota-promoter? " + nonce, ("127.0.0.1", 40000)) == \
+            b"ota-promoter! http://127.0.0.1:9090 " + proof(TOKEN, nonce.decode(), "http://127.0.0.1:9090").encode()
+    finally:
+        discovery.close()
     discovery = ota_promoter.Discovery(free_udp_port(), ("127.0.0.2", 8080))
     try:
         assert discovery.answer(b"ota-promoter? " + nonce, ("127.0.0.1", 40000)) == \
@@ -343,3 +344,10 @@ def test_watch_follows_a_server_that_moved(tree, tmp_path, discoveries, serve, m
     assert files(device, own=False) == promoted(tree)
     said = capsys.readouterr().out
     assert "ota: the server moved to %s\n" % server.url in said
+
+
+def test_the_options_set_the_discovery_port_or_turn_it_off():
+    parse = ota_promoter.build_parser().parse_args
+    assert parse(["app"]).discovery == 9090
+    assert parse(["app", "--discovery", "9191"]).discovery == 9191
+    assert parse(["app", "--no-discovery"]).discovery is None
