@@ -1197,7 +1197,8 @@ class Published:
       version, manifest(), blob(checksum), read(blob), open(blob)
       wait_for_change(since, timeout, released=None)
       listeners           functions called with no argument after each publish,
-                          in the publishing thread (the status page's Boards.bump)
+                          in the publishing thread (the status page's Boards.bump,
+                          the wake of each live long-poll held)
       waiting             how many threads wait_for_change() now (a test hook)
       ready               False until the first version is published (and, if
                           gated, opened): until then current is an empty
@@ -2361,7 +2362,7 @@ class Boards:
         """Seconds until a board turns silent, stops updating or stops listening, or None."""
         turns = [t - now for b in self._boards.values()
                  for t in (b.last_seen + self.SILENT_AFTER, b.fetched + self.UPDATING_FOR,
-                           b.listened + self.LISTEN_FOR) if t > now]
+                           0.0 if b.holds else b.listened + self.LISTEN_FOR) if t > now]
         return min(turns) if turns else None
 
     def seen(self, device, address, version, fetch=False):
@@ -2485,6 +2486,11 @@ class Boards:
                     break
                 self._changed.wait(left)
             return board.ring.read(start)
+
+    def require(self, device):
+        """Refused 404 unless the board is known."""
+        with self._lock:
+            self._board(device)
 
     def _board(self, device):
         board = self._boards.get(printable(device[:self.MAX_DEVICE_ID]))
@@ -3040,7 +3046,7 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused(403, refusal, close=True)
         if (self.headers.get("X-OTA-Input") or "").strip() != "1":
             raise Refused(400, "send input with the header X-OTA-Input: 1", close=True)
-        server.boards.console_bytes(device)  # Refused 404 for a board the server does not know
+        server.boards.require(device)
         try:
             length = self._content_length()
         except _BadLength:
