@@ -23,9 +23,9 @@ TOKEN = "s3cret-token"
 # -- A board in live mode, played by a raw socket ------------------------------------------
 
 
-def long_poll(server, size=64, wait=10, device=DEVICE):
+def long_poll(server, size=64, wait=10, device=DEVICE, host="127.0.0.1"):
     """Send live mode's long-poll, as the board does (HTTP/1.0); returns the socket."""
-    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=TIMEOUT)
+    sock = socket.create_connection((host, server.server_address[1]), timeout=TIMEOUT)
     sock.sendall(("GET /files/version?wait=%g&in=%d HTTP/1.0\r\nHost: 127.0.0.1\r\nX-OTA-Device: %s\r\n"
                   "X-OTA-Version: none\r\nIf-None-Match: \"%s\"\r\n%s\r\n" % (
                       wait, size, device, server.published.version,
