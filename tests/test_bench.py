@@ -24,16 +24,16 @@ def test_help_lists_the_figures_and_measures_nothing():
     result = run("--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: tests/bench.py")
-    for n in range(1, 14):
+    for n in range(1, 15):
         assert "\n  %2d  " % n in result.stdout
     assert result.stderr == ""
 
 
 def test_unknown_figure_is_refused_with_one_line():
-    result = run("14")
+    result = run("15")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 14: the figures are 1 to 13"
+    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 15: the figures are 1 to 14"
 
 
 def test_runs_must_be_at_least_one():
