@@ -5,7 +5,7 @@ A polling thread watches DIR and rehashes what changed; a threading HTTP server
 offers the files with the API of the original ota-promoter, so a small client on
 each board can download just the files whose checksum differs:
 
-    GET /files/version          {"version": "<sha1>"}; ?wait=S long-polls for a change
+    GET /files/version          {"version": "<sha1>"}; ?wait=S long-polls for a change (&in=B: or input)
     GET /files                  {"files": [{"path": ..., "checksum": ...}], "version": ...}
     GET /files?format=text      the same as lines, sorted by path, for small devices
     GET /files/manifest.txt     the same lines, at the path a static export gives them
@@ -15,6 +15,8 @@ each board can download just the files whose checksum differs:
     GET /                       the status page: the version, the files and every board, live
     POST /                      the page's form: token=<token> for the page's cookie
     GET /boards                 the same as JSON; ?wait=S&since=<state> long-polls for a change
+    POST /boards/<id>/input     keystrokes for a board's REPL, handed over on its live long-poll
+    GET /boards/<id>/console    a board's console bytes from ?from=<offset>; ?wait=S long-polls
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
 
@@ -54,6 +56,7 @@ import functools
 import hashlib
 import hmac
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -61,6 +64,7 @@ import logging.handlers
 import os
 import queue as _queue
 import re
+import select
 import shutil
 import socket
 import socketserver
@@ -2129,7 +2133,7 @@ class Promoter:
         if self._owns_published:
             self.published.close()
 
-    def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=None):
+    def serve(self, host=DEFAULT_HOST, port=DEFAULT_PORT, token=None, idle_timeout=None, repl_from_lan=False):
         """Listen on host:port with a new Boards and start watching; returns the
         PromoterServer, to start() (a background thread) or serve_forever().
 
@@ -2140,7 +2144,8 @@ class Promoter:
         if self.current.changes is None and self.current.held:  # the first version
             self.published.gate()
             _serve_once_whole(self.published)
-        server = PromoterServer((host, port), self.published, Boards(), token=token, idle_timeout=idle_timeout)
+        server = PromoterServer((host, port), self.published, Boards(), token=token, idle_timeout=idle_timeout,
+                                repl_from_lan=repl_from_lan)
         server.promoter = self
         server.on_close.append(self.stop)
         self.start()
@@ -2154,13 +2159,81 @@ class Promoter:
 # bounded, and reaches only the log: nothing a board sends is written to disk.
 
 
+class _Ring:
+    """The newest `size` bytes of a stream, by absolute offset: the offset of a
+    byte counts every byte before it, kept or not."""
+
+    __slots__ = ("data", "end", "size")
+
+    def __init__(self, size):
+        self.data = bytearray()
+        self.end = 0  # the offset after the newest byte
+        self.size = size
+
+    def add(self, data):
+        self.data += data
+        del self.data[:-self.size]
+        self.end += len(data)
+
+    def read(self, start):
+        """(offset, bytes) from offset start to the end: from the oldest byte kept
+        if start is older, none if start is past the end."""
+        first = self.end - len(self.data)
+        start = max(first, min(start, self.end))
+        return start, bytes(self.data[start - first:])
+
+
+class _Input:
+    """What was typed for one board and not yet handed to it, oldest first."""
+
+    __slots__ = ("text", "size", "since", "dropped")
+
+    def __init__(self):
+        self.text = ""
+        self.size = 0  # bytes of text in UTF-8
+        self.since = 0.0  # when the oldest of it was queued
+        self.dropped = 0  # bytes dropped in all: the board did not listen
+
+    def put(self, text, size):
+        if not self.text:
+            self.since = time.time()
+        self.text += text
+        self.size += size
+
+    def take(self, count):
+        """The first count characters, off the queue."""
+        taken, self.text = self.text[:count], self.text[count:]
+        self.size -= len(taken.encode("utf-8"))
+        return taken
+
+    def drop(self):
+        """Drop it all; the bytes dropped."""
+        size, self.text, self.size = self.size, "", 0
+        self.dropped += size
+        return size
+
+
+class _HeldPoll:
+    """A live long-poll a board holds (GET /files/version?wait=S&in=B): the
+    answer that input for the board may take, while its connection is open."""
+
+    __slots__ = ("board", "sock", "size", "wake", "dead")
+
+    def __init__(self, board, sock, size):
+        self.board = board  # None if the board was forgotten
+        self.sock = sock
+        self.size = size  # the largest body the board takes: B
+        self.wake = threading.Event()  # set on input for the board, a publish, or the end
+        self.dead = False  # its connection was found readable or closed: it must not answer
+
+
 class _Board:
     """What the server knows of one board."""
 
     __slots__ = ("device", "address", "version", "last_seen", "fetched", "error", "error_time", "traceback",
-                 "lines", "partial", "cut", "dropped")
+                 "lines", "partial", "cut", "dropped", "ring", "input", "holds", "listened", "drop_timer")
 
-    def __init__(self, device, lines):
+    def __init__(self, device, lines, ring):
         self.device = device
         self.address = None
         self.version = None
@@ -2173,19 +2246,36 @@ class _Board:
         self.partial = b""  # the start of a line whose end has not arrived
         self.cut = 0  # bytes of the current line thrown away past Boards.CONSOLE_LINE
         self.dropped = 0  # bytes the board reported it could not send, in all
+        self.ring = _Ring(ring)  # its console's newest bytes, as they came
+        self.input = _Input()
+        self.holds = []  # its live long-polls held now (_HeldPoll), oldest first
+        self.listened = 0.0  # when its last live long-poll ended
+        self.drop_timer = None  # a threading.Timer to drop its input, once due
+
+    def listening(self, now, grace):
+        return bool(self.holds) or now - self.listened <= grace
 
 
 class Boards:
     """The boards that talked to the server, at most limit of them (the least
-    recently seen goes first), each with the last lines of its console.
+    recently seen goes first), each with the last lines of its console, its
+    newest console bytes by offset, and the input typed for it.
 
     state names what the status page shows: it changes when a board comes, changes
     address or version, starts fetching, prints or fails, and when a version is
     published (bump()); wait() long-polls for it. A board's last_seen alone does
     not change it: a board polling every second would wake every page.
+
+    Input: put_input() queues what is typed for a board; the board takes it on
+    a live long-poll, which listen() holds and deliver() answers, at most once,
+    on the newest one whose connection is still open; unlisten() ends it.
+    Input a board does not listen for within LISTEN_FOR seconds is dropped, with
+    a log line. console_bytes() reads (and waits for) the console's raw bytes.
+
     Any thread may call every method; those that change it take its lock.
     Tunables, class attributes set on an instance: limit, CONSOLE_LINES,
-    CONSOLE_LINE, MAX_DEVICE_ID, SILENT_AFTER, UPDATING_FOR, PAGE_LINES, PAGE_FILES.
+    CONSOLE_LINE, CONSOLE_BYTES, MAX_DEVICE_ID, SILENT_AFTER, UPDATING_FOR,
+    PAGE_LINES, PAGE_FILES, INPUT_QUEUE, LISTEN_FOR.
     """
 
     #: Boards remembered; the least recently seen is forgotten first.
@@ -2194,6 +2284,8 @@ class Boards:
     CONSOLE_LINES = 200
     #: Bytes of a console line kept; the rest is cut and counted.
     CONSOLE_LINE = 256
+    #: Raw console bytes kept per board, for GET /boards/<id>/console.
+    CONSOLE_BYTES = 16 * 1024
     #: Characters of X-OTA-Device and X-OTA-Version kept.
     MAX_DEVICE_ID = 64
     #: Seconds without a request before a board is shown silent: past the longest long-poll.
@@ -2204,6 +2296,11 @@ class Boards:
     PAGE_LINES = 20
     #: Files listed on the status page and in /boards; the rest are counted.
     PAGE_FILES = 1000
+    #: Bytes of input queued per board, at most; a post past it is refused whole.
+    INPUT_QUEUE = 4096
+    #: Seconds a board counts as listening after its last live long-poll ended;
+    #: input queued for it is dropped once it has not listened for as long.
+    LISTEN_FOR = 15.0
 
     def __init__(self, limit=None):
         if limit is not None:
@@ -2233,10 +2330,15 @@ class Boards:
         self._changed.notify_all()
 
     def close(self):
-        """Release every wait(): the server is closing."""
+        """Release every wait() and held long-poll: the server is closing."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
+            for board in self._boards.values():
+                for hold in board.holds:
+                    hold.wake.set()
+                if board.drop_timer is not None:
+                    board.drop_timer.cancel()
 
     def wait(self, since, timeout):
         """Block until state is not since, a board turns silent or stops updating,
@@ -2257,9 +2359,10 @@ class Boards:
             return self.state
 
     def _next_turn(self, now):
-        """Seconds until a board turns silent or stops updating, or None."""
+        """Seconds until a board turns silent, stops updating or stops listening, or None."""
         turns = [t - now for b in self._boards.values()
-                 for t in (b.last_seen + self.SILENT_AFTER, b.fetched + self.UPDATING_FOR) if t > now]
+                 for t in (b.last_seen + self.SILENT_AFTER, b.fetched + self.UPDATING_FOR,
+                           b.listened + self.LISTEN_FOR) if t > now]
         return min(turns) if turns else None
 
     def seen(self, device, address, version, fetch=False):
@@ -2274,9 +2377,11 @@ class Boards:
         now = time.time()
         changed = board is None or board.address != address or fetch and now - board.fetched > self.UPDATING_FOR
         if board is None:
-            board = self._boards[device] = _Board(device, self.CONSOLE_LINES)
+            board = self._boards[device] = _Board(device, self.CONSOLE_LINES, self.CONSOLE_BYTES)
             while len(self._boards) > self.limit:
-                self._boards.popitem(last=False)
+                _, gone = self._boards.popitem(last=False)
+                if gone.drop_timer is not None:
+                    gone.drop_timer.cancel()
         else:
             self._boards.move_to_end(device)
             changed = changed or now - board.last_seen > self.SILENT_AFTER  # back from silence
@@ -2307,6 +2412,10 @@ class Boards:
         lines = []
         with self._lock:
             board = self._seen(device, address, version)
+            partial = board.partial
+            if body:
+                board.ring.add(body)
+                self._changed.notify_all()  # for console_bytes()
             if dropped:
                 if board.partial or board.cut:
                     lines.append(self._line(board))  # the rest of that line is lost
@@ -2336,7 +2445,7 @@ class Boards:
                 elif board.traceback and not line.startswith(" "):
                     # The line after the frames names the exception: the board's error.
                     board.error, board.error_time, board.traceback = line, time.time(), False
-            if lines or dropped:
+            if lines or dropped or board.partial != partial:  # the page shows the partial line too
                 self._bump()
             prefix = "%s [%s] | " % (address, board.device[:12])
         for line in lines:
@@ -2346,16 +2455,136 @@ class Boards:
     def snapshot(self, lines=None):
         """The boards as dicts, most recently seen first: device, address, version,
         last_seen, fetched, error_time (seconds since the epoch), error, dropped
-        (bytes in all), and the last `lines` lines (all that are kept if None)."""
+        (bytes in all), the last `lines` lines (all that are kept if None), partial
+        (the line started, escaped), listening, queued and input_dropped (bytes of
+        input waiting, and dropped in all)."""
         if lines is None:
             lines = self.CONSOLE_LINES
+        now = time.time()
         with self._lock:
             return [
                 {"device": b.device, "address": b.address, "version": b.version,
                  "last_seen": b.last_seen, "fetched": b.fetched, "error": b.error, "error_time": b.error_time,
-                 "dropped": b.dropped, "lines": list(b.lines)[-lines:] if lines else []}
+                 "dropped": b.dropped, "lines": list(b.lines)[-lines:] if lines else [],
+                 "partial": _partial_line(b.partial), "listening": b.listening(now, self.LISTEN_FOR),
+                 "queued": b.input.size, "input_dropped": b.input.dropped}
                 for b in reversed(self._boards.values())
             ]
+
+    def console_bytes(self, device, start=None, timeout=0.0):
+        """(offset, bytes) of device's console from offset start (its end if None),
+        waiting up to timeout seconds for a byte past it; Refused 404 if the board
+        is unknown."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            board = self._board(device)
+            if start is None:
+                start = board.ring.end
+            while board.ring.end <= start and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return board.ring.read(start)
+
+    def _board(self, device):
+        board = self._boards.get(printable(device[:self.MAX_DEVICE_ID]))
+        if board is None:
+            raise Refused(404, "no board %r: GET /boards lists the boards the server knows" % device[:80])
+        return board
+
+    # Input, from the page or a terminal to a board's REPL.
+
+    def put_input(self, device, text):
+        """Queue text for device's REPL; Refused 404 for an unknown board, 503 if
+        its queue cannot take all of it (then none of it is queued)."""
+        size = len(text.encode("utf-8"))
+        with self._lock:
+            board = self._board(device)
+            if board.input.size + size > self.INPUT_QUEUE:
+                raise Refused(503, "%d bytes wait for [%s] and %d more do not fit: its input queue is full" % (
+                    board.input.size, board.device[:12], size), [("Retry-After", "1")])
+            board.input.put(text, size)
+            live = [hold for hold in board.holds if not hold.dead]
+            if live:
+                live[-1].wake.set()
+            else:
+                self._drop_later(board)
+            self._bump()
+
+    def listen(self, device, sock, size):
+        """A live long-poll from device on sock, taking answers of at most size
+        bytes, is held from now: the _HeldPoll to give deliver() and unlisten()."""
+        with self._lock:
+            board = self._boards.get(printable(device[:self.MAX_DEVICE_ID]))
+            hold = _HeldPoll(board, sock, size)
+            if board is not None:
+                if not board.listening(time.time(), self.LISTEN_FOR):
+                    self._bump()
+                board.holds.append(hold)
+                if board.drop_timer is not None:
+                    board.drop_timer.cancel()
+                    board.drop_timer = None
+            return hold
+
+    def unlisten(self, hold):
+        """The long-poll ended."""
+        board = hold.board
+        if board is None:
+            return
+        with self._lock:
+            board.holds.remove(hold)
+            board.listened = time.time()
+            if not board.holds:
+                self._drop_later(board)
+
+    def deliver(self, hold):
+        """The answer body for the held long-poll: the next input for its board as
+        {"in": "..."}, taken off the queue, if hold is the board's newest held
+        long-poll whose connection is open; else None (another one is woken to
+        take it). A hold whose connection is readable or closed is marked dead."""
+        board = hold.board
+        if board is None:
+            return None
+        with self._lock:
+            if not board.input.text:
+                return None
+            for other in reversed(board.holds):
+                if other.dead:
+                    continue
+                if _readable(other.sock):  # a board that reset closed it: the answer would be lost
+                    other.dead = True
+                    other.wake.set()
+                    continue
+                if other is not hold:
+                    other.wake.set()
+                    return None
+                body, count = input_answer(board.input.text, hold.size)
+                board.input.take(count)
+                self._bump()
+                return body
+            return None
+
+    def _drop_later(self, board):
+        """Drop board's input once it has not listened for LISTEN_FOR s (a timer)."""
+        if board.drop_timer is not None or board.holds or not board.input.text or self._closed:
+            return
+        due = max(board.listened, board.input.since) + self.LISTEN_FOR - time.time()
+        board.drop_timer = threading.Timer(max(0.0, due), self._drop, (board,))
+        board.drop_timer.daemon = True
+        board.drop_timer.start()
+
+    def _drop(self, board):
+        with self._lock:
+            board.drop_timer = None
+            if board.holds or not board.input.text or self._closed:
+                return
+            if time.time() < max(board.listened, board.input.since) + self.LISTEN_FOR:
+                return self._drop_later(board)
+            size = board.input.drop()
+            self._bump()
+        log.info("input for [%s]: %d bytes dropped: it has not listened for %g s", board.device[:12], size,
+                 self.LISTEN_FOR)
 
     def _line(self, board):
         """The board's current line, escaped, marked if it was cut; starts the next one."""
@@ -2368,6 +2597,96 @@ class Boards:
         if cut:
             line += " ... (%d bytes cut)" % cut
         return line
+
+
+def _partial_line(data):
+    """A line started and not ended, escaped as Boards._line escapes a line; a
+    character cut short at its end is left for the bytes to come."""
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    for cut in range(min(3, len(data)) + 1):
+        try:
+            return printable(data[:len(data) - cut].decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return printable(data.decode("utf-8", "backslashreplace"))
+
+
+def input_answer(text, size):
+    """(body, count): the answer to a live long-poll that hands the first count
+    characters of text to the board, {"in": "<text>"}, as many whole characters
+    as fit in size bytes; each } is written \\u007d, as the board reads the body
+    up to its first }."""
+    room = size - len(_IN_ANSWER % "")
+    pieces = []
+    for c in text:
+        piece = _JSON.encode(c)[1:-1].replace("}", "\\u007d")
+        room -= len(piece.encode("utf-8"))
+        if room < 0:
+            break
+        pieces.append(piece)
+    return (_IN_ANSWER % "".join(pieces)).encode("utf-8"), len(pieces)
+
+
+_IN_ANSWER = '{"in": "%s"}'
+#: The smallest answer a board may ask for (in=): room for any one character.
+MIN_INPUT_ANSWER = len(_IN_ANSWER % "") + 6
+
+
+def _readable(sock):
+    """The socket has bytes to read or was closed by its peer (or here)."""
+    try:
+        if hasattr(select, "poll"):  # select() fails on descriptors past FD_SETSIZE
+            poll = select.poll()
+            poll.register(sock, select.POLLIN)
+            return bool(poll.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # ValueError: closed here, no descriptor
+        return True
+
+
+def input_refusal(client, origin, fetch_site, host, token=None, from_lan=False):
+    """Why input posted from client (an IP address) must be refused with 403, or
+    None: a request from a browser on another site (its Origin is not this
+    server, or its Sec-Fetch-Site says so), or, without a token, one from
+    another machine (unless from_lan) or to a name that is not this server's
+    (a site whose name was pointed at 127.0.0.1: DNS rebinding)."""
+    if origin is not None and (not host or urlsplit(origin).netloc.lower() != host.lower()):
+        return "input is taken from this server's own page only, not from %r" % origin[:80]
+    if fetch_site is not None and fetch_site.strip().lower() in ("cross-site", "same-site"):
+        return "input is taken from this server's own page only, not from another site"
+    if token is not None:
+        return None
+    if not from_lan and not _loopback(client):
+        return "input is taken from this machine only: run the server with --token, or with --repl-from-lan"
+    if host and not _own_name(host):
+        return ("input without --token is taken for this machine's address or name only, not %r: "
+                "run the server with --token" % host[:80])
+    return None
+
+
+def _loopback(address):
+    try:
+        address = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _own_name(host):
+    """host (a Host header) names this server as an address, localhost, or this
+    machine's own name."""
+    name = urlsplit("//" + host).hostname or ""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    machine = socket.gethostname().lower()
+    return name in ("localhost", machine, machine.split(".")[0], machine.split(".")[0] + ".local") or \
+        name.endswith(".localhost")
 
 
 # -- Connections -------------------------------------------------------------------
@@ -2524,6 +2843,8 @@ class Handler(BaseHTTPRequestHandler):
         "/files/manifest.txt": [(GET, "_manifest_txt", None)],
         "/files/": [(GET, "_download", "/files/<checksum>")],
         "/boards": [(GET, "_boards", "/boards")],
+        "/boards/": [(GET, "_board_console", "/boards/<id>/console"),
+                     (("POST",), "_board_input", "/boards/<id>/input")],
         "": [(GET, "_page", "/ (the status page)"), (("POST",), "_login", None)],
         "/console": [(("POST",), "_console", None)],
     }
@@ -2596,9 +2917,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
         if handler == "_login":
             return self._login()  # the page's form brings the token, in its body
+        if handler == "_board_input":
+            return self._board_input(route)  # it reads its body once the checks pass
         if not self._skip_body(authorized):
             self.close_connection = True
-        if handler in ("_page", "_boards"):
+        if handler in ("_page", "_boards", "_board_console"):
             # A browser's: the cookie the token gave it will do.
             if route == "" and "token" in query:
                 return self._exchange(_first(query, "token"))
@@ -2687,8 +3010,70 @@ class Handler(BaseHTTPRequestHandler):
             if since is not None:
                 # Before the first version, the page shows how far the start is, every second.
                 self.server.boards.wait(since, wait if self.server.published.ready else min(wait, 1.0))
-        body = _json(status(self.server.published, self.server.boards))
+        body = _json(status(self.server.published, self.server.boards, input_from=self.server.input_from))
         self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
+
+    # A board's REPL: input typed for it, and its console's bytes.
+
+    def _board_of(self, route, what):
+        """The board id in /boards/<id>/<what>; Refused 405 or 404 for another route."""
+        for name, methods in (("/input", ("POST",)), ("/console", GET)):
+            if route.endswith(name) and len(route) > len("/boards/") + len(name):
+                if name != what:
+                    raise Refused(405, "method %s is not allowed here: use %s" % (
+                        self.command, " or ".join(methods)), [("Allow", ", ".join(methods))], close=True)
+                return route[len("/boards/"):-len(name)]
+        raise Refused(404, "no such endpoint %r: try /boards/<id>/console or /boards/<id>/input" % route)
+
+    def _board_input(self, route):
+        """POST /boards/<id>/input: keystrokes for the board's REPL (its body, UTF-8),
+        queued for its next live long-poll: 204. The body is read only once every
+        check passed: a refusal before closes the connection."""
+        device = self._board_of(route, "/input")
+        if not (self._authorized_request or self._has_page_cookie()):
+            raise Refused(401, "missing or wrong token: send 'Authorization: Bearer <token>', or the page's cookie",
+                          _UNAUTHORIZED, close=True)
+        server = self.server
+        refusal = input_refusal(self.client_address[0], self.headers.get("Origin"),
+                                self.headers.get("Sec-Fetch-Site"), self.headers.get("Host"), server.token,
+                                server.repl_from_lan)
+        if refusal is not None:
+            raise Refused(403, refusal, close=True)
+        if (self.headers.get("X-OTA-Input") or "").strip() != "1":
+            raise Refused(400, "send input with the header X-OTA-Input: 1", close=True)
+        server.boards.console_bytes(device)  # Refused 404 for a board the server does not know
+        try:
+            length = self._content_length()
+        except _BadLength:
+            length = None
+        if length is None:
+            raise Refused(411, "send the input with one Content-Length, not chunked", close=True)
+        if length > server.boards.INPUT_QUEUE:
+            raise Refused(413, "input of %d bytes: send at most %d at a time" % (length, server.boards.INPUT_QUEUE),
+                          close=True)
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            raise ConnectionError("input cut short")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Refused(400, "input must be UTF-8: byte %d is not" % e.start)
+        server.boards.put_input(device, text)
+        log.info("%s > [%s] %s", self.client_address[0], printable(device[:12]), repr(text))
+        self._send(204, [])
+
+    def _board_console(self, route, query):
+        """GET /boards/<id>/console?from=N&wait=S: the board's console bytes from
+        offset N (from the end, without it): X-OTA-Offset, X-OTA-End; held up to S
+        seconds until there is one past N."""
+        device = self._board_of(route, "/console")
+        text = _first(query, "from")
+        if text is not None and not (_DIGITS.fullmatch(text) and len(text) <= 18):
+            raise Refused(400, "from must be a byte offset, not %r" % text[:40])
+        wait = self._wait(query) or 0.0
+        start, data = self.server.boards.console_bytes(device, None if text is None else int(text), wait)
+        self._send_body(200, data, "application/octet-stream", [
+            ("X-OTA-Offset", str(start)), ("X-OTA-End", str(start + len(data))), ("Cache-Control", "no-store")])
 
     def _login(self):
         """POST /: the refusal page's form, token=<token>; typed there, the token is
@@ -2725,7 +3110,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(303, headers, 0)
 
     def _refuse_page(self, route, wrong=False):
-        if route == "/boards":
+        if route == "/boards" or route.startswith("/boards/"):
             raise Refused(401, "missing or wrong token: send 'Authorization: Bearer <token>', "
                                "or the cookie that opening /?token=<token> gives a browser", _UNAUTHORIZED)
         log.debug("%s %r: 401 (the page without the token)", self.client_address[0], self.requestline)
@@ -2763,7 +3148,21 @@ class Handler(BaseHTTPRequestHandler):
         version = published.current
         since = _first(query, "since") or _etag_value(self.headers.get("If-None-Match"))
         wait = self._wait(query)
-        if wait is not None and since == version.id:
+        size = self._input_size(query)
+        device = self.headers.get("X-OTA-Device")
+        if wait is not None and since == version.id and size is not None and device:
+            hold = self.server.boards.listen(device, self.connection, size)
+            try:
+                body = self._listen(hold, since, wait)
+            finally:
+                self.server.boards.unlisten(hold)
+            if hold.dead:
+                self.close_connection = True  # the board closed it: no one reads an answer
+                return
+            if body is not None:
+                return self._send_body(200, body, "application/json", [("Cache-Control", "no-store")])
+            version = published.current
+        elif wait is not None and since == version.id:
             version = published.wait_for_change(since, wait, self._server_closing)
         if since == version.id or self._not_modified(version.etag):
             return self._send(304, [("ETag", version.etag), ("Cache-Control", "no-cache")])
@@ -2836,6 +3235,38 @@ class Handler(BaseHTTPRequestHandler):
             "%s%s got %s (%d B)", self.client_address[0],
             " [%s]" % device[:32] if device else "", blob.path, blob.size,
         )
+
+    def _listen(self, hold, since, wait):
+        """Hold a board's live long-poll until the version is not since, the board
+        has input (its answer body, returned), the server closes, or wait seconds
+        pass (None)."""
+        published = self.server.published
+        wake = hold.wake.set
+        published.listeners.append(wake)  # a publish wakes it
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                hold.wake.clear()  # before each look: a wake after it is not lost
+                if published.current.id != since or self.server.closing:
+                    return None
+                body = self.server.boards.deliver(hold)
+                left = deadline - time.monotonic()
+                if body is not None or hold.dead or left <= 0:
+                    return body
+                hold.wake.wait(left)
+        finally:
+            published.listeners.remove(wake)
+
+    def _input_size(self, query):
+        """A live long-poll's ?in=: the largest answer, in bytes, the board takes
+        input in; None if there is none."""
+        text = _first(query, "in")
+        if text is None:
+            return None
+        if not _DIGITS.fullmatch(text) or len(text) > 9 or int(text) < MIN_INPUT_ANSWER:
+            raise Refused(400, "in must be the largest answer the board reads, at least %d bytes, not %r" % (
+                MIN_INPUT_ANSWER, text[:40]))
+        return int(text)
 
     def _manifest(self, version):
         etag = '"%s-text"' % version.id  # the same bytes as ?format=text of that version
@@ -3007,7 +3438,7 @@ class PromoterServer(ThreadingHTTPServer):
     It releases the waits on its Boards but stops no watcher and closes no
     Published: their owner does, after it (main() does; Promoter.serve() puts the
     Promoter's stop() in on_close). url, server_address, boards and published may be read from any
-    thread; token and cookie never change.
+    thread; token, cookie, repl_from_lan and input_from never change.
     Tunables, class attributes set on an instance: idle_timeout, MAX_WAIT,
     MAX_BODY, MAX_CONSOLE_BODY, MAX_FORM; MAX_CONNECTIONS is read when the server
     is made, so it is set on the class (or a subclass) before.
@@ -3033,12 +3464,15 @@ class PromoterServer(ThreadingHTTPServer):
     #: Bytes of the page's form: the token and its name.
     MAX_FORM = 1024
 
-    def __init__(self, address, published, boards=None, token=None, idle_timeout=None):
+    def __init__(self, address, published, boards=None, token=None, idle_timeout=None, repl_from_lan=False):
         self.published = published
         self.boards = Boards() if boards is None else boards
         self.promoter = None  # the Promoter whose serve() made this server, if one did
         self.on_close = []  # functions close() calls last, with no argument
         self.token = token
+        self.repl_from_lan = repl_from_lan  # without a token, input from any address is taken
+        # Who may type into boards (GET /boards says it): see input_refusal().
+        self.input_from = "token" if token else "lan" if repl_from_lan else "loopback"
         if idle_timeout is not None:
             self.idle_timeout = idle_timeout
         # The browser's cookie is derived from the token, never the token itself.
@@ -3178,9 +3612,10 @@ class PromoterServer(ThreadingHTTPServer):
 
 COOKIE = "ota_page"  # the page's cookie is named ota_page_<port>_<8 hex digits of the token's hash>
 
-def status(published, boards, lines=None):
+def status(published, boards, lines=None, input_from="loopback"):
     """What the page shows, as the dict GET /boards answers (the README gives its
-    schema), with lines console lines per board (boards.PAGE_LINES if None)."""
+    schema), with lines console lines per board (boards.PAGE_LINES if None);
+    input_from says who may type (PromoterServer.input_from)."""
     if lines is None:
         lines = boards.PAGE_LINES
     state = boards.state  # first: a change made while this is built wakes the next wait
@@ -3207,7 +3642,8 @@ def status(published, boards, lines=None):
             "device": b["device"], "address": b["address"], "version": b["version"], "state": state_of,
             "last_seen": round(b["last_seen"], 3), "silent": now - b["last_seen"] > boards.SILENT_AFTER,
             "error": None if b["error"] is None else {"text": b["error"], "time": round(b["error_time"], 3)},
-            "dropped": b["dropped"], "lines": b["lines"],
+            "dropped": b["dropped"], "lines": b["lines"], "partial": b["partial"], "listening": b["listening"],
+            "input": {"queued": b["queued"], "dropped": b["input_dropped"]},
         })
     return {
         "state": state,
@@ -3219,6 +3655,7 @@ def status(published, boards, lines=None):
         "files_total": len(files),
         "boards": found,
         "silent_after": boards.SILENT_AFTER,
+        "input": input_from,
     }
 
 
@@ -4255,6 +4692,11 @@ def build_parser():
              "default $OTA_TOKEN; printable ASCII only",
     )
     parser.add_argument(
+        "--repl-from-lan", action="store_true",
+        help="without --token, take input to boards (the page's and the terminal's REPL) from any address, "
+             "not only from this machine",
+    )
+    parser.add_argument(
         "--idle-timeout", type=positive, default=PromoterServer.idle_timeout, metavar="SECONDS",
         help="seconds a connection may take to send its request (default %g, at most %d); "
              "a client trickling bytes is cut off within twice that" % (PromoterServer.idle_timeout, MAX_SECONDS),
@@ -4342,7 +4784,7 @@ def main(argv=None):
         if args.export is None:
             Promoter.check_root(args.dir)  # its error, not the port's, if both are wrong
             server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
-                                    idle_timeout=args.idle_timeout)
+                                    idle_timeout=args.idle_timeout, repl_from_lan=args.repl_from_lan)
             server.start(0.5)  # 2 wake-ups a second when idle (20 cost 0.2% of a core)
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy,
                             published=published)
@@ -4509,6 +4951,8 @@ def _announce(promoter, server, args):
         log.warning("%s is this machine's own address: no board can reach it (--host %s, the default, "
                     "lets boards on the LAN in)", host, DEFAULT_HOST)
     if args.token is None:
+        if not args.repl_from_lan:
+            log.info("input to boards is taken from this machine only (--repl-from-lan lets the LAN type)")
         log.info("the status page: %s/", urls[0])
         log.info('on the board: import ota; ota.update("%s")', urls[0])
         if not loopback:

@@ -170,7 +170,7 @@ def test_unknown_endpoint_is_404(server):
     r = request(server.url, "/nope")
     assert (r.status, r.json()) == (
         404, {"error": "no such endpoint '/nope': try /files/version, /files, /files/<checksum>, "
-                       "/boards or / (the status page)"}
+                       "/boards, /boards/<id>/console, /boards/<id>/input or / (the status page)"}
     )
 
 

@@ -172,6 +172,7 @@ def test_the_command_line_names_its_compiler_once_and_no_check_turns_it_off(tree
         "  " + url,
         "warning: 127.0.0.1 is this machine's own address: no board can reach it "
         "(--host 0.0.0.0, the default, lets boards on the LAN in)",
+        "input to boards is taken from this machine only (--repl-from-lan lets the LAN type)",
         "the status page: %s/" % url,
         'on the board: import ota; ota.update("%s")' % url,
     ]

@@ -207,6 +207,7 @@ def test_banner_serves_and_ctrl_c_exits_0(tree, running):
         ".py files are published once they compile with %s" % ota_promoter.SourceCheck.find().name,
         "warning: 127.0.0.1 is this machine's own address: no board can reach it "
         "(--host 0.0.0.0, the default, lets boards on the LAN in)",
+        "input to boards is taken from this machine only (--repl-from-lan lets the LAN type)",
         "the status page: %s/" % url,
         'on the board: import ota; ota.update("%s")' % url,
     ]
@@ -307,6 +308,7 @@ def test_on_a_loopback_address_it_warns_that_no_board_can_reach_it(tree, running
         "  " + url,
         "warning: %s is this machine's own address: no board can reach it "
         "(--host 0.0.0.0, the default, lets boards on the LAN in)" % host,
+        "input to boards is taken from this machine only (--repl-from-lan lets the LAN type)",
         "the status page: %s/" % url,
         'on the board: import ota; ota.update("%s")' % url,
     ]

@@ -106,6 +106,9 @@ def fake_machine(monkeypatch, unique_id):
 # -- GET /boards -----------------------------------------------------------------------
 
 
+QUIET = {"partial": "", "listening": False, "input": {"queued": 0, "dropped": 0}}  # no REPL in use
+
+
 def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
     write(tree, "README.txt", "hello\n")
     promoter = ota_promoter.Promoter(str(tree), interval=3600, check=ota_promoter.SourceCheck())
@@ -155,18 +158,19 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
         "files_total": 3,
         "boards": [
             {"device": "b4", "address": "127.0.0.1", "version": v1, "state": "behind", "silent": True,
-             "error": None, "dropped": 0, "lines": []},
+             "error": None, "dropped": 0, "lines": [], **QUIET},
             {"device": "b2", "address": "127.0.0.1", "version": "none", "state": "updating", "silent": False,
-             "error": None, "dropped": 0, "lines": []},
+             "error": None, "dropped": 0, "lines": [], **QUIET},
             # Its 404 was cleared when it reported another installed version.
             {"device": "b3", "address": "127.0.0.1", "version": v2, "state": "current", "silent": False,
-             "error": None, "dropped": 0, "lines": []},
+             "error": None, "dropped": 0, "lines": [], **QUIET},
             {"device": "b1", "address": "127.0.0.1", "version": v1, "state": "behind", "silent": False,
              "error": {"text": "ZeroDivisionError: divide by zero"}, "dropped": 0,
              "lines": ["boot", "Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
-                       "ZeroDivisionError: divide by zero"]},
+                       "ZeroDivisionError: divide by zero"], **QUIET},
         ],
         "silent_after": ota_promoter.Boards.SILENT_AFTER,
+        "input": "loopback",
     }
     assert promoter.current.held["boot.py"].startswith("1:") and "SyntaxError" in promoter.current.held["boot.py"]
 
@@ -371,7 +375,7 @@ def test_the_token_reaches_no_log_line_whatever_the_route_or_spelling(tree):
 def test_the_token_in_a_failing_requests_traceback_is_hidden(tree, serve, monkeypatch, caplog):
     server = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
 
-    def broken(promoter, boards, lines=0):
+    def broken(promoter, boards, lines=0, input_from=None):
         raise RuntimeError("no status for %s" % TOKEN)
 
     monkeypatch.setattr(ota_promoter, "status", broken)
