@@ -4517,7 +4517,7 @@ def repl(remote, name, stdin=None, stdout=None):
         done.set()
         if keys is not None:
             keys.__exit__()
-            stdout.write("\r\n")
+            stdout.write("\n")
             stdout.flush()
     return 0
 

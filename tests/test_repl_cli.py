@@ -152,6 +152,35 @@ def test_each_command_has_its_help_and_the_server_help_names_them(capsys):
         assert ("stays stopped" in text) == (prog != "repl")
 
 
+def test_a_board_that_does_not_listen_is_named_and_exits_1(known):
+    """Its input waits on the server, and the command on the board, within --timeout."""
+    result = command("exec", "a4cf12", "print(1)", "--server", known.url, "--timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        "ota_promoter.py exec: [a4cf12f3e9b1] did not answer within 0.5 s: it is not listening (not in live mode?)\n")
+    boards = {b["device"]: b for b in request(known.url, "/boards").json()["boards"]}
+    assert boards["a4cf12f3e9b1"]["input"]["queued"] == 4  # Ctrl-C twice, Ctrl-A; Ctrl-B after
+
+
+LAN = ota_promoter.lan_addresses()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LAN, reason="this machine has no address but loopback")
+def test_a_server_that_takes_no_input_from_the_lan_says_why(tree):
+    """Without --token, a server takes input from loopback only: 403, its reason shown."""
+    server = ota_promoter.Promoter(str(tree), interval=3600).serve("0.0.0.0", 0).start()
+    try:
+        url = "http://%s:%d" % (LAN[0], server.server_address[1])
+        request(url, "/files/version", headers={"X-OTA-Device": "a4cf12f3e9b1"})
+        one_line(command("exec", "a4cf", "print(1)", "--server", url), "exec",
+                 "the server at %s refused: input is taken from this machine only: run the server with --token, "
+                 "or with --repl-from-lan" % url)
+    finally:
+        server.close()
+
+
 # -- Against boards in live mode ---------------------------------------------------------
 
 
