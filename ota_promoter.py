@@ -4161,7 +4161,7 @@ class Remote:
                 raise PromoterError("the server at %s wants its token: give --token TOKEN, or set $OTA_TOKEN"
                                     % self.url)
             raise PromoterError("the server at %s refused the token: give the one it was started with" % self.url)
-        if status == 403 or status >= 400 and method == "POST" and status not in (404, 503):
+        if status == 403:  # input from where the server takes none: its reason says what to change
             raise PromoterError("the server at %s refused: %s" % (self.url, _error_of(data, status)))
         return status, got, data
 
@@ -4273,7 +4273,8 @@ class _Stream:
         self.offset = remote.console(device)[0]  # the end now: only what comes next
         self.data = b""  # read, not yet taken
 
-    def _more(self, deadline):
+    def more(self, deadline):
+        """Read what comes next, waiting until deadline at most; False past it."""
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -4288,14 +4289,14 @@ class _Stream:
         """Skip what comes before marker, and marker; False at deadline."""
         while marker not in self.data:
             self.data = self.data[-len(marker):]  # a marker split between two reads
-            if not self._more(deadline):
+            if not self.more(deadline):
                 return False
         self.data = self.data.split(marker, 1)[1]
         return True
 
     def take(self, n, deadline):
         """The next n bytes, or fewer at deadline."""
-        while len(self.data) < n and self._more(deadline):
+        while len(self.data) < n and self.more(deadline):
             pass
         taken, self.data = self.data[:n], self.data[n:]
         return taken
@@ -4309,7 +4310,7 @@ class _Stream:
             self.data = after
             if found:
                 return True
-            if not self._more(deadline):
+            if not self.more(deadline):
                 return False
 
 
@@ -4339,9 +4340,12 @@ class _Printer:
                 stream.flush()
 
     def flush(self):
+        """Write what is held: a line's start without its end."""
         for stream, rest in list(self.held.items()):
             del self.held[stream]
-            self.write(stream, rest + b"\n" if self.prefix else rest)
+            with self.lock:
+                stream.buffer.write(self.prefix + rest + b"\n" if self.prefix else rest)
+                stream.flush()
 
 
 def run_code(remote, board, code, timeout, prefixed=False):
@@ -4392,9 +4396,14 @@ def exec_on(remote, name, code, timeout, prog="ota_promoter.py exec"):
     threads = [threading.Thread(target=one, args=(b,), daemon=True) for b in boards[1:]]
     for thread in threads:
         thread.start()
-    one(boards[0])
-    for thread in threads:
-        thread.join()
+    try:
+        one(boards[0])
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        for board in boards:  # Ctrl-C here: the code stops there too, the REPL is the friendly one
+            remote.send(board["device"], "\x03\x02", time.monotonic() + remote.timeout)
+        raise
     status = 0
     for board in boards:
         result = results[board["device"]]
@@ -4473,7 +4482,7 @@ def repl(remote, name, stdin=None, stdout=None):
     def show():
         try:
             while not done.is_set():
-                if stream._more(time.monotonic() + remote.HOLD) and stream.data:
+                if stream.more(time.monotonic() + remote.HOLD) and stream.data:
                     heard[0] = time.monotonic()
                     stdout.buffer.write(stream.data)
                     stdout.flush()
