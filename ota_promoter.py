@@ -1198,7 +1198,8 @@ class Published:
       version, manifest(), blob(checksum), read(blob), open(blob)
       wait_for_change(since, timeout, released=None)
       listeners           functions called with no argument after each publish,
-                          in the publishing thread (the status page's Boards.bump)
+                          in the publishing thread (the status page's Boards.bump,
+                          the wake of each live long-poll held)
       waiting             how many threads wait_for_change() now (a test hook)
       ready               False until the first version is published (and, if
                           gated, opened): until then current is an empty
@@ -2362,7 +2363,7 @@ class Boards:
         """Seconds until a board turns silent, stops updating or stops listening, or None."""
         turns = [t - now for b in self._boards.values()
                  for t in (b.last_seen + self.SILENT_AFTER, b.fetched + self.UPDATING_FOR,
-                           b.listened + self.LISTEN_FOR) if t > now]
+                           0.0 if b.holds else b.listened + self.LISTEN_FOR) if t > now]
         return min(turns) if turns else None
 
     def seen(self, device, address, version, fetch=False):
@@ -2486,6 +2487,11 @@ class Boards:
                     break
                 self._changed.wait(left)
             return board.ring.read(start)
+
+    def require(self, device):
+        """Refused 404 unless the board is known."""
+        with self._lock:
+            self._board(device)
 
     def _board(self, device):
         board = self._boards.get(printable(device[:self.MAX_DEVICE_ID]))
@@ -3041,7 +3047,7 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused(403, refusal, close=True)
         if (self.headers.get("X-OTA-Input") or "").strip() != "1":
             raise Refused(400, "send input with the header X-OTA-Input: 1", close=True)
-        server.boards.console_bytes(device)  # Refused 404 for a board the server does not know
+        server.boards.require(device)
         try:
             length = self._content_length()
         except _BadLength:
@@ -5072,6 +5078,13 @@ tr.changed td:first-child::before{content:"\\2022 ";color:#ef6c00}
 .mark{font-size:12px;font-weight:bold;color:#ef6c00}
 .held{color:#b00020}
 .muted{color:#777}
+.repl{display:flex;flex-wrap:wrap;gap:.3em;margin-top:.3em}
+.repl input{flex:1;min-width:8em;font-family:ui-monospace,monospace;font-size:12.5px;background:#1e1e1e;color:#ddd;
+border:1px solid #1e1e1e;border-radius:4px;padding:.2em .6em}
+.repl input:disabled{background:#eee;border-color:#ddd;color:#777}
+.repl button{font-size:12px;padding:0 .5em}
+.repl .note{flex-basis:100%;font-size:12px}
+.repl .note:empty{display:none}
 </style></head><body>
 <header><h1>OTA Promoter</h1><span id="conn" class="muted">connecting...</span></header>
 <div id="gone" role="alert"></div>
@@ -5083,6 +5096,8 @@ tr.changed td:first-child::before{content:"\\2022 ";color:#ef6c00}
 <script nonce="NONCE">
 "use strict";
 var state = "", offset = 0, lostSince = null;
+var repls = new Map();  // device -> its input line: kept across redraws, with what is typed in it
+var sending = Promise.resolve();  // one input after the other, in the order typed
 window.__shown = {};  // version id -> Date.now() when the page first showed it
 var STATES = {current: "up to date", behind: "behind", updating: "updating now", unknown: "version unknown"};
 
@@ -5146,8 +5161,73 @@ function renderVersion(d, v, parts) {
   document.getElementById("version-body").className = "";
   if (!(v.id in window.__shown)) window.__shown[v.id] = Date.now();
 }
+function mayType(d) {
+  // Without --token the server takes input from its own machine only: a page opened from another one cannot type.
+  if (d.input !== "loopback") return true;
+  var host = location.hostname;
+  return host === "localhost" || host === "[::1]" || host === "::1" || /^127\\./.test(host);
+}
+function sendInput(device, text, note) {
+  sending = sending.then(async function () {
+    try {
+      var r = await fetch("/boards/" + encodeURIComponent(device) + "/input",
+                          {method: "POST", body: text, headers: {"X-OTA-Input": "1"}, credentials: "same-origin",
+                           cache: "no-store"});
+      if (r.status === 204) { note.textContent = ""; return; }
+      var why = "the server answered " + r.status;
+      try { why = (await r.json()).error; } catch (e) {}
+      note.textContent = "Not sent: " + why;
+    } catch (e) {
+      note.textContent = "Not sent: the server is gone";
+    }
+  });
+}
+function replOf(b, allowed) {
+  var r = repls.get(b.device);
+  if (!r) {
+    r = el("div", "repl");
+    var line = el("input"), note = el("div", "note error");
+    line.type = "text"; line.autocomplete = "off"; line.spellcheck = false;
+    line.setAttribute("aria-label", "input for " + b.device);
+    r.appendChild(line);
+    [["Ctrl-C", "\\x03", "interrupt what runs"], ["Ctrl-D", "\\x04", "soft reset, at the prompt"]].forEach(function (k) {
+      var button = el("button", "key", k[0]);
+      button.type = "button"; button.title = k[2];
+      button.addEventListener("click", function () { sendInput(b.device, k[1], note); line.focus(); });
+      r.appendChild(button);
+    });
+    r.appendChild(note);
+    line.addEventListener("keydown", function (e) {
+      if (e.key === "Enter") {
+        e.preventDefault();
+        sendInput(b.device, line.value + "\\r", note);
+        line.value = "";
+      } else if (e.ctrlKey && !e.altKey && !e.metaKey && (e.key === "c" || e.key === "d") &&
+                 line.selectionStart === line.selectionEnd) {
+        e.preventDefault();  // with text selected, Ctrl-C copies it
+        sendInput(b.device, e.key === "c" ? "\\x03" : "\\x04", note);
+      }
+    });
+    repls.set(b.device, r);
+  }
+  // Disabled, the line says why in a few words, and in full on hover.
+  var why = !allowed ? ["Only the server's machine types",
+                        "Input is taken from the server's own machine only (--repl-from-lan lets the LAN type)"]
+    : !b.listening ? ["Not listening (no ota.live())", "The board is not listening: it runs no ota.live(), or is silent"]
+    : null;
+  r.querySelectorAll("input, button").forEach(function (e) { e.disabled = why !== null; });
+  var line = r.querySelector("input");
+  line.placeholder = why ? why[0] : "Type a line: Enter sends it";
+  line.title = why ? why[1] : "Its REPL takes what is typed here, as on its serial line";
+  return r;
+}
 function renderBoards(d) {
   document.getElementById("boards-title").textContent = "Boards (" + d.boards.length + ")";
+  var allowed = mayType(d), typing = document.activeElement, selection = null;
+  if (typing && typing.parentNode && typing.parentNode.className === "repl")
+    selection = [typing.selectionStart, typing.selectionEnd];
+  var shown = new Set(d.boards.map(function (b) { return b.device; }));
+  repls.forEach(function (r, device) { if (!shown.has(device)) repls.delete(device); });
   // A console shows its newest line, unless its reader scrolled up: it then stays where it was.
   var scrolledUp = new Map();
   document.querySelectorAll("#boards .board").forEach(function (c) {
@@ -5174,15 +5254,22 @@ function renderBoards(d) {
       fact(dl, "last error", err);
     }
     if (b.dropped) fact(dl, "dropped", b.dropped + " bytes of console output");
+    if (b.input.dropped) fact(dl, "input dropped", b.input.dropped + " bytes: it did not listen");
     card.appendChild(dl);
-    if (b.lines.length) {
-      var pre = el("pre", "console", b.lines.join("\\n"));
+    if (b.lines.length || b.partial) {
+      // The partial line is the prompt and the echo of what is typed: no newline ends them.
+      var pre = el("pre", "console", b.lines.concat(b.partial ? [b.partial] : []).join("\\n"));
       card.appendChild(pre);
     } else card.appendChild(el("div", "muted", "no console output"));
+    card.appendChild(replOf(b, allowed));
     return card;
   });
   if (!cards.length) cards.push(el("div", "muted", "No board has asked for an update yet."));
   fill("boards", cards);
+  if (selection !== null && document.contains(typing) && !typing.disabled) {
+    typing.focus();  // moved to the new card, it lost the focus
+    typing.setSelectionRange(selection[0], selection[1]);
+  }
   document.querySelectorAll("#boards pre.console").forEach(function (pre) {
     var device = pre.parentNode.dataset.device;
     pre.scrollTop = scrolledUp.has(device) ? scrolledUp.get(device) : pre.scrollHeight;

@@ -8,6 +8,7 @@ client (micropython/ota.py under CPython, given a board id through a stand-in
 
 import html
 import http.client
+import json
 import logging
 import os
 import re
@@ -879,3 +880,108 @@ def test_page_latency_from_publish_to_the_dom(tree, serve, browser, capsys):
                   len(from_publish), statistics.median(from_publish) * 1000, max(from_publish) * 1000,
                   statistics.median(from_save) * 1000, max(from_save) * 1000))
     assert all(t > 0 for t in from_publish)
+
+
+# -- Typing into a board's REPL (issue 20) ---------------------------------------------------
+
+
+def repl_line(driver, device):
+    """{disabled, placeholder, value} of the board's input line on the page, or None."""
+    return driver.execute_script("""
+        const c = [...document.querySelectorAll('.board')].find(c => c.dataset.device === arguments[0]);
+        const line = c && c.querySelector('.repl input');
+        return line && {disabled: line.disabled, placeholder: line.placeholder, value: line.value,
+                        note: c.querySelector('.repl .note').textContent};""", device)
+
+
+def repl_element(driver, device, what):
+    [found] = [c for c in driver.find_elements("css selector", ".board") if c.get_attribute("data-device") == device]
+    return found.find_element("css selector", ".repl " + what)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_pages_input_line_types_into_the_boards_long_poll(server, browser):
+    from selenium.webdriver.common.keys import Keys
+    from test_repl_server import DEVICE, answer, held, long_poll
+
+    post_console(server, DEVICE, "none", b"MicroPython v1.23.0\r\n>>> ")
+    browser.get(server.url + "/")
+    until(lambda: (card(browser, DEVICE) or {}).get("console") == "MicroPython v1.23.0\n>>> ", "the prompt")
+    assert repl_line(browser, DEVICE)["disabled"] is True
+    assert repl_line(browser, DEVICE)["placeholder"] == "Not listening (no ota.live())"
+
+    sock = long_poll(server, wait=30)
+    until(lambda: not repl_line(browser, DEVICE)["disabled"], "the input line to open")
+    line = repl_element(browser, DEVICE, "input")
+    line.send_keys("1+1" + Keys.ENTER)
+    assert answer(sock)[2] == b'{"in": "1+1\\r"}'
+    assert repl_line(browser, DEVICE)["value"] == ""
+
+    for press, sent in [(lambda: repl_element(browser, DEVICE, "button[title^=interrupt]").click(), b"\\u0003"),
+                        (lambda: line.send_keys(Keys.CONTROL, "d"), b"\\u0004"),
+                        (lambda: line.send_keys(Keys.CONTROL, "c"), b"\\u0003")]:
+        sock = long_poll(server, wait=30)
+        held(server)
+        press()
+        assert answer(sock)[2] == b'{"in": "%s"}' % sent
+    assert repl_line(browser, DEVICE)["note"] == ""
+
+
+@pytest.fixture
+def cross_site():
+    """Another site, http://localhost:<port>/ (the server is on 127.0.0.1), whose
+    page holds a form that posts to cross_site.target, and may run scripts."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ('<!doctype html><title>a forum</title><form id="form" method="post" action="%s" '
+                    'enctype="text/plain"><input name="import machine;machine.reset()#" value="">'
+                    '<button id="go">go</button></form>' % html.escape(site.target)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    site.target = "/"
+    site.url = "http://localhost:%d/" % site.server_address[1]
+    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield site
+    site.shutdown()
+    site.server_close()
+    thread.join(TIMEOUT)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_a_form_or_a_script_on_another_site_cannot_type_into_a_board(server, browser, cross_site):
+    """Without --token, where no secret protects the input: the browser is on this
+    machine, as the server wants, but the request comes from another site."""
+    from test_repl_server import DEVICE, known, queued
+
+    known(server)
+    target = server.url + "/boards/%s/input" % DEVICE
+    cross_site.target = target
+    browser.get(cross_site.url)
+    # A script: with X-OTA-Input, its fetch needs a preflight the server never grants;
+    # without it (no-cors drops the header), the post is refused.
+    fetched = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1], target = arguments[0], results = [];
+        fetch(target, {method: 'POST', headers: {'X-OTA-Input': '1'}, body: '1', credentials: 'include'})
+          .then(r => 'answered ' + r.status, e => 'failed')
+          .then(cors => fetch(target, {method: 'POST', mode: 'no-cors', headers: {'X-OTA-Input': '1'},
+                                       body: '2', credentials: 'include'})
+                        .then(r => [cors, r.type], e => [cors, 'failed']))
+          .then(done);""", target)
+    assert fetched == ["failed", "opaque"]
+    browser.find_element("id", "go").click()
+    until(lambda: browser.current_url == target and "error" in browser.find_element("tag name", "body").text,
+          "the form's answer")
+    assert json.loads(browser.find_element("tag name", "body").text) == {
+        "error": "input is taken from this server's own page only, not from %r" % cross_site.url.rstrip("/")}
+    assert queued(server) == (0, 0)
