@@ -48,6 +48,60 @@ __all__ = [
     "build_parser", "main",
 ]
 
+import os
+import sys
+
+#: What _run_as_module() runs: argv[1] is this file, imported as ota_promoter.
+_AS_MODULE = """\
+import sys
+path = sys.argv[0] = sys.argv.pop(1)
+if sys.path[:1] == [""]:  # as for a script: its folder first, not the working one
+    sys.path[0] = path.rpartition("/")[0]
+import importlib.util
+spec = importlib.util.spec_from_file_location("ota_promoter", path)
+module = sys.modules["ota_promoter"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module.main())
+"""
+
+
+def _run_as_module():
+    """Replace this process by the same interpreter importing this file as a
+    module and calling main(), with the same arguments and options; return only
+    where that cannot be done.
+
+    CPython keeps a script's syntax tree until the script returns: 7 MB for
+    this file, as long as the server runs. A module's tree is freed once it is
+    compiled. The process is the same (its id, terminal, signals and exit
+    status). Called before the other imports, which the module makes: the
+    interpreter's second start then costs about 60 ms, the compile (50 ms) and
+    the start, and nothing once __pycache__ holds the module (a script's
+    compile is never kept). POSIX only: on Windows exec starts another process,
+    and the terminal would get its prompt back at once.
+    """
+    given = getattr(sys, "orig_argv", None)  # the interpreter's own, from Python 3.10
+    if os.name != "posix" or given is None or not sys.executable:
+        return  # Windows, Python 3.9, or an embedded interpreter
+    if sys._getframe(1).f_back is not None:
+        return  # run by Python code (pdb, coverage, runpy), not by the interpreter itself
+    here = os.path.abspath(__file__)
+    if not here.endswith(".py") or not os.path.isfile(here):
+        return
+    options = given[1:len(given) - len(sys.argv)]  # -X, -W, -u, -I ...
+    if given[len(options) + 1:] != sys.argv:
+        return
+    if options[-1:] == ["--"]:  # it ended the options: -c would be taken for the script
+        options.pop()
+    try:
+        os.execv(sys.executable, [sys.executable] + options + ["-c", _AS_MODULE, here] + sys.argv[1:])
+    except OSError:
+        pass  # run as the script it is
+
+
+if __name__ == "__main__":
+    _run_as_module()  # first: what follows is imported again by the module
+
+
 import codecs
 import collections
 import errno
@@ -61,7 +115,6 @@ import itertools
 import json
 import logging
 import logging.handlers
-import os
 import queue as _queue
 import re
 import select
@@ -71,7 +124,6 @@ import socketserver
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -4980,46 +5032,6 @@ def _announce(promoter, server, args):
                  extra=_SHOWS_TOKEN)
 
 
-#: What _run_as_module() runs: argv[1] is this file, imported as ota_promoter.
-_AS_MODULE = """\
-import importlib.util, os, sys
-path = sys.argv[0] = sys.argv.pop(1)
-if sys.path[:1] == [""]:  # as for a script: its folder first, not the working one
-    sys.path[0] = os.path.dirname(path)
-spec = importlib.util.spec_from_file_location("ota_promoter", path)
-module = sys.modules["ota_promoter"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-sys.exit(module.main())
-"""
-
-
-def _run_as_module():
-    """Replace this process by the same interpreter importing this file as a
-    module and calling main(), with the same arguments and options; return only
-    where that cannot be done.
-
-    CPython keeps a script's syntax tree until the script returns: 7 MB for
-    this file, as long as the server runs. A module's tree is freed once it is
-    compiled, and __pycache__ spares the compile the next time. The process is
-    the same (its id, terminal, signals and exit status); the interpreter
-    starts twice, which costs about 30 ms. POSIX only: on Windows exec starts
-    another process, and the terminal would get its prompt back at once.
-    """
-    given = getattr(sys, "orig_argv", None)  # the interpreter's own, from Python 3.10
-    if os.name != "posix" or given is None or not sys.executable:
-        return  # Windows, Python 3.9, or an embedded interpreter
-    here = os.path.abspath(__file__)
-    if not here.endswith(".py") or not os.path.isfile(here):
-        return
-    options = given[1:len(given) - len(sys.argv)]  # -X, -W, -u, -I ...
-    if given[len(options) + 1:] != sys.argv:
-        return
-    try:
-        os.execv(sys.executable, [sys.executable] + options + ["-c", _AS_MODULE, here] + sys.argv[1:])
-    except OSError:
-        pass  # run as the script it is
-
-
 # -- Assets ---------------------------------------------------------------------------
 #
 # The status page and the page without the token, as the server sends them: no
@@ -5338,5 +5350,4 @@ loop();
 
 
 if __name__ == "__main__":
-    _run_as_module()
     sys.exit(main())

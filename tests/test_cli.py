@@ -170,12 +170,26 @@ def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
 
 def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_path):
     """As for a script, the script's folder comes first on sys.path, not the
-    working folder: a json.py there is not imported."""
-    write(tmp_path, "json.py", "raise SystemExit('the json.py of the working folder was imported')\n")
+    working folder: a json.py there is not imported, nor one that the script
+    imports to run on as a module."""
+    for name in ("json", "importlib", "os"):
+        write(tmp_path, name + ".py", "raise SystemExit('the %s.py of the working folder was imported')\n" % name)
     write(tmp_path, "site", "")
     result = run(str(tmp_path / "site"), cwd=str(tmp_path))
     assert_user_error(result, "%r is a file, not a folder: give the folder to promote" % str(tmp_path / "site"))
     assert run("--version", cwd=str(tmp_path)).stdout == "ota_promoter.py %s\n" % ota_promoter.__version__
+
+
+def test_under_a_debugger_the_script_stays_the_script():
+    result = subprocess.run([sys.executable, "-m", "pdb", SCRIPT, "--version"], input="continue\n",
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert "(Pdb) ota_promoter.py %s" % ota_promoter.__version__ in result.stdout.splitlines()
+
+
+def test_the_script_runs_after_an_end_of_the_interpreter_options():
+    result = subprocess.run([sys.executable, "-W", "default", "--", SCRIPT, "--version"], capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ota_promoter.py %s\n" % ota_promoter.__version__, "")
 
 
 def test_help_and_the_readme_say_the_same():

@@ -985,3 +985,25 @@ def test_a_form_or_a_script_on_another_site_cannot_type_into_a_board(server, bro
     assert json.loads(browser.find_element("tag name", "body").text) == {
         "error": "input is taken from this server's own page only, not from %r" % cross_site.url.rstrip("/")}
     assert queued(server) == (0, 0)
+
+
+@pytest.mark.slow
+@needs_browser
+def test_a_page_opened_from_another_machine_says_it_cannot_type(tree, browser):
+    """Without --token the server takes input from its own machine only: a page
+    opened at its LAN address (as from another machine) disables every input line."""
+    from test_repl_server import DEVICE, held, lan_address, long_poll
+
+    if lan_address() is None:
+        pytest.skip("this machine has no LAN address to open the page at")
+    server = ota_promoter.Promoter(str(tree), interval=3600).serve(lan_address(), 0).start()
+    try:
+        sock = long_poll(server, wait=30, host=lan_address())
+        held(server)
+        browser.get(server.url + "/")
+        until(lambda: repl_line(browser, DEVICE), "the board's input line")
+        assert repl_line(browser, DEVICE)["disabled"] is True
+        assert repl_line(browser, DEVICE)["placeholder"] == "Only the server's machine types"
+        sock.close()
+    finally:
+        server.close()

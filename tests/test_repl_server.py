@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import ota_promoter
-from helpers import TIMEOUT, entered, request, until
+from helpers import TIMEOUT, entered, raw_request, request, until
 
 DEVICE = "a4cf12f3e9b1c0ffee"  # the log shows its first 12 characters
 TOKEN = "s3cret-token"
@@ -23,9 +23,9 @@ TOKEN = "s3cret-token"
 # -- A board in live mode, played by a raw socket ------------------------------------------
 
 
-def long_poll(server, size=64, wait=10, device=DEVICE):
+def long_poll(server, size=64, wait=10, device=DEVICE, host="127.0.0.1"):
     """Send live mode's long-poll, as the board does (HTTP/1.0); returns the socket."""
-    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=TIMEOUT)
+    sock = socket.create_connection((host, server.server_address[1]), timeout=TIMEOUT)
     sock.sendall(("GET /files/version?wait=%g&in=%d HTTP/1.0\r\nHost: 127.0.0.1\r\nX-OTA-Device: %s\r\n"
                   "X-OTA-Version: none\r\nIf-None-Match: \"%s\"\r\n%s\r\n" % (
                       wait, size, device, server.published.version,
@@ -245,6 +245,12 @@ def test_input_refusals(server):
     assert queued(server) == (2, 0)
     r = request(server.url, "/boards/%s/input" % DEVICE)
     assert (r.status, r.headers["Allow"]) == (405, "POST")
+    for framing in ("Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n", "\r\n"):
+        answered = raw_request(server.url, ("POST /boards/%s/input HTTP/1.1\r\nHost: 127.0.0.1\r\nX-OTA-Input: 1\r\n"
+                                            % DEVICE + framing).encode())
+        assert answered.startswith(b"HTTP/1.1 411 Length Required\r\n")
+        assert answered.endswith(b'{"error":"send the input with one Content-Length, not chunked"}')
+    assert queued(server) == (2, 0)
 
 
 def test_with_a_token_input_needs_it_or_the_pages_cookie(tree, serve):
