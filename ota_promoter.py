@@ -4246,14 +4246,15 @@ DEFAULT_SERVER = "http://127.0.0.1:%d" % DEFAULT_PORT
 _RAW_REPL = b"raw REPL; CTRL-B to exit\r\n>"  # what Ctrl-A answers (MicroPython's pyexec.c)
 
 
-class NoAnswer(PromoterError):
-    """A board did not answer in time: it is named, and the command ends with 1."""
+class BoardError(PromoterError):
+    """A board did not answer as the raw REPL does, or not in time: its message
+    names it, and the command ends with 1."""
 
 
 class Remote:
     """A running server's API, as the terminal's commands use it: the boards, a
     board's input and its console. Each call opens a connection of its own, so
-    threads may share an instance; a failure raises PromoterError (NoAnswer for a
+    threads may share an instance; a failure raises PromoterError (BoardError for a
     board that does not take its input), its message one line for the terminal.
 
     Tunables, class attributes set on an instance: timeout, CHUNK, HOLD.
@@ -4340,7 +4341,7 @@ class Remote:
 
     def send(self, device, text, deadline):
         """Queue text as device's input, in order, in chunks that fit the server's
-        queue; NoAnswer if the queue stays full until deadline (time.monotonic())."""
+        queue; BoardError if the queue stays full until deadline (time.monotonic())."""
         data = text.encode("utf-8")
         path = "/boards/%s/input" % quote(device, safe="")
         while data:
@@ -4353,7 +4354,7 @@ class Remote:
                 if status != 503:
                     break
                 if time.monotonic() > deadline:
-                    raise NoAnswer("[%s] takes no input: %s" % (device[:12], _error_of(answer, status)))
+                    raise BoardError("[%s] takes no input: %s" % (device[:12], _error_of(answer, status)))
                 time.sleep(0.05)  # the board takes 64 bytes at each of its long-polls
             if status == 404:
                 raise PromoterError("the server knows no board %r any more" % device[:12])
@@ -4493,7 +4494,7 @@ class _Printer:
 
 def run_code(remote, board, code, timeout, prefixed=False):
     """Run code on board in its raw REPL; its output to stdout and its exception's
-    text to stderr. True if it ran without an exception; NoAnswer if the board did
+    text to stderr. True if it ran without an exception; BoardError if the board did
     not answer within timeout seconds, to enter the raw REPL or to run the code."""
     device = board["device"]
     out = _Printer(device, prefixed)
@@ -4502,7 +4503,7 @@ def run_code(remote, board, code, timeout, prefixed=False):
     remote.send(device, "\x03\x03\x01", deadline)  # stop the app; the raw REPL
     try:
         if not stream.past(_RAW_REPL, deadline):
-            raise NoAnswer("[%s] did not answer within %g s%s" % (
+            raise BoardError("[%s] did not answer within %g s%s" % (
                 device[:12], timeout, "" if board.get("listening") else ": it is not listening (not in live mode?)"))
         # An empty program would be a Ctrl-D on an empty line: a soft reset.
         remote.send(device, (code or "\n") + "\x04", deadline)
@@ -4510,14 +4511,14 @@ def run_code(remote, board, code, timeout, prefixed=False):
         ok = stream.take(2, deadline)
         if ok != b"OK":
             if len(ok) < 2:
-                raise NoAnswer("[%s] did not take the code within %g s" % (device[:12], timeout))
-            raise PromoterError("[%s] did not take the code: it answered %r" % (device[:12], ok + stream.data[:40]))
+                raise BoardError("[%s] did not take the code within %g s" % (device[:12], timeout))
+            raise BoardError("[%s] did not take the code: it answered %r" % (device[:12], ok + stream.data[:40]))
         error = []
         if not (stream.until(b"\x04", deadline, lambda data: out.write(sys.stdout, data))
                 and stream.until(b"\x04", deadline, lambda data: (error.append(data), out.write(sys.stderr, data)))
                 and stream.past(b">", deadline)):
             remote.send(device, "\x03", deadline + timeout)  # interrupt the code: it runs too long
-            raise NoAnswer("[%s] did not finish within %g s: interrupted" % (device[:12], timeout))
+            raise BoardError("[%s] did not finish within %g s: interrupted" % (device[:12], timeout))
         return not error
     finally:
         out.flush()
@@ -4550,7 +4551,7 @@ def exec_on(remote, name, code, timeout, prog="ota_promoter.py exec"):
     status = 0
     for board in boards:
         result = results[board["device"]]
-        if isinstance(result, NoAnswer):
+        if isinstance(result, BoardError):
             print("%s: %s" % (prog, result), file=sys.stderr)
             status = max(status, 1)
         elif isinstance(result, PromoterError):
@@ -4737,7 +4738,7 @@ def _terminal_command(command, argv):
         else:
             code = args.code
         return exec_on(remote, args.board, code, args.timeout, prog)
-    except NoAnswer as e:
+    except BoardError as e:
         print("%s: %s" % (prog, e), file=sys.stderr)
         return 1
     except PromoterError as e:

@@ -263,3 +263,13 @@ def test_repl_from_a_pipe_types_it_and_shows_the_answer(live_boards):
     assert result.returncode == 0, result.stderr
     assert b"1+1\r\n2\r\n>>> " in result.stdout
     assert result.stderr.decode() == "Connected to %s (127.0.0.1); Ctrl-] leaves\n" % FIRST
+
+
+@pytest.mark.slow
+def test_code_that_runs_past_the_timeout_is_interrupted_and_named(live_boards):
+    result = command("exec", FIRST, "import time\nprint('sleeps')\ntime.sleep(30)", "--server", live_boards,
+                     "--timeout", "1")
+    assert (result.returncode, result.stdout) == (1, b"sleeps\n")
+    assert result.stderr.decode() == "ota_promoter.py exec: [%s] did not finish within 1 s: interrupted\n" % FIRST
+    result = command("exec", FIRST, "print('next')", "--server", live_boards)  # the board is back at its REPL
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"next\n", b"")
