@@ -134,7 +134,9 @@ class _Live(IOBase):
     for the server (one object: what stays in memory beside the app is the budget).
 
     Two tasks, each a generator that yields whenever it would wait: the checks (a
-    long-poll of the server's version) and the console's posts. A version other
+    long-poll of the server's version, which also brings what is typed for the REPL,
+    and, after 15 s without the server, a look for it: ota_find.py) and the
+    console's posts. A version other
     than the one installed (which the app runs) and the one the server named when
     nothing could be installed is confirmed with a plain GET /files/version (what
     update() reads), then the app is stopped (Ctrl-C through the console stream),

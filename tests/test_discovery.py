@@ -25,6 +25,10 @@ from helpers import (
 
 BROADCAST = "127.255.255.255"
 TOKEN = "s3cret-token"
+# Linux takes 127.0.0.0/8 as loopback, broadcast included; macOS has 127.0.0.1 alone,
+# and Windows lets SO_REUSEADDR take a port another socket holds.
+needs_loopback_broadcast = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="broadcasts on loopback (127.255.255.255) and 127.0.0.2: Linux")
 
 
 def free_udp_port():
@@ -108,6 +112,7 @@ def discoveries():
 # -- The datagrams, exactly --------------------------------------------------------------
 
 
+@needs_loopback_broadcast
 def test_the_question_is_ota_promoter_and_16_hex_digits_and_the_first_proven_answer_is_taken(responders):
     port = free_udp_port()
     url = "http://127.0.0.1:8123"
@@ -124,12 +129,14 @@ def test_the_question_is_ota_promoter_and_16_hex_digits_and_the_first_proven_ans
     assert re.fullmatch(rb"ota-promoter\? [0-9a-f]{16}", question), question
 
 
+@needs_loopback_broadcast
 def test_without_a_token_the_first_answer_is_taken(responders):
     port = free_udp_port()
     responders(port, lambda nonce: ["not an answer", "ota-promoter! http://127.0.0.1:8124 -"])
     assert run(ota_find.ask(None, (BROADCAST, port))) == "http://127.0.0.1:8124"
 
 
+@needs_loopback_broadcast
 @pytest.mark.parametrize("answer", slow_except(["a wrong proof", "none", "a replay of another nonce's"],
                                                 "a replay of another nonce's"))
 def test_a_board_with_a_token_refuses_a_server_that_cannot_prove_it(responders, answer):
@@ -150,11 +157,12 @@ def test_the_hmac_is_rfc_2104s():
 
 def test_the_server_answers_with_its_url_and_the_proof_and_ignores_anything_else():
     nonce = b"0123456789abcdef"
-    with_token = ota_promoter.Discovery.answer(
-        type("D", (), {"http": ("0.0.0.0", 9090), "token": TOKEN, "QUESTION": ota_promoter.Discovery.QUESTION})(),
-        b"ota-promoter? " + nonce, ("127.0.0.1", 40000))
-    assert with_token == b"ota-promoter! http://127.0.0.1:9090 " + proof(TOKEN, nonce.decode(),
-                                                                         "http://127.0.0.1:9090").encode()
+    discovery = ota_promoter.Discovery(free_udp_port(), ("0.0.0.0", 9090), token=TOKEN)
+    try:  # listening on every address: the one this machine reaches the sender from
+        assert discovery.answer(b"ota-promoter? " + nonce, ("127.0.0.1", 40000)) == \
+            b"ota-promoter! http://127.0.0.1:9090 " + proof(TOKEN, nonce.decode(), "http://127.0.0.1:9090").encode()
+    finally:
+        discovery.close()
     discovery = ota_promoter.Discovery(free_udp_port(), ("127.0.0.2", 8080))
     try:
         assert discovery.answer(b"ota-promoter? " + nonce, ("127.0.0.1", 40000)) == \
@@ -169,6 +177,7 @@ def test_the_server_answers_with_its_url_and_the_proof_and_ignores_anything_else
         discovery.close()
 
 
+@needs_loopback_broadcast
 def test_the_responder_survives_malformed_datagrams_and_never_logs_the_token(discoveries, caplog):
     caplog.set_level("DEBUG", logger="ota_promoter")
     port = free_udp_port()
@@ -187,6 +196,7 @@ def test_the_responder_survives_malformed_datagrams_and_never_logs_the_token(dis
     assert TOKEN not in logged and proof(TOKEN, "00000000000000ff", url) not in logged
 
 
+@needs_loopback_broadcast
 def test_a_busy_discovery_port_is_one_warning_and_the_server_serves_on(tree, tmp_path):
     import subprocess
 
@@ -239,6 +249,7 @@ def serving(tree, host, port_udp, token):
     return server, discovery
 
 
+@needs_loopback_broadcast
 @pytest.mark.slow
 @pytest.mark.parametrize("host, token", [("127.0.0.1", None), ("127.0.0.2", TOKEN)],
                          ids=["another port, no token", "another address, a token"])
@@ -266,6 +277,7 @@ def test_the_board_in_live_mode_follows_a_server_that_moved(tree, tmp_path, host
             thing.close()
 
 
+@needs_loopback_broadcast
 def test_live_mode_asks_the_server_found_then_the_url_it_was_given_and_never_looks_where_find_is_none(
         tmp_path, responders, hostile, monkeypatch):
     port = free_udp_port()
@@ -299,6 +311,7 @@ def test_live_mode_asks_the_server_found_then_the_url_it_was_given_and_never_loo
     assert len(responder.questions) == 2 and live.host == given[0]
 
 
+@needs_loopback_broadcast
 @pytest.mark.slow
 def test_a_board_with_a_token_keeps_trying_past_a_server_that_cannot_prove_it(tree, tmp_path, responders,
                                                                               monkeypatch):
@@ -313,6 +326,7 @@ def test_a_board_with_a_token_keeps_trying_past_a_server_that_cannot_prove_it(tr
     assert live.host == given  # never followed
 
 
+@needs_loopback_broadcast
 def test_watch_follows_a_server_that_moved(tree, tmp_path, discoveries, serve, monkeypatch, capsys):
     port = free_udp_port()
     write(tree, "main.py", APP % "v1")
@@ -343,3 +357,10 @@ def test_watch_follows_a_server_that_moved(tree, tmp_path, discoveries, serve, m
     assert files(device, own=False) == promoted(tree)
     said = capsys.readouterr().out
     assert "ota: the server moved to %s\n" % server.url in said
+
+
+def test_the_options_set_the_discovery_port_or_turn_it_off():
+    parse = ota_promoter.build_parser().parse_args
+    assert parse(["app"]).discovery == 9090
+    assert parse(["app", "--discovery", "9191"]).discovery == 9191
+    assert parse(["app", "--no-discovery"]).discovery is None
