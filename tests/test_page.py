@@ -1007,3 +1007,42 @@ def test_a_page_opened_from_another_machine_says_it_cannot_type(tree, browser):
         sock.close()
     finally:
         server.close()
+
+
+@pytest.mark.slow
+@needs_browser
+def test_the_pages_repl_with_a_board_in_live_mode(tree, serve, browser, tmp_path):
+    """The simulated board (tests/live_board.py, CPython) in live mode: 1+1 typed on
+    its card shows 2 in its console box; Ctrl-C stops a looping main.py."""
+    from selenium.webdriver.common.keys import Keys
+    from test_live import BOOT, Board, save
+
+    promoter = ota_promoter.Promoter(str(tree), interval=0.05)
+    server = serve(promoter)
+    promoter.url = server.url
+    save(tree, promoter, "boot.py", BOOT)
+    save(tree, promoter, "main.py", "print('ready')\n")
+    board = Board([sys.executable, "-u"], os.path.join(ROOT, "micropython"), str(tmp_path / "device"), promoter.url)
+    try:
+        board.expect("^@boot 2 hard")  # the first update resets the board
+        board.expect("^ready$")
+        [device] = [b["device"] for b in server.boards.snapshot()]
+        browser.get(promoter.url + "/")
+        until(lambda: (repl_line(browser, device) or {"disabled": True})["disabled"] is False,
+              "the board's input line to open")
+        until(lambda: card(browser, device)["console"].endswith(">>> "), "the prompt")
+        repl_element(browser, device, "input").send_keys("1+1" + Keys.ENTER)
+        until(lambda: card(browser, device)["console"].endswith(">>> 1+1\n2\n>>> "), lambda: card(browser, device))
+
+        save(tree, promoter, "main.py", "import time\nprint('looping')\nwhile True:\n    time.sleep(0.05)\n")
+        board.expect("^looping$")
+        until(lambda: card(browser, device)["console"].endswith("looping"), lambda: card(browser, device))
+        repl_element(browser, device, "button[title^=interrupt]").click()
+        board.expect(r"^Traceback \(most recent call last\):$")
+        board.expect("^KeyboardInterrupt$")
+        # The box shows its end, and the prompt (the simulated board's frames, CPython's,
+        # are more than live mode's buffer holds: the first of them may be dropped).
+        until(lambda: re.search(r"\nlooping\n(.*\n)*KeyboardInterrupt\n(.*\n)*>>> $", card(browser, device)["console"]),
+              lambda: card(browser, device))
+    finally:
+        board.stop()
