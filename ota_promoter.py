@@ -36,6 +36,7 @@ The sections follow a save on its way to a board:
 
 Usage: python3 ota_promoter.py DIR [--port 9090] [--token TOKEN]
        python3 ota_promoter.py DIR --export SITE [--keep 3]   (for a static web server)
+       python3 ota_promoter.py repl BOARD | exec BOARD|all CODE | run BOARD|all FILE   (a board's REPL)
 Only the standard library is used: copy this file to any machine with Python 3.9+.
 """
 
@@ -4239,6 +4240,525 @@ def _start_log(level):
     return listener
 
 
+# -- The terminal's REPL ------------------------------------------------------------
+#
+# repl, exec and run reach a board's REPL through a running server, never a cable:
+# what is typed goes to POST /boards/<id>/input, queued there until the board's
+# live long-poll takes it; what the board prints comes back from GET
+# /boards/<id>/console, a long-poll on its raw bytes by offset. exec and run use the
+# raw REPL as mpremote does over a cable: Ctrl-C twice, Ctrl-A, the code, Ctrl-D;
+# the board answers "OK", the output, \x04, the exception's text, \x04 and ">".
+
+COMMANDS = ("repl", "exec", "run")
+DEFAULT_SERVER = "http://127.0.0.1:%d" % DEFAULT_PORT
+
+_RAW_REPL = b"raw REPL; CTRL-B to exit\r\n>"  # what Ctrl-A answers (MicroPython's pyexec.c)
+
+
+class BoardError(PromoterError):
+    """A board did not answer as the raw REPL does, or not in time: its message
+    names it, and the command ends with 1."""
+
+
+class Remote:
+    """A running server's API, as the terminal's commands use it: the boards, a
+    board's input and its console. Each call opens a connection of its own, so
+    threads may share an instance; a failure raises PromoterError (BoardError for a
+    board that does not take its input), its message one line for the terminal.
+
+    Tunables, class attributes set on an instance: timeout, CHUNK, HOLD.
+    """
+
+    #: Seconds a request may take beyond the long-poll it asks for.
+    timeout = 10.0
+    #: Bytes of input per POST: at most the server's 4,096, and room in its queue
+    #: for the next while the board takes this one.
+    CHUNK = 2048
+    #: Seconds a console long-poll is held (the server's limit is 60).
+    HOLD = 20.0
+
+    def __init__(self, url, token=None):
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PromoterError("%r is not a server's URL: give one like %s" % (url, DEFAULT_SERVER))
+        try:
+            port = parts.port
+        except ValueError:
+            raise PromoterError("%r is not a server's URL: its port is not a number" % url) from None
+        self.url = url
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, port or (443 if self.https else 80)
+        self.prefix = parts.path.rstrip("/")  # a reverse proxy's, if any
+        self.token = token
+
+    def _request(self, method, path, body=None, headers=(), wait=0.0):
+        """(status, headers, body) of one request; PromoterError if the server
+        cannot be reached, or refuses the token or the request (401, 403)."""
+        import http.client
+
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        connection = kind(self.host, self.port, timeout=self.timeout + wait)
+        sent = dict(headers)
+        if self.token is not None:
+            sent["Authorization"] = "Bearer " + self.token
+        try:
+            connection.request(method, self.prefix + path, body=body, headers=sent)
+            response = connection.getresponse()
+            status, got, data = response.status, response.headers, response.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise PromoterError("cannot reach the server at %s: %s" % (self.url, str(e) or type(e).__name__))
+        finally:
+            connection.close()
+        if status == 401:
+            if self.token is None:
+                raise PromoterError("the server at %s wants its token: give --token TOKEN, or set $OTA_TOKEN"
+                                    % self.url)
+            raise PromoterError("the server at %s refused the token: give the one it was started with" % self.url)
+        if status == 403:  # input from where the server takes none: its reason says what to change
+            raise PromoterError("the server at %s refused: %s" % (self.url, _error_of(data, status)))
+        return status, got, data
+
+    def boards(self):
+        """The boards the server knows, as GET /boards gives them."""
+        status, _, data = self._request("GET", "/boards")
+        try:
+            if status != 200:
+                raise ValueError
+            return json.loads(data.decode("utf-8"))["boards"]
+        except (ValueError, KeyError, TypeError):
+            raise PromoterError("%s is no ota-promoter server: GET /boards answered %d" % (self.url, status))
+
+    def find(self, name):
+        """The board that name names: a prefix of its id (as the log shows it) or
+        its address. PromoterError if none or several do."""
+        boards = self.boards()
+        if name == "all":
+            chosen = [b for b in boards if b.get("listening")]
+            if not chosen:
+                raise PromoterError("no board is listening: %s" % (
+                    "the server knows of none" if not boards else
+                    "%s %s not in live mode (ota.live())" % (_names(boards), "is" if len(boards) == 1 else "are")))
+            return chosen
+        exact = [b for b in boards if b["device"] == name or b["address"] == name]
+        chosen = exact or [b for b in boards if b["device"].lower().startswith(name.lower())]
+        if not chosen:
+            raise PromoterError("no board %r: %s" % (
+                name, "the server knows of none yet" if not boards else "the server knows " + _names(boards)))
+        if len(chosen) > 1:
+            raise PromoterError("%r names %d boards, %s: give more of the id" % (name, len(chosen), _names(chosen)))
+        return chosen
+
+    def send(self, device, text, deadline):
+        """Queue text as device's input, in order, in chunks that fit the server's
+        queue; BoardError if the queue stays full until deadline (time.monotonic())."""
+        data = text.encode("utf-8")
+        path = "/boards/%s/input" % quote(device, safe="")
+        while data:
+            cut = min(len(data), self.CHUNK)
+            while cut < len(data) and data[cut] & 0xC0 == 0x80:
+                cut -= 1  # a UTF-8 sequence stays whole
+            while True:
+                status, _, answer = self._request("POST", path, data[:cut], {
+                    "X-OTA-Input": "1", "Content-Type": "text/plain; charset=utf-8"})
+                if status != 503:
+                    break
+                if time.monotonic() > deadline:
+                    raise BoardError("[%s] takes no input: %s" % (device[:12], _error_of(answer, status)))
+                time.sleep(0.05)  # the board takes 64 bytes at each of its long-polls
+            if status == 404:
+                raise PromoterError("the server knows no board %r any more" % device[:12])
+            if status != 204:
+                raise PromoterError("the server at %s answered %d to input: %s" % (
+                    self.url, status, _error_of(answer, status)))
+            data = data[cut:]
+
+    def console(self, device, start=None, wait=None):
+        """(offset, bytes) of device's console from offset start (from its end if
+        None), held up to wait seconds for bytes past start."""
+        query = []
+        if start is not None:
+            query.append("from=%d" % start)
+        if wait:
+            query.append("wait=%g" % wait)
+        path = "/boards/%s/console%s" % (quote(device, safe=""), "?" + "&".join(query) if query else "")
+        status, headers, data = self._request("GET", path, wait=wait or 0.0)
+        try:
+            if status != 200:
+                raise ValueError
+            offset = int(headers["X-OTA-Offset"])
+        except (ValueError, TypeError):
+            if status == 404:
+                raise PromoterError("the server knows no board %r any more" % device[:12])
+            raise PromoterError("the server at %s answered %d for the console of [%s]: %s" % (
+                self.url, status, device[:12], _error_of(data, status)))
+        return offset, data
+
+    def queued(self, device):
+        """Bytes of device's input the server still holds for it."""
+        for board in self.boards():
+            if board["device"] == device:
+                return (board.get("input") or {}).get("queued", 0)
+        return 0
+
+
+def _error_of(body, status):
+    """The "error" of a JSON answer, else its status's phrase."""
+    try:
+        return str(json.loads(body.decode("utf-8"))["error"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        try:
+            return HTTPStatus(status).phrase
+        except ValueError:
+            return "status %d" % status
+
+
+def _names(boards, most=6):
+    """"a4cf12f3e9b1 (192.168.1.5), ..." for a one-line message."""
+    named = ["%s (%s)" % (b["device"][:12], b["address"]) for b in boards[:most]]
+    return ", ".join(named) + (" and %d more" % (len(boards) - most) if len(boards) > most else "")
+
+
+class _Stream:
+    """A board's console read from an offset on: what was printed after we began."""
+
+    def __init__(self, remote, device):
+        self.remote, self.device = remote, device
+        self.offset = remote.console(device)[0]  # the end now: only what comes next
+        self.data = b""  # read, not yet taken
+
+    def more(self, deadline):
+        """Read what comes next, waiting until deadline at most; False past it."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        offset, data = self.remote.console(self.device, self.offset, min(left, self.remote.HOLD))
+        if data:
+            # A gap (offset past ours) means the server no longer kept those bytes.
+            self.data += data
+            self.offset = offset + len(data)
+        return True
+
+    def past(self, marker, deadline):
+        """Skip what comes before marker, and marker; False at deadline."""
+        while marker not in self.data:
+            self.data = self.data[-len(marker):]  # a marker split between two reads
+            if not self.more(deadline):
+                return False
+        self.data = self.data.split(marker, 1)[1]
+        return True
+
+    def take(self, n, deadline):
+        """The next n bytes, or fewer at deadline."""
+        while len(self.data) < n and self.more(deadline):
+            pass
+        taken, self.data = self.data[:n], self.data[n:]
+        return taken
+
+    def until(self, end, deadline, each):
+        """Hand each() what comes before the byte end, as it comes; False at deadline."""
+        while True:
+            before, found, after = self.data.partition(end)
+            if before:
+                each(before)
+            self.data = after
+            if found:
+                return True
+            if not self.more(deadline):
+                return False
+
+
+class _Printer:
+    """A board's output and exception text, written to stdout and stderr: its
+    lines prefixed "[id12] " when several boards answer, its \\r\\n made \\n."""
+
+    lock = threading.Lock()
+
+    def __init__(self, device, prefixed):
+        self.prefix = ("[%s] " % device[:12]).encode() if prefixed else b""
+        self.held = {}  # stream -> a line's start (prefixed) or a last \r (not)
+
+    def write(self, stream, data):
+        data = self.held.pop(stream, b"") + data
+        if self.prefix:
+            *lines, rest = data.split(b"\n")
+            data = b"".join(self.prefix + line.rstrip(b"\r") + b"\n" for line in lines)
+        else:
+            rest = b"\r" if data.endswith(b"\r") else b""
+            data = data[:len(data) - len(rest)].replace(b"\r\n", b"\n")
+        if rest:
+            self.held[stream] = rest
+        if data:
+            with self.lock:
+                stream.buffer.write(data)
+                stream.flush()
+
+    def flush(self):
+        """Write what is held: a line's start without its end."""
+        for stream, rest in list(self.held.items()):
+            del self.held[stream]
+            with self.lock:
+                stream.buffer.write(self.prefix + rest + b"\n" if self.prefix else rest)
+                stream.flush()
+
+
+def run_code(remote, board, code, timeout, prefixed=False):
+    """Run code on board in its raw REPL; its output to stdout and its exception's
+    text to stderr. True if it ran without an exception; BoardError if the board did
+    not answer within timeout seconds, to enter the raw REPL or to run the code."""
+    device = board["device"]
+    out = _Printer(device, prefixed)
+    stream = _Stream(remote, device)
+    deadline = time.monotonic() + timeout
+    remote.send(device, "\x03\x03\x01", deadline)  # stop the app; the raw REPL
+    try:
+        if not stream.past(_RAW_REPL, deadline):
+            raise BoardError("[%s] did not answer within %g s%s" % (
+                device[:12], timeout, "" if board.get("listening") else ": it is not listening (not in live mode?)"))
+        # An empty program would be a Ctrl-D on an empty line: a soft reset.
+        remote.send(device, (code or "\n") + "\x04", deadline)
+        deadline = time.monotonic() + timeout
+        ok = stream.take(2, deadline)
+        if ok != b"OK":
+            if len(ok) < 2:
+                raise BoardError("[%s] did not take the code within %g s" % (device[:12], timeout))
+            raise BoardError("[%s] did not take the code: it answered %r" % (device[:12], ok + stream.data[:40]))
+        error = []
+        if not (stream.until(b"\x04", deadline, lambda data: out.write(sys.stdout, data))
+                and stream.until(b"\x04", deadline, lambda data: (error.append(data), out.write(sys.stderr, data)))
+                and stream.past(b">", deadline)):
+            remote.send(device, "\x03", deadline + timeout)  # interrupt the code: it runs too long
+            raise BoardError("[%s] did not finish within %g s: interrupted" % (device[:12], timeout))
+        return not error
+    finally:
+        out.flush()
+        remote.send(device, "\x02", deadline + timeout)  # back to the friendly REPL
+
+
+def exec_on(remote, name, code, timeout, prog="ota_promoter.py exec"):
+    """exec and run: code on the board that name names, or on every listening one
+    (all), at the same time; the exit status (0, 1: one raised or did not answer)."""
+    boards = remote.find(name)
+    results = {}
+
+    def one(board):
+        try:
+            results[board["device"]] = run_code(remote, board, code, timeout, prefixed=len(boards) > 1)
+        except PromoterError as e:
+            results[board["device"]] = e
+
+    threads = [threading.Thread(target=one, args=(b,), daemon=True) for b in boards[1:]]
+    for thread in threads:
+        thread.start()
+    try:
+        one(boards[0])
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        for board in boards:  # Ctrl-C here: the code stops there too, the REPL is the friendly one
+            remote.send(board["device"], "\x03\x02", time.monotonic() + remote.timeout)
+        raise
+    status = 0
+    for board in boards:
+        result = results[board["device"]]
+        if isinstance(result, BoardError):
+            print("%s: %s" % (prog, result), file=sys.stderr)
+            status = max(status, 1)
+        elif isinstance(result, PromoterError):
+            raise result  # the server: the same for every board
+        elif not result:
+            status = max(status, 1)
+    return status
+
+
+class _Keys:
+    """The terminal's keys as they come, raw: no echo, no line editing, Ctrl-C as
+    a key (POSIX: termios; Windows: msvcrt). A context manager: the terminal is
+    restored on every way out."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.saved = None
+
+    def __enter__(self):
+        if os.name == "posix":
+            import termios
+            import tty
+
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    # Windows' keys that are not characters: a prefix, then a code, as VT100 sends them.
+    _WINDOWS = {"H": "\x1b[A", "P": "\x1b[B", "M": "\x1b[C", "K": "\x1b[D", "G": "\x1b[H", "O": "\x1b[F",
+                "S": "\x1b[3~"}
+
+    def read(self, timeout):
+        """What was typed within timeout seconds, as bytes; b"" if nothing."""
+        if os.name != "posix":
+            import msvcrt
+
+            deadline = time.monotonic() + timeout
+            while not msvcrt.kbhit() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            keys = []
+            while msvcrt.kbhit():
+                key = msvcrt.getwch()
+                if key in "\x00\xe0":
+                    key = self._WINDOWS.get(msvcrt.getwch(), "")
+                keys.append(key)
+            return "".join(keys).encode("utf-8", "replace")
+        import select
+
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return b""
+        return os.read(self.fd, 1024) or b"\x1d"  # the end of the terminal: leave
+
+
+def repl(remote, name, stdin=None, stdout=None):
+    """Attach the terminal to the board that name names: its keys raw to the
+    board, what the board prints to stdout, until Ctrl-]. With stdin not a
+    terminal, send what it holds, and leave once the board's output settles."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    board = remote.find(name)[0]
+    device = board["device"]
+    stream = _Stream(remote, device)
+    failed, done = [], threading.Event()
+    heard = [time.monotonic()]
+
+    def show():
+        try:
+            while not done.is_set():
+                if stream.more(time.monotonic() + remote.HOLD) and stream.data:
+                    heard[0] = time.monotonic()
+                    stdout.buffer.write(stream.data)
+                    stdout.flush()
+                    stream.data = b""
+        except PromoterError as e:
+            failed.append(e)
+            done.set()
+
+    fd = stdin.fileno()
+    tty = os.isatty(fd)
+    print("Connected to %s (%s); Ctrl-] leaves" % (device[:12], board["address"]), file=sys.stderr)
+    threading.Thread(target=show, daemon=True).start()
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # never a split UTF-8 sequence
+    keys = _Keys(fd) if tty else None
+    try:
+        if keys is not None:
+            keys.__enter__()
+        while not done.is_set():
+            data = keys.read(0.2) if tty else os.read(fd, 1024)
+            if not tty and not data:
+                break  # the end of the pipe
+            data, leave, _ = data.partition(b"\x1d")
+            text = decoder.decode(data)
+            if text:
+                remote.send(device, text, time.monotonic() + remote.timeout)
+            if leave:
+                break
+        else:
+            raise failed[0]
+        if not tty:
+            # The board has taken it all, and has printed nothing for a second.
+            deadline = time.monotonic() + remote.timeout
+            while remote.queued(device) and time.monotonic() < deadline and not done.is_set():
+                time.sleep(0.05)
+            heard[0] = max(heard[0], time.monotonic())
+            while time.monotonic() - heard[0] < 1.0 and time.monotonic() < deadline and not done.is_set():
+                time.sleep(0.05)
+            if failed:
+                raise failed[0]
+    finally:
+        done.set()
+        if keys is not None:
+            keys.__exit__()
+            stdout.write("\n")
+            stdout.flush()
+    return 0
+
+
+def _terminal_command(command, argv):
+    """main() for repl, exec and run: the exit status."""
+    import argparse
+    import signal
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+    def seconds(text):
+        value = float(text)
+        if not 0 < value <= MAX_SECONDS:
+            raise ValueError(text)
+        return value
+
+    seconds.__name__ = "number of seconds"
+    about = {
+        "repl": "Attach this terminal to a board's REPL through a running server: keys go to the board as "
+                "typed, what it prints comes back; Ctrl-] leaves. With stdin not a terminal, what it holds is "
+                "sent, and the command ends once the board's output settles.",
+        "exec": "Run CODE on a board, or on every listening board (all), in its raw REPL, as mpremote exec does "
+                "over a cable, and print what each prints. The app is stopped first (Ctrl-C) and stays "
+                "stopped: a Ctrl-D in repl, or a save, restarts it. Exit status 0 if it ran everywhere, 1 if "
+                "it raised or a board did not answer, 2 on a mistake or a server out of reach.",
+    }
+    about["run"] = about["exec"].replace("Run CODE", "Run the file FILE").replace("mpremote exec", "mpremote run")
+    parser = Parser(prog="ota_promoter.py " + command, description=about[command])
+    parser.add_argument("board", metavar="BOARD" if command == "repl" else "BOARD|all",
+                        help="a board's id, or the start of it (as the log shows it), or its address"
+                             + ("" if command == "repl" else "; all: every board in live mode"))
+    if command == "exec":
+        parser.add_argument("code", metavar="CODE", help="the Python code to run")
+    elif command == "run":
+        parser.add_argument("file", metavar="FILE", help="the file of Python code to run")
+    parser.add_argument("--server", default=DEFAULT_SERVER, metavar="URL",
+                        help="the running ota_promoter.py's URL (default %s)" % DEFAULT_SERVER)
+    parser.add_argument("--token", default=os.environ.get("OTA_TOKEN"),
+                        help="the server's token, if it has one (default $OTA_TOKEN)")
+    if command != "repl":
+        parser.add_argument("--timeout", type=seconds, default=10.0, metavar="S",
+                            help="seconds to wait for each board to stop its app, and again for the code to "
+                                 "finish (default 10)")
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    if args.board == "all" and command == "repl":
+        parser.error("repl attaches to one board: name it")
+    # SIGTERM leaves as Ctrl-C does, through every finally: the terminal is restored.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        remote = Remote(args.server, args.token)
+        if command == "repl":
+            return repl(remote, args.board)
+        if command == "run":
+            try:
+                with open(args.file, "rb") as f:
+                    code = f.read().decode("utf-8")
+            except OSError as e:
+                raise PromoterError("cannot read %r: %s" % (args.file, e.strerror or e))
+            except UnicodeDecodeError:
+                raise PromoterError("%r is not UTF-8 text" % args.file)
+        else:
+            code = args.code
+        return exec_on(remote, args.board, code, args.timeout, prog)
+    except BoardError as e:
+        print("%s: %s" % (prog, e), file=sys.stderr)
+        return 1
+    except PromoterError as e:
+        print("%s: error: %s" % (prog, e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # -- Command line --------------------------------------------------------------------
 
 
@@ -4307,6 +4827,8 @@ def build_parser():
     parser = Parser(
         prog="ota_promoter.py",
         description="Publish a MicroPython project folder to boards over HTTP.",
+        epilog="A board's REPL through a running server: ota_promoter.py repl BOARD, exec BOARD|all CODE, "
+               "run BOARD|all FILE (each with --help).",
     )
     # No default: a default would publish whatever folder the terminal is in.
     parser.add_argument("dir", metavar="DIR", help="the folder to promote; . for the current one")
@@ -4381,6 +4903,9 @@ def build_parser():
 def main(argv=None):
     import signal
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in COMMANDS:  # see "The terminal's REPL"; a folder so named is ./repl
+        return _terminal_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.token == "":
         print("ota_promoter.py: error: the token is empty (see --help)", file=sys.stderr)

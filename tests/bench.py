@@ -1,6 +1,6 @@
 """Benchmark: python3 tests/bench.py [FIGURE ...] [--runs N] [--quick]
 
-Measures the README's figures 1 to 13 (see --help for the list). Each figure is
+Measures the README's figures 1 to 14 (see --help for the list). Each figure is
 compared with a baseline measured in the same run, on the same machine, in turns
 with it where the two can take turns, so that a change in the machine's load
 moves both sides. Each chosen figure is measured --runs times (3 by default);
@@ -54,6 +54,7 @@ class Sizes:
     live_saves = 6  # figure 11
     start_counts = (1000, 10000)  # figure 13: files in the tree; the targets are at the last
     start_timeout = 600  # s: with mpy-cross, each file is checked at start (12 s at 10,000 files here)
+    repl_tries = 20  # figure 14: lines typed, and lines printed for the baseline
 
 
 class QuickSizes(Sizes):
@@ -79,6 +80,7 @@ class QuickSizes(Sizes):
     live_saves = 2
     start_counts = (100, 300)
     start_timeout = 120
+    repl_tries = 5
 
 
 # -- Rows of the table -------------------------------------------------------------
@@ -1288,6 +1290,129 @@ def bench_start(work, sizes, run):
     return rows, notes
 
 
+# -- Figure 14: the REPL on the page, from Enter to the answer ------------------------------
+
+REPL_APP = """import time
+try:
+    now = time.time_ns
+except AttributeError:
+    def now():
+        return int(time.time() * 1000000000)
+for n in range(%d):
+    time.sleep(0.2 + n %% 7 * 0.023)  # the prints land anywhere in the timer's 100 ms
+    print("printed %%d %%d" %% (n, now()))
+"""
+
+
+def board_post(port, path, body, headers):
+    """POST body to path as the page's fetch() does; returns the status."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=40)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def bench_repl(work, sizes, run):
+    """Enter -> the answer on the page: `1+N\\r` posted to /boards/<id>/input as the page
+    posts it, then GET /boards long-polled as the page does until the board's console
+    shows the answer; a simulated board (tests/live_board.py) in live mode with the
+    defaults, at its REPL prompt. Baseline, the same board in the same run: a print()
+    of its app to the line in /boards (the console's own latency), the board's clock
+    (time.time_ns) against ours."""
+    import queue
+    import random
+    import threading
+    from urllib.parse import quote
+
+    micropython = os.environ.get("MICROPYTHON")
+    if micropython:
+        interpreter, client = [micropython, "-X", "heapsize=96k"], client_files(work)
+    else:
+        interpreter, client = [sys.executable, "-u"], os.path.join(ROOT, "micropython")
+    folder, device = os.path.join(work, "repl-app"), os.path.join(work, "repl-device")
+    for root in (folder, device):
+        os.makedirs(root)
+        with open(os.path.join(root, "boot.py"), "w") as f:
+            f.write("import ota\nota.update(URL, root=ROOT)\nota.live(URL, root=ROOT)\n")
+    with open(os.path.join(folder, "main.py"), "w") as f:
+        f.write(REPL_APP % sizes.repl_tries)
+    promoter = ota_promoter.Promoter(folder)
+    server = promoter.serve("127.0.0.1", 0).start()
+    port = server.server_address[1]
+    board = None
+    try:
+        board = subprocess.Popen(interpreter + [os.path.join(HERE, "live_board.py"), client, device, "600",
+                                                server.url], stdout=subprocess.PIPE, text=True)
+        STARTED.append(board)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in board.stdout], daemon=True).start()
+        state, seen, printed, answers = "", set(), [], {}
+        deadline = time.monotonic() + 60
+
+        def look():
+            """One long-poll of /boards, as the page's; (when it answered, the board's lines)."""
+            nonlocal state
+            status, body = get_json(port, "/boards?wait=25&since=" + quote(state))
+            got = time.perf_counter(), time.time_ns()
+            if status != 200 or time.monotonic() > deadline:
+                raise RuntimeError("figure 14: /boards answered %s, or the board said nothing in 60 s" % status)
+            state = body["state"]
+            boards = body["boards"]
+            return got, boards[0] if boards else None
+
+        # The baseline: the app prints sizes.repl_tries lines, then ends at the prompt.
+        while len(printed) < sizes.repl_tries:
+            (_, now_ns), shown = look()
+            for line in (shown or {}).get("lines", []):
+                words = line.split()
+                if len(words) == 3 and words[0] == "printed" and words[1] not in seen:
+                    seen.add(words[1])
+                    printed.append((now_ns - int(words[2])) / 1e9)
+        device_id = shown["device"]
+        path = "/boards/%s/input" % quote(device_id, safe="")
+        headers = {"X-OTA-Input": "1", "Content-Type": "text/plain;charset=UTF-8",
+                   "Origin": "http://127.0.0.1:%d" % port, "Sec-Fetch-Site": "same-origin"}
+        while not (shown.get("partial") or "").endswith(">>> "):
+            _, shown = look()
+        for n in range(1001, 1001 + sizes.repl_tries):
+            time.sleep(random.uniform(0.05, 0.25))  # Enter lands anywhere in the timer's 100 ms
+            deadline = time.monotonic() + 30
+            began = time.perf_counter()
+            status = board_post(port, path, "1+%d\r" % n, headers)
+            if status != 204:
+                raise RuntimeError("figure 14: the input route answered %d" % status)
+            while True:
+                (when, _), shown = look()
+                if str(n + 1) in shown["lines"]:
+                    answers[n] = when - began
+                    break
+    finally:
+        if board is not None:
+            board.kill()
+            board.wait(10)
+            board.stdout.close()
+        server.close()
+        promoter.stop()
+    client_name = micropython_name(micropython) if micropython else "CPython %s" % sys.version.split()[0]
+    typed = sorted(answers.values())
+    base = "a `print()` of the app to its line in `/boards`, median of %d" % len(printed)
+    return [
+        Row(14, "Enter (`1+1\\r` posted to `/boards/<id>/input`) to the answer in `/boards`, long-polled as the "
+                "page does; a simulated board in live mode, client under %s: median of %d"
+                % (client_name, len(typed)),
+            statistics.median(typed), "ms", base, statistics.median(printed), slower, "%.2fx the baseline's time",
+            ("value", "<=", 0.150, "<= 150 ms")),
+        Row(14, "the same, worst of %d" % len(typed), typed[-1], "ms", "the print's worst", max(printed), slower,
+            "%.2fx the baseline's"),
+    ], []
+
+
 # -- The command line ------------------------------------------------------------------
 
 # figure -> what it measures; JOBS: (figures, the function that measures them), each
@@ -1309,6 +1434,8 @@ FIGURES = {
         "the smallest heap for an update, against the client of %s (git)" % CLIENT_BASELINE,
     13: "the server's start to its first version, and its RSS then, 1,000 and 10,000 files: the compile() "
         "check, mpy-cross with an empty and a warm cache, the Go original ($%s), against --no-check" % ORIGINAL,
+    14: "the REPL on the page: Enter to the answer in /boards, a simulated board in live mode, against a print() "
+        "to its line (MICROPYTHON=path: the client under that MicroPython, else CPython)",
 }
 JOBS = [
     ((1, 2), bench_poll),
@@ -1323,9 +1450,10 @@ JOBS = [
     ((11,), bench_live),
     ((12,), bench_client_heap),
     ((13,), bench_start),
+    ((14,), bench_repl),
 ]
 DURATIONS = ("1-2: 10 s, 3: 25 s, 4: 2 s, 5: 3 s, 6: 3 s, 7: 50 s, 8: 30 s, 9: 10 s, 10: 1 s, 11: 15 s, 12: 5 s,"
-             " 13: 45 s; all of them with --runs 3: about 9 minutes")
+             " 13: 45 s, 14: 15 s; all of them with --runs 3: about 9 minutes")
 
 
 def figure_numbers(text):
@@ -1376,7 +1504,7 @@ def build_parser():
                  "  %s=/path/to/ota-promoter python3 tests/bench.py 13\n"
                  "                                             figure 13 with the Go original's row" % ORIGINAL)
     parser.add_argument("figures", nargs="*", metavar="FIGURE",
-                        help="figures to measure: numbers or ranges (1-6); default: 1-11 (12 and 13 only when named)")
+                        help="figures to measure: numbers or ranges (1-6); default: 1-11 (12 to 14 only when named)")
     parser.add_argument("--figures", dest="figure_list", metavar="LIST",
                         help="the same, comma-separated: --figures 3,4 or 1-6,9")
     parser.add_argument("--runs", type=positive, default=3, metavar="N",

@@ -24,16 +24,16 @@ def test_help_lists_the_figures_and_measures_nothing():
     result = run("--help")
     assert result.returncode == 0
     assert result.stdout.startswith("usage: tests/bench.py")
-    for n in range(1, 14):
+    for n in range(1, 15):
         assert "\n  %2d  " % n in result.stdout
     assert result.stderr == ""
 
 
 def test_unknown_figure_is_refused_with_one_line():
-    result = run("14")
+    result = run("15")
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 14: the figures are 1 to 13"
+    assert result.stderr.splitlines()[-1] == "tests/bench.py: error: no figure 15: the figures are 1 to 14"
 
 
 def test_runs_must_be_at_least_one():
@@ -124,3 +124,17 @@ def test_table_says_not_met_when_no_run_met_the_target():
             for value in (0.011, 0.012)]
     assert bench.table(rows, 2).splitlines()[2] == (
         "| 8. idle | 1.15% of a core (1.10-1.20) | none |  | <= 1% of a core | not met |")
+
+
+@pytest.mark.slow
+def test_quick_run_of_figure_14_times_enter_to_the_answer_against_a_print():
+    env = {k: v for k, v in os.environ.items() if k != "MICROPYTHON"}
+    result = run("--quick", "--runs", "1", "14", timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 14. ")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| 14. Enter (`1+1\\r` posted to `/boards/<id>/input`) to the answer in `/boards`")
+    assert "client under CPython" in rows[0] and ": median of 5 |" in rows[0]
+    assert "| a `print()` of the app to its line in `/boards`, median of 5: " in rows[0]
+    assert "| <= 150 ms | " in rows[0]
+    assert "run 1 of 1, figure 14:" in result.stderr
