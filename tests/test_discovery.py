@@ -4,6 +4,7 @@ url and a proof that it holds the token, and the board follows it, refusing any
 answer that cannot prove the token. On loopback: Linux delivers a datagram sent to
 127.255.255.255 to every socket bound to its port with SO_REUSEADDR."""
 
+import builtins
 import hashlib
 import hmac
 import os
@@ -275,6 +276,31 @@ def test_the_board_in_live_mode_follows_a_server_that_moved(tree, tmp_path, host
         board.stop()
         for thing in moved[::-1]:
             thing.close()
+
+
+def test_update_at_boot_and_arming_live_mode_never_import_the_discovery_code(tree, tmp_path, serve, monkeypatch):
+    """ota_find.py is imported only to look for a server that moved: neither
+    update() at boot nor live() loads it (nor keeps it: memory is the budget)."""
+    write(tree, "main.py", "print(1)\n")
+    url = serve(ota_promoter.Promoter(str(tree), interval=3600)).url
+    monkeypatch.delitem(sys.modules, "ota_find", raising=False)  # back at teardown, for the other tests
+    imported = []
+    real = builtins.__import__
+
+    def spy(name, *args, **kw):
+        imported.append(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    device = tmp_path / "device"
+    device.mkdir()
+    assert ota.update(url, root=str(device), reset=False) is True
+    live = ota.live(url, root=str(device))
+    for _ in range(20):
+        live.tick()
+    live.stop()
+    assert "ota_update" in imported and "ota_find" not in imported
+    assert "ota_find" not in sys.modules
 
 
 @needs_loopback_broadcast
