@@ -200,8 +200,11 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
     the one it named at the last update; retries with a growing delay while it
     is away or anything else fails (memory too). After 15 s of that, each retry
     looks for the server (find: where to broadcast, None not to; ota_find.py):
-    the url given first, then the server that answers the broadcast.
+    the url given first, then the server that answers the broadcast. Never for
+    an https:// url: an answer names an http:// one, which no certificate proves.
     """
+    if url[:5] == "https":  # no downgrade: without a token any answer would be taken
+        find = None
     wait = max(int(wait), 1)
     delay = 1
     named = None  # the version the server named at the last update

@@ -390,3 +390,36 @@ def test_the_options_set_the_discovery_port_or_turn_it_off():
     assert parse(["app"]).discovery == 9090
     assert parse(["app", "--discovery", "9191"]).discovery == 9191
     assert parse(["app", "--no-discovery"]).discovery is None
+
+
+@needs_loopback_broadcast
+def test_watch_of_an_https_url_never_looks_for_a_server_elsewhere(tree, tmp_path, responders, serve, monkeypatch):
+    """An answer names an http:// url, which no certificate proves: a board given an
+    https:// url and no token would take code from any machine that answers first."""
+    port = free_udp_port()
+    write(tree, "main.py", "print('not from the server given')\n")
+    elsewhere = serve(ota_promoter.Promoter(str(tree), interval=3600))
+    responder = responders(port, lambda nonce: ["ota-promoter! %s -" % elsewhere.url])
+    device = tmp_path / "device"
+    device.mkdir()
+    sleeps = []
+
+    def sleep(seconds):  # watch()'s back-off, without the wait
+        sleeps.append(seconds)
+        if len(sleeps) > 6:  # past 15 s of failures, and two retries more
+            raise KeyboardInterrupt
+
+    def update(url, *args):  # stopped at once if it goes anywhere else
+        asked.append(url)
+        if url != given:
+            raise KeyboardInterrupt
+        return _update(url, *args)
+
+    given, asked, _update = "https://127.0.0.1:%d" % free_port(), [], ota_update._update
+    monkeypatch.setattr(ota_update, "_update", update)
+    monkeypatch.setattr(ota_update, "time", type("Clock", (), {"sleep": staticmethod(sleep)}))
+    with pytest.raises(KeyboardInterrupt):
+        ota.watch(given, root=str(device), reset=False, wait=1, timeout=1, find=(BROADCAST, port))
+    assert (sleeps, asked) == ([1, 2, 4, 8, 10, 10, 10], [given] * 7)
+    assert responder.questions == []
+    assert files(device, own=False) == {}
