@@ -147,7 +147,9 @@ class _Live(IOBase):
     # Set only once the app is being stopped, or input comes: until then the instance
     # holds 16 names (a board's Timer included), which fit a table of 17 slots where 18 take 23.
     key = 0  # the key readinto() hands the REPL, once: Ctrl-C, then Ctrl-D
-    prompt = False  # seen: the REPL idles (the app has stopped), until it is handed input
+    # At a prompt: 1 (-1: the raw REPL's), one more (less) per character typed on its
+    # line; 0 otherwise. 1 is "the app has stopped"; +-1 makes Ctrl-D a soft reset.
+    prompt = 0
     typed = b""  # what the server's input answers brought, for readinto() to hand the REPL
     fed = False  # typed was handed to the REPL: its next prompt is posted at once
 
@@ -163,7 +165,9 @@ class _Live(IOBase):
         sending = self.sending
         try:
             if data == b">>> ":  # the friendly REPL writes its prompts alone (shared/readline)
-                self.prompt = True  # seen: the REPL idles, the app has stopped
+                self.prompt = 1  # seen: the REPL idles, the app has stopped
+            elif data == b">":  # and the raw REPL (shared/runtime/pyexec.c), as mpremote uses it
+                self.prompt = -1
             cut = min(n - len(buf) + held, held - sending)
             if cut > 0:
                 buf[sending : held - cut] = buf[sending + cut : held]
@@ -199,10 +203,19 @@ class _Live(IOBase):
                 self.typed = t[1:]
             except MemoryError:
                 return None  # read again at the next notify
-            b[0] = t[0]
-            if t[0] == 4 and self.prompt:  # Ctrl-D at an empty >>> line: a soft reset, which
+            c = b[0] = t[0]
+            p = self.prompt
+            if c == 4 and p * p == 1:  # Ctrl-D at an empty line, either REPL's: a soft reset, which
                 self.stop()  # an armed Timer must not outlive (ESP8266: its soft reset keeps it)
-            self.prompt = False  # the REPL may run something now
+            if p > 0 and (c == 8 or c == 127):  # erased (the raw REPL edits nothing)
+                p = p - 1 or 1
+            elif p and 31 < c != 127 and c & 0xC0 != 0x80:  # a character (its first byte) on the line
+                p += 1 if p > 0 else -1
+            elif p < 0 and c == 3:  # the raw REPL's Ctrl-C empties its line
+                p = -1
+            elif not c & 0x80:  # Enter, a control key: the REPL may run something now
+                p = 0
+            self.prompt = p
             self.fed = True
             return 1
         # else None: no input, which os.dupterm takes as EAGAIN
@@ -387,8 +400,8 @@ class _Live(IOBase):
         # that reads it returns to the app, where the KeyboardInterrupt is raised (on
         # a threaded port, ESP32, RP2040, a Ctrl-C read inside this tick would be
         # raised in this tick: py/vm.c checks at every branch).
-        while notify and (not self.prompt or self.n) and ticks_diff(ticks_ms(), began) < _PROMPT:
-            if not self.prompt:
+        while notify and (self.prompt != 1 or self.n) and ticks_diff(ticks_ms(), began) < _PROMPT:
+            if self.prompt != 1:
                 self.key = 3
                 schedule(notify, None)
             yield

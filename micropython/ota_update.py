@@ -309,7 +309,7 @@ def restart(live):
     # boot.py's update() installs it in a fresh heap before main.py. An app that
     # did not stop, or a port that cannot be handed keys: machine.reset().
     c = live  # the console stream
-    if not c.prompt:
+    if c.prompt != 1:  # not at the >>> prompt, its line empty
         print("ota: the app did not stop: resetting the board, boot.py installs the update")
         live.stop()
         return _reset()

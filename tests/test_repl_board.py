@@ -175,3 +175,36 @@ def test_the_prompt_after_input_schedules_one_tick_and_output_alone_none(monkeyp
     assert ticks == [1]
     stream.write(b">>> ")
     assert ticks == [1]  # once per input
+
+
+@pytest.mark.parametrize("keys, prompt", [
+    ("\x01", "raw REPL; CTRL-B to exit\r\n>"), ("x\x7f", "x\b \b"), ("\x01x\x03", "raw REPL; CTRL-B to exit\r\n>"),
+], ids=["the raw REPL's (mpremote soft-reset)", "a line typed and erased", "the raw REPL's, emptied by Ctrl-C"])
+def test_ctrl_d_at_any_empty_line_disarms_live_mode_before_the_soft_reset(interpreter, typing, boards, keys, prompt):
+    board = boards(interpreter, ENDS)
+    board.expect("^@boot 1 power")
+    typing.wait_console(">>> ")
+    typing.type(keys)
+    typing.wait_console(prompt)
+    typing.type("\x04")
+    board.expect("^@boot 2 soft")  # not "@error: soft reset with the timer armed"
+    board.expect("^ota: live mode, version none$")
+
+
+def test_ctrl_d_on_a_line_that_holds_a_character_leaves_live_mode_armed(monkeypatch):
+    stream = console()
+    stopped = []
+    monkeypatch.setattr(stream, "stop", lambda: stopped.append(1), raising=False)
+    b = bytearray(1)
+    for prompt, keys in ((b">>> ", b"x\x04"), (b">>> ", b"xy\x7f\x04"), (b">>> ", b"\xc3\xa9\x04"), (b">", b"1\x04"),
+                         (b">>> ", b"1\r\x04")):
+        stream.write(prompt)
+        stream.typed = keys
+        while stream.readinto(b):
+            pass
+    assert stopped == []  # no soft reset: live mode goes on
+    stream.write(b">>> ")
+    stream.typed = b"\xc3\xa9\x7f\x04"
+    while stream.readinto(b):
+        pass
+    assert stopped == [1]
