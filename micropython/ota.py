@@ -183,7 +183,7 @@ class _Live(IOBase):
                 self.fed = False
                 try:
                     schedule(self.tick, None)
-                except RuntimeError:  # the scheduler's queue is full: the next tick posts it
+                except Exception:  # its queue is full, or no memory for the bound method: the next tick posts it
                     pass
         except BaseException:  # no memory for a slice: this output is lost, and counted
             self.dropped += n

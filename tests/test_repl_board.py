@@ -208,3 +208,16 @@ def test_ctrl_d_on_a_line_that_holds_a_character_leaves_live_mode_armed(monkeypa
     while stream.readinto(b):
         pass
     assert stopped == [1]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError])
+def test_a_prompt_whose_extra_tick_cannot_be_scheduled_is_kept_and_not_counted_lost(monkeypatch, error):
+    stream = console()
+    stream.fed = True
+
+    def schedule(function, arg):
+        raise error("schedule queue full" if error is RuntimeError else "memory allocation failed, heap is locked")
+
+    monkeypatch.setattr(ota, "schedule", schedule)
+    assert stream.write(b">>> ") == 4
+    assert (bytes(stream.buf[:stream.n]), stream.dropped, stream.fed) == (b">>> ", 0, False)
