@@ -2778,6 +2778,10 @@ class Discovery:
 
     #: How often, in seconds, the thread looks up from its socket to see if it must stop.
     poll_interval = 0.5
+    #: Answers sent per second, at most. A board asks once in 10 s; an answer is 3 times
+    #: its question, so a flood of questions with a forged sender (the victim) must not
+    #: make this machine a UDP amplifier.
+    MAX_ANSWERS = 20
     #: A question: the word, a space and 16 hex digits (os.urandom(8) on the board).
     QUESTION = re.compile(rb"ota-promoter\? ([0-9a-fA-F]{16})\Z")
 
@@ -2808,11 +2812,16 @@ class Discovery:
         self.sock.close()
 
     def _serve(self):
+        second, answered = 0.0, 0  # the answers sent in the current second
         while not self._stop.is_set():
             try:
                 data, sender = self.sock.recvfrom(512)
-                answer = self.answer(data, sender)
+                now = time.monotonic()
+                if now - second >= 1.0:
+                    second, answered = now, 0
+                answer = self.answer(data, sender) if answered < self.MAX_ANSWERS else None
                 if answer is not None:
+                    answered += 1
                     self.sock.sendto(answer, sender)
                     log.debug("%s asked where the server is: %s", sender[0], answer.split(b" ")[1].decode())
             except socket.timeout:

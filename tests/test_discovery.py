@@ -197,6 +197,33 @@ def test_the_responder_survives_malformed_datagrams_and_never_logs_the_token(dis
     assert TOKEN not in logged and proof(TOKEN, "00000000000000ff", url) not in logged
 
 
+def test_a_flood_of_questions_gets_at_most_max_answers_a_second(caplog):
+    """An answer is 3 times its question: a forged sender must not turn the
+    responder into an amplifier aimed at it."""
+    discovery = ota_promoter.Discovery(free_udp_port(), ("127.0.0.1", 8127))
+    discovery.MAX_ANSWERS = 5
+    discovery.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            for i in range(50):
+                s.sendto(b"ota-promoter? %016x" % i, ("127.0.0.1", discovery.port))
+            s.settimeout(0.5)
+            answers = []
+            try:
+                while True:
+                    answers.append(s.recv(512))
+            except socket.timeout:
+                pass
+            assert answers == [b"ota-promoter! http://127.0.0.1:8127 -"] * 5
+            time.sleep(1.0 - 0.5)  # the next second: a board's question is answered again
+            s.settimeout(TIMEOUT)
+            s.sendto(b"ota-promoter? %016x" % 50, ("127.0.0.1", discovery.port))
+            assert s.recv(512) == b"ota-promoter! http://127.0.0.1:8127 -"
+    finally:
+        discovery.close()
+
+
 @needs_loopback_broadcast
 def test_a_busy_discovery_port_is_one_warning_and_the_server_serves_on(tree, tmp_path):
     import subprocess
