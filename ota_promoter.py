@@ -2712,12 +2712,14 @@ def _readable(sock):
         return True
 
 
-def input_refusal(client, origin, fetch_site, host, token=None, from_lan=False):
+def input_refusal(client, origin, fetch_site, host, token=None, from_lan=False, forwarded=False):
     """Why input posted from client (an IP address) must be refused with 403, or
     None: a request from a browser on another site (its Origin is not this
     server, or its Sec-Fetch-Site says so), or, without a token, one from
-    another machine (unless from_lan) or to a name that is not this server's
-    (a site whose name was pointed at 127.0.0.1: DNS rebinding)."""
+    another machine (unless from_lan), or relayed by a reverse proxy (forwarded:
+    it has X-Forwarded-For or the like, and comes from anywhere), or to a name
+    that is not this server's (a site whose name was pointed at 127.0.0.1: DNS
+    rebinding)."""
     if origin is not None and (not host or urlsplit(origin).netloc.lower() != host.lower()):
         return "input is taken from this server's own page only, not from %r" % origin[:80]
     if fetch_site is not None and fetch_site.strip().lower() in ("cross-site", "same-site"):
@@ -2726,10 +2728,17 @@ def input_refusal(client, origin, fetch_site, host, token=None, from_lan=False):
         return None
     if not from_lan and not _loopback(client):
         return "input is taken from this machine only: run the server with --token, or with --repl-from-lan"
+    if not from_lan and forwarded:  # a proxy on this machine relays every client from 127.0.0.1
+        return ("input relayed by a proxy may come from any machine: run the server with --token, or with "
+                "--repl-from-lan")
     if host and not _own_name(host):
         return ("input without --token is taken for this machine's address or name only, not %r: "
                 "run the server with --token" % host[:80])
     return None
+
+
+#: Headers a reverse proxy adds with the client it relays (RFC 7239, and the customary ones).
+_FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host")
 
 
 def _loopback(address):
@@ -3197,7 +3206,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         refusal = input_refusal(self.client_address[0], self.headers.get("Origin"),
                                 self.headers.get("Sec-Fetch-Site"), self.headers.get("Host"), server.token,
-                                server.repl_from_lan)
+                                server.repl_from_lan, any(self.headers.get(name) is not None for name in _FORWARDED))
         if refusal is not None:
             raise Refused(403, refusal, close=True)
         if (self.headers.get("X-OTA-Input") or "").strip() != "1":

@@ -290,6 +290,26 @@ def test_without_a_token_input_comes_from_this_machine_unless_the_lan_may_type(c
                        "--repl-from-lan" if refused else None)
 
 
+def test_without_a_token_input_relayed_by_a_proxy_on_this_machine_is_refused(tree, serve):
+    """A reverse proxy on the PC (nginx, Caddy) relays every client from 127.0.0.1: the
+    header it adds says the input may come from anywhere."""
+    server = serve(ota_promoter.Promoter(str(tree), interval=3600))
+    known(server)
+    for header in ("X-Forwarded-For: 192.168.0.23", "Forwarded: for=192.168.0.23", "X-Real-IP: 192.168.0.23",
+                   "X-Forwarded-Host: bench.example"):
+        name, value = header.split(": ")
+        r = typed(server, "x", {name: value})
+        assert (r.status, r.json()) == (403, {"error": "input relayed by a proxy may come from any machine: run "
+                                                       "the server with --token, or with --repl-from-lan"}), header
+    assert queued(server) == (0, 0)
+    lan = serve(ota_promoter.Promoter(str(tree), interval=3600), repl_from_lan=True)
+    known(lan)
+    assert typed(lan, "1", {"X-Forwarded-For": "192.168.0.23"}).status == 204
+    sealed = serve(ota_promoter.Promoter(str(tree), interval=3600), token=TOKEN)
+    known(sealed)
+    assert typed(sealed, "2", {"X-Forwarded-For": "192.168.0.23"}).status == 204
+
+
 def lan_address():
     addresses = ota_promoter.lan_addresses()
     return addresses[0] if addresses else None
