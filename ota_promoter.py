@@ -4384,7 +4384,7 @@ class Remote:
                     raise BoardError("[%s] takes no input: %s" % (device[:12], _error_of(answer, status)))
                 time.sleep(0.05)  # the board takes 64 bytes at each of its long-polls
             if status == 404:
-                raise PromoterError("the server knows no board %r any more" % device[:12])
+                raise BoardError("the server knows no board %r any more" % device[:12])
             if status != 204:
                 raise PromoterError("the server at %s answered %d to input: %s" % (
                     self.url, status, _error_of(answer, status)))
@@ -4406,7 +4406,7 @@ class Remote:
             offset = int(headers["X-OTA-Offset"])
         except (ValueError, TypeError):
             if status == 404:
-                raise PromoterError("the server knows no board %r any more" % device[:12])
+                raise BoardError("the server knows no board %r any more" % device[:12])
             raise PromoterError("the server at %s answered %d for the console of [%s]: %s" % (
                 self.url, status, device[:12], _error_of(data, status)))
         return offset, data

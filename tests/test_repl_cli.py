@@ -273,3 +273,28 @@ def test_code_that_runs_past_the_timeout_is_interrupted_and_named(live_boards):
     assert result.stderr.decode() == "ota_promoter.py exec: [%s] did not finish within 1 s: interrupted\n" % FIRST
     result = command("exec", FIRST, "print('next')", "--server", live_boards)  # the board is back at its REPL
     assert (result.returncode, result.stdout, result.stderr) == (0, b"next\n", b"")
+
+
+def test_a_board_the_server_forgets_during_exec_all_fails_alone(server, monkeypatch, capsys):
+    """Its error is its own (status 1), printed with the others' results; not the
+    server's (status 2), which would hide them."""
+    remote = ota_promoter.Remote(server.url)
+    for call in (lambda: remote.send("cccccccccc03", "1\r", 0), lambda: remote.console("cccccccccc03")):
+        with pytest.raises(ota_promoter.BoardError) as raised:
+            call()
+        assert str(raised.value) == "the server knows no board 'cccccccccc03' any more"
+    boards = [{"device": d, "address": "127.0.0.1", "listening": True} for d in (FIRST, "cccccccccc03", SECOND)]
+    monkeypatch.setattr(remote, "find", lambda name: boards)
+
+    def run_code(remote, board, code, timeout, prefixed=False):
+        if board["device"] == FIRST:
+            return True
+        if board["device"] == SECOND:
+            raise ota_promoter.BoardError("[%s] did not answer within 1 s" % SECOND)
+        return remote.send(board["device"], code, 0)
+
+    monkeypatch.setattr(ota_promoter, "run_code", run_code)
+    assert ota_promoter.exec_on(remote, "all", "print(1)", 1.0) == 1
+    assert capsys.readouterr().err == (
+        "ota_promoter.py exec: the server knows no board 'cccccccccc03' any more\n"
+        "ota_promoter.py exec: [bbbbbbbbbb02] did not answer within 1 s\n")
