@@ -2542,7 +2542,9 @@ class Boards:
             board = self._board(device)
             if start is None:
                 start = board.ring.end
-            while board.ring.end <= start and not self._closed:
+            # Past the end (an offset from before the board was forgotten, or from
+            # another server): answered at once with the end, for the reader to go on from.
+            while board.ring.end == start and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -4450,8 +4452,9 @@ class _Stream:
         if left <= 0:
             return False
         offset, data = self.remote.console(self.device, self.offset, min(left, self.remote.HOLD))
-        if data:
-            # A gap (offset past ours) means the server no longer kept those bytes.
+        if data or offset < self.offset:
+            # A gap (offset past ours) means the server no longer kept those bytes; an
+            # offset before ours, that its count began again (the board was forgotten).
             self.data += data
             self.offset = offset + len(data)
         return True

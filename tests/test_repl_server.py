@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import pytest
 
@@ -380,6 +381,20 @@ def test_a_console_wait_answers_when_the_board_prints(server, monkeypatch):
     reader.join(TIMEOUT)
     assert got == [(5, 9, b">>> ")]
     assert console(server, "?from=9&wait=0.1") == (9, 9, b"")
+
+
+def test_a_console_wait_from_past_the_end_answers_at_once_with_the_end(server):
+    """An offset kept from before the board was forgotten (its count began again):
+    the reader learns the end at once, instead of waiting for that many bytes."""
+    console_post(server, b">>> ")
+    began = time.monotonic()
+    assert console(server, "?from=5000&wait=60") == (4, 4, b"")
+    assert time.monotonic() - began < TIMEOUT / 2
+    stream = ota_promoter._Stream(ota_promoter.Remote(server.url), DEVICE)
+    stream.offset = 5000  # as a repl started before the board was forgotten holds it
+    assert stream.more(time.monotonic() + TIMEOUT) and (stream.offset, stream.data) == (4, b"")
+    console_post(server, b"1+1\r\n")
+    assert stream.more(time.monotonic() + TIMEOUT) and (stream.offset, stream.data) == (9, b"1+1\r\n")
 
 
 def test_the_console_of_an_unknown_board_is_404_and_needs_the_token(tree, serve):
