@@ -2279,7 +2279,7 @@ class _HeldPoll:
     """A live long-poll a board holds (GET /files/version?wait=S&in=B): the
     answer that input for the board may take, while its connection is open."""
 
-    __slots__ = ("board", "sock", "size", "wake", "dead")
+    __slots__ = ("board", "sock", "size", "wake", "dead", "again")
 
     def __init__(self, board, sock, size):
         self.board = board  # None if the board was forgotten
@@ -2287,13 +2287,14 @@ class _HeldPoll:
         self.size = size  # the largest body the board takes: B
         self.wake = threading.Event()  # set on input for the board, a publish, or the end
         self.dead = False  # its connection was found readable or closed: it must not answer
+        self.again = None  # time.monotonic() when input held back for a running line may go
 
 
 class _Board:
     """What the server knows of one board."""
 
     __slots__ = ("device", "address", "version", "last_seen", "fetched", "error", "error_time", "traceback",
-                 "lines", "partial", "cut", "dropped", "ring", "input", "holds", "listened", "drop_timer")
+                 "lines", "partial", "cut", "dropped", "ring", "input", "holds", "listened", "drop_timer", "entered")
 
     def __init__(self, device, lines, ring):
         self.device = device
@@ -2313,6 +2314,7 @@ class _Board:
         self.holds = []  # its live long-polls held now (_HeldPoll), oldest first
         self.listened = 0.0  # when its last live long-poll ended
         self.drop_timer = None  # a threading.Timer to drop its input, once due
+        self.entered = 0.0  # time.monotonic() an Enter was handed over, until a prompt comes back
 
     def listening(self, now, grace):
         return bool(self.holds) or now - self.listened <= grace
@@ -2331,13 +2333,15 @@ class Boards:
     Input: put_input() queues what is typed for a board; the board takes it on
     a live long-poll, which listen() holds and deliver() answers, at most once,
     on the newest one whose connection is still open; unlisten() ends it.
+    Once an Enter is handed over, the rest waits for the board's next prompt
+    (INPUT_PACE seconds at most), but a Ctrl-C.
     Input a board does not listen for within LISTEN_FOR seconds is dropped, with
     a log line. console_bytes() reads (and waits for) the console's raw bytes.
 
     Any thread may call every method; those that change it take its lock.
     Tunables, class attributes set on an instance: limit, CONSOLE_LINES,
     CONSOLE_LINE, CONSOLE_BYTES, MAX_DEVICE_ID, SILENT_AFTER, UPDATING_FOR,
-    PAGE_LINES, PAGE_FILES, INPUT_QUEUE, LISTEN_FOR.
+    PAGE_LINES, PAGE_FILES, INPUT_QUEUE, INPUT_PACE, LISTEN_FOR.
     """
 
     #: Boards remembered; the least recently seen is forgotten first.
@@ -2360,6 +2364,11 @@ class Boards:
     PAGE_FILES = 1000
     #: Bytes of input queued per board, at most; a post past it is refused whole.
     INPUT_QUEUE = 4096
+    #: After an Enter (or a raw REPL's Ctrl-D) is handed to a board, the rest
+    #: waits until the board prints a prompt, or for this many seconds: a port
+    #: reads the stream into an input buffer of 256 bytes (ESP8266) and drops
+    #: what does not fit while a line runs. A Ctrl-C goes at once.
+    INPUT_PACE = 1.0
     #: Seconds a board counts as listening after its last live long-poll ended;
     #: input queued for it is dropped once it has not listened for as long.
     LISTEN_FOR = 15.0
@@ -2509,6 +2518,11 @@ class Boards:
                     board.error, board.error_time, board.traceback = line, time.time(), False
             if lines or dropped or board.partial != partial:  # the page shows the partial line too
                 self._bump()
+            if board.entered and board.partial.endswith((b">>> ", b"... ", b">")):
+                board.entered = 0.0  # the REPL reads again: the input held back may go
+                live = [hold for hold in board.holds if not hold.dead]
+                if live and board.input.text:
+                    live[-1].wake.set()
             prefix = "%s [%s] | " % (address, board.device[:12])
         for line in lines:
             log.info("%s%s", prefix, line)
@@ -2628,8 +2642,14 @@ class Boards:
                 if other is not hold:
                     other.wake.set()
                     return None
+                wait = board.entered + self.INPUT_PACE - time.monotonic()
+                if board.entered and wait > 0 and "\x03" not in board.input.text:
+                    hold.again = time.monotonic() + wait  # a line runs: the rest waits for its prompt
+                    return None
                 body, count = input_answer(board.input.text, hold.size)
-                board.input.take(count)
+                taken = board.input.take(count)
+                if "\r" in taken or "\x04" in taken:
+                    board.entered = time.monotonic()
                 self._bump()
                 return body
             return None
@@ -3421,11 +3441,12 @@ class Handler(BaseHTTPRequestHandler):
                 hold.wake.clear()  # before each look: a wake after it is not lost
                 if published.current.id != since or self.server.closing:
                     return None
+                hold.again = None
                 body = self.server.boards.deliver(hold)
                 left = deadline - time.monotonic()
                 if body is not None or hold.dead or left <= 0:
                     return body
-                hold.wake.wait(left)
+                hold.wake.wait(left if hold.again is None else min(left, hold.again - time.monotonic()))
         finally:
             published.listeners.remove(wake)
 

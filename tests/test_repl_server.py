@@ -109,6 +109,37 @@ def test_input_queued_before_the_long_poll_comes_in_order_and_in_pieces_of_at_mo
     assert got == ["import os\ros.", "listdir()\r", "\x03\x04"]
 
 
+def test_after_an_enter_the_rest_waits_for_the_boards_prompt_but_a_ctrl_c(server, monkeypatch):
+    """A port reads the stream into a small buffer (256 bytes on ESP8266) that drops
+    what the REPL does not read in time: once a line is handed over, the rest goes
+    when the board prints a prompt again; a Ctrl-C goes at once."""
+    monkeypatch.setattr(server.boards, "INPUT_PACE", 60.0)
+    known(server)
+    assert typed(server, "1+1\r").status == 204
+    assert inputs(answer(long_poll(server))[2]) == "1+1\r"
+    assert typed(server, "2+2\r").status == 204
+    sock = long_poll(server)
+    held(server)
+    console_post(server, b"1+1\r\n2\r\n")  # the line ran; no prompt yet
+    time.sleep(0.2)
+    assert queued(server) == (4, 0)
+    console_post(server, b">>> ")
+    assert inputs(answer(sock)[2]) == "2+2\r"
+    assert typed(server, "import time\r").status == 204  # still no prompt for 2+2: it waits
+    assert typed(server, "\x03").status == 204  # a Ctrl-C, and what is before it, goes at once
+    assert inputs(answer(long_poll(server))[2]) == "import time\r\x03"
+
+
+def test_input_held_back_for_a_line_goes_after_input_pace_without_a_prompt(server, monkeypatch):
+    """An app reading input() prints no prompt: the rest goes INPUT_PACE s after the Enter."""
+    monkeypatch.setattr(server.boards, "INPUT_PACE", 0.3)
+    known(server)
+    assert typed(server, "name = input()\r").status == 204
+    assert inputs(answer(long_poll(server))[2]) == "name = input()\r"
+    assert typed(server, "ada\r").status == 204
+    assert inputs(answer(long_poll(server))[2]) == "ada\r"
+
+
 def test_pieces_hold_whole_utf8_characters_and_every_brace_is_escaped():
     text = "d = {'é': '€😀'}\r"
     got, rest = [], text
