@@ -2,6 +2,7 @@
 the client meets (faulty, static, nginx), and ota_promoter.py run as a process.
 The plain helpers they use, which the tests import too, are in helpers.py."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,18 @@ def board(request, tmp_path):
     if not MICROPYTHON:
         pytest.skip(NO_MICROPYTHON)
     return MicroPythonBoard(tmp_path / "device", request.getfixturevalue("mpy_dir"))
+
+
+@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
+def interpreter(request):
+    """(the command that runs the simulated board, tests/live_board.py, and the
+    folder of the client it loads)."""
+    if request.param == "cpython":
+        return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
+    if not MICROPYTHON:
+        pytest.skip(NO_MICROPYTHON)
+    # the simulated board's own code takes heap too: test_memory holds the client to 38 KB
+    return [MICROPYTHON, "-X", "heapsize=96k"], str(request.getfixturevalue("mpy_dir"))
 
 
 @pytest.fixture

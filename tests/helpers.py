@@ -2,6 +2,7 @@
 process or in its own, loopback servers that misbehave, and the boards the client
 runs on. The fixtures are in conftest.py; the tests import these by name."""
 
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -734,3 +735,19 @@ class MicroPythonBoard(CPythonBoard):
             raise ota.OTAError(last[len("OTAError "):])
         assert last in ("result True", "result False"), out.stdout
         return last == "result True"
+
+
+@contextlib.contextmanager
+def another_site(handler):
+    """A web server with handler on 127.0.0.1, named http://localhost:<port>/ (its
+    url): another site than a server on 127.0.0.1, for the browser. Stopped after."""
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    site.url = "http://localhost:%d/" % site.server_address[1]
+    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield site
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join(TIMEOUT)

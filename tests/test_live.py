@@ -59,16 +59,6 @@ class Board:
         self.process.wait(TIMEOUT)
 
 
-@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
-def interpreter(request):
-    if request.param == "cpython":
-        return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
-    if not MICROPYTHON:
-        pytest.skip(NO_MICROPYTHON)
-    # the simulated board's own code takes heap too: test_memory holds the client to 38 KB
-    return [MICROPYTHON, "-X", "heapsize=96k"], str(request.getfixturevalue("mpy_dir"))
-
-
 @pytest.fixture
 def promoter(tree, serve):
     p = ota_promoter.Promoter(str(tree), interval=0.05)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import quote, quote_plus, unquote
 
 import pytest
@@ -29,7 +29,7 @@ import pytest
 import ota
 import ota_promoter
 from helpers import (
-    ROOT, TIMEOUT, checksum, entered, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
+    ROOT, TIMEOUT, another_site, checksum, entered, needs_posix, needs_proc, raw_request, request, settle, until, wait_for_server,
     write,
 )
 
@@ -179,8 +179,6 @@ def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
 def test_boards_long_polls_until_a_board_changes(server, monkeypatch):
     first = request(server.url, "/boards").json()
     started = time.monotonic()
-    import threading
-
     held = entered(monkeypatch, server.boards, "wait")
     answers = []
     t = threading.Thread(target=lambda: answers.append(
@@ -737,15 +735,9 @@ def other_site():
         def log_message(self, *args):
             pass
 
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    site.link = "/"
-    site.url = "http://localhost:%d/" % site.server_address[1]
-    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield site
-    site.shutdown()
-    site.server_close()
-    thread.join(TIMEOUT)
+    with another_site(Page) as site:
+        site.link = "/"
+        yield site
 
 
 def click_the_link(browser, other_site, link):
@@ -946,15 +938,9 @@ def cross_site():
         def log_message(self, *args):
             pass
 
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    site.target = "/"
-    site.url = "http://localhost:%d/" % site.server_address[1]
-    thread = threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield site
-    site.shutdown()
-    site.server_close()
-    thread.join(TIMEOUT)
+    with another_site(Page) as site:
+        site.target = "/"
+        yield site
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import ota
-from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, SimulatedBoard, TypingServer
+from helpers import ROOT, SimulatedBoard, TypingServer
 
 # boot.py: live mode without the update at boot (there is nothing to install here)
 BOOT = """import ota
@@ -24,16 +24,6 @@ print('app loops')
 while True:
     n += 1
 """
-
-
-@pytest.fixture(params=["cpython", pytest.param("micropython", marks=pytest.mark.slow)])
-def interpreter(request):
-    """(the command that runs the simulated board, the folder of the client it loads)."""
-    if request.param == "cpython":
-        return [sys.executable, "-u"], os.path.join(ROOT, "micropython")
-    if not MICROPYTHON:
-        pytest.skip(NO_MICROPYTHON)
-    return [MICROPYTHON, "-X", "heapsize=96k"], str(request.getfixturevalue("mpy_dir"))
 
 
 @pytest.fixture
