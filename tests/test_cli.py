@@ -148,6 +148,7 @@ def readme_options():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the command line in /proc")
+@pytest.mark.slow
 def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
     """CPython keeps a script's syntax tree as long as the script runs (7 MB of
     this one): the script has the interpreter import it instead, in the same
@@ -350,6 +351,7 @@ def ipv6_loopback():
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
     not ipv6_loopback(), reason="no IPv6 loopback on this machine"))])
 def test_on_a_loopback_address_it_warns_that_no_board_can_reach_it(tree, running, host):

@@ -695,6 +695,7 @@ def test_watch_installs_each_save_and_waits_out_an_outage(tree, tmp_path):
             server.stop()
 
 
+@pytest.mark.slow
 def test_watch_backs_off_to_10_s_while_the_server_is_away(tmp_path, monkeypatch, capsys):
     delays = []
 

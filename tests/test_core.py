@@ -113,6 +113,7 @@ def test_a_module_named_or_erring_in_other_than_ascii_is_held_back(tree):
     assert p.current.files_etag == '"%s-%s"' % (p.version, etag)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["lib/x.py first", "x.py first"])
 def test_sources_whose_checksums_collide_get_each_its_own_verdict(tree, tmp_path, monkeypatch, order):
     # A checksum, sha1 of the bytes then the path, does not tell these two apart:

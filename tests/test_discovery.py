@@ -140,6 +140,7 @@ def test_without_a_token_the_first_answer_is_taken(responders):
 @needs_loopback_broadcast
 @pytest.mark.parametrize("answer", slow_except(["a wrong proof", "none", "a replay of another nonce's"],
                                                 "a replay of another nonce's"))
+@pytest.mark.slow
 def test_a_board_with_a_token_refuses_a_server_that_cannot_prove_it(responders, answer):
     port = free_udp_port()
     url = "http://127.0.0.1:8125"
@@ -179,6 +180,7 @@ def test_the_server_answers_with_its_url_and_the_proof_and_ignores_anything_else
 
 
 @needs_loopback_broadcast
+@pytest.mark.slow
 def test_the_responder_survives_malformed_datagrams_and_never_logs_the_token(discoveries, caplog):
     caplog.set_level("DEBUG", logger="ota_promoter")
     port = free_udp_port()
@@ -197,6 +199,7 @@ def test_the_responder_survives_malformed_datagrams_and_never_logs_the_token(dis
     assert TOKEN not in logged and proof(TOKEN, "00000000000000ff", url) not in logged
 
 
+@pytest.mark.slow
 def test_a_flood_of_questions_gets_at_most_max_answers_a_second(caplog):
     """An answer is 3 times its question: a forged sender must not turn the
     responder into an amplifier aimed at it."""
@@ -225,6 +228,7 @@ def test_a_flood_of_questions_gets_at_most_max_answers_a_second(caplog):
 
 
 @needs_loopback_broadcast
+@pytest.mark.slow
 def test_a_busy_discovery_port_is_one_warning_and_the_server_serves_on(tree, tmp_path):
     import subprocess
 
@@ -331,6 +335,7 @@ def test_update_at_boot_and_arming_live_mode_never_import_the_discovery_code(tre
 
 
 @needs_loopback_broadcast
+@pytest.mark.slow
 def test_live_mode_asks_the_server_found_then_the_url_it_was_given_and_never_looks_where_find_is_none(
         tmp_path, responders, hostile, monkeypatch):
     port = free_udp_port()
@@ -380,6 +385,7 @@ def test_a_board_with_a_token_keeps_trying_past_a_server_that_cannot_prove_it(tr
 
 
 @needs_loopback_broadcast
+@pytest.mark.slow
 def test_watch_follows_a_server_that_moved(tree, tmp_path, discoveries, serve, monkeypatch, capsys):
     port = free_udp_port()
     write(tree, "main.py", APP % "v1")
@@ -420,6 +426,7 @@ def test_the_options_set_the_discovery_port_or_turn_it_off():
 
 
 @needs_loopback_broadcast
+@pytest.mark.slow
 def test_watch_of_an_https_url_never_looks_for_a_server_elsewhere(tree, tmp_path, responders, serve, monkeypatch):
     """An answer names an http:// url, which no certificate proves: a board given an
     https:// url and no token would take code from any machine that answers first."""

@@ -295,6 +295,7 @@ def test_the_readme_shows_the_example_boot_py():
         assert f.read().endswith("\n\n" + snippet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line, where", [("mpremote cp micropython/ota*.py :", ""),
                                          ("mpremote mip install ./micropython/package.json", "lib")])
 def test_a_board_that_compiles_the_client_boots_from_its_sources(tmp_path, monkeypatch, serve, line, where):

@@ -68,6 +68,7 @@ def test_ctrl_c_typed_stops_a_looping_app_whose_globals_the_repl_then_reads(typi
     typing.wait_console("KeyboardInterrupt\n%s>>> n > 1000\r\nTrue\r\n>>> " % BANNER)
 
 
+@pytest.mark.slow
 def test_ctrl_d_typed_at_the_prompt_soft_resets_and_live_mode_is_armed_again(interpreter, typing, boards):
     board = boards(interpreter, ENDS)
     board.expect("^@boot 1 power")
@@ -81,6 +82,7 @@ def test_ctrl_d_typed_at_the_prompt_soft_resets_and_live_mode_is_armed_again(int
     typing.wait_console("6*7\r\n42\r\n>>> ")
 
 
+@pytest.mark.slow
 def test_an_exception_at_the_prompt_prints_its_traceback_and_the_prompt_comes_back(typing, boards):
     boards([[sys.executable, "-u"], os.path.join(ROOT, "micropython")], ENDS)
     typing.wait_console(">>> ")
@@ -89,6 +91,7 @@ def test_an_exception_at_the_prompt_prints_its_traceback_and_the_prompt_comes_ba
     typing.wait_console(said[said.index("NameError"):].split("\n")[0] + "\n>>> ")
 
 
+@pytest.mark.slow
 def test_a_compound_statement_takes_more_lines_at_the_continuation_prompt(typing, boards):
     boards([[sys.executable, "-u"], os.path.join(ROOT, "micropython")], ENDS)
     typing.wait_console(">>> ")
@@ -117,6 +120,7 @@ def test_the_raw_repl_runs_code_as_mpremote_exec_expects(interpreter, typing, bo
     typing.wait_console("2**10\r\n1024\r\n>>> ")
 
 
+@pytest.mark.slow
 def test_input_longer_than_an_answer_arrives_whole_and_in_order(typing, boards):
     boards([[sys.executable, "-u"], os.path.join(ROOT, "micropython")], ENDS)
     typing.wait_console(">>> ")
@@ -170,6 +174,7 @@ def test_the_prompt_after_input_schedules_one_tick_and_output_alone_none(monkeyp
 @pytest.mark.parametrize("keys, prompt", [
     ("\x01", "raw REPL; CTRL-B to exit\r\n>"), ("x\x7f", "x\b \b"), ("\x01x\x03", "raw REPL; CTRL-B to exit\r\n>"),
 ], ids=["the raw REPL's (mpremote soft-reset)", "a line typed and erased", "the raw REPL's, emptied by Ctrl-C"])
+@pytest.mark.slow
 def test_ctrl_d_at_any_empty_line_disarms_live_mode_before_the_soft_reset(interpreter, typing, boards, keys, prompt):
     board = boards(interpreter, ENDS)
     board.expect("^@boot 1 power")

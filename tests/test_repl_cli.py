@@ -68,6 +68,7 @@ def test_an_unknown_board_is_one_line_naming_the_boards_known(known, prog, tmp_p
     one_line(result, prog, "no board 'ffff': the server knows a4cf99000000 (127.0.0.1), a4cf12f3e9b1 (127.0.0.1)")
 
 
+@pytest.mark.slow
 def test_a_prefix_of_two_ids_names_both(known):
     one_line(command("exec", "a4cf", "print(1)", "--server", known.url), "exec",
              "'a4cf' names 2 boards, a4cf99000000 (127.0.0.1), a4cf12f3e9b1 (127.0.0.1): give more of the id")
@@ -85,6 +86,7 @@ def test_a_server_that_knows_no_board_says_so(server):
              "no board 'a4cf': the server knows of none yet")
 
 
+@pytest.mark.slow
 def test_all_with_no_board_listening_names_those_known(known):
     one_line(command("exec", "all", "print(1)", "--server", known.url), "exec",
              "no board is listening: a4cf99000000 (127.0.0.1), a4cf12f3e9b1 (127.0.0.1) are not in live mode "
@@ -152,6 +154,7 @@ def test_each_command_has_its_help_and_the_server_help_names_them(capsys):
         assert ("stays stopped" in text) == (prog != "repl")
 
 
+@pytest.mark.slow
 def test_a_board_that_does_not_listen_is_named_and_exits_1(known):
     """Its input waits on the server, and the command on the board, within --timeout."""
     result = command("exec", "a4cf12", "print(1)", "--server", known.url, "--timeout", "0.5")

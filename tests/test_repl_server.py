@@ -130,6 +130,7 @@ def test_after_an_enter_the_rest_waits_for_the_boards_prompt_but_a_ctrl_c(server
     assert inputs(answer(long_poll(server))[2]) == "import time\r\x03"
 
 
+@pytest.mark.slow
 def test_input_held_back_for_a_line_goes_after_input_pace_without_a_prompt(server, monkeypatch):
     """An app reading input() prints no prompt: the rest goes INPUT_PACE s after the Enter."""
     monkeypatch.setattr(server.boards, "INPUT_PACE", 0.3)
@@ -167,6 +168,7 @@ def test_the_board_gets_its_input_through_the_server_as_it_was_typed(server):
     assert got == text
 
 
+@pytest.mark.slow
 def test_input_is_handed_over_once_to_the_newest_long_poll(server):
     older = long_poll(server, wait=0.5)
     held(server)
@@ -189,6 +191,7 @@ def test_a_long_poll_the_board_closed_is_not_answered_and_the_input_waits(server
     assert answer(long_poll(server))[2] == b'{"in": "\\u0004"}'
 
 
+@pytest.mark.slow
 def test_update_and_watch_never_get_input(server):
     known(server)
     assert typed(server, "1\r").status == 204
@@ -209,6 +212,7 @@ def test_in_must_leave_room_for_a_character(server):
 # -- The queue ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_input_for_a_board_that_does_not_listen_is_dropped_with_a_line(server, caplog):
     server.boards.LISTEN_FOR = 0.3
     known(server)
@@ -221,6 +225,7 @@ def test_input_for_a_board_that_does_not_listen_is_dropped_with_a_line(server, c
     assert (body["boards"][0]["input"], body["boards"][0]["listening"]) == ({"queued": 0, "dropped": 7}, False)
 
 
+@pytest.mark.slow
 def test_a_board_listens_while_it_holds_a_long_poll_and_its_input_goes_once_it_stops(server):
     server.boards.LISTEN_FOR = 0.3
     sock = long_poll(server, wait=0.5)

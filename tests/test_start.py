@@ -145,6 +145,7 @@ def test_a_damaged_cache_costs_compiles_never_a_wrong_verdict(tree, cache, recal
         assert compiled == ["bad.py"]  # the cache is whole again
 
 
+@pytest.mark.slow
 def test_servers_sharing_the_cache_get_the_right_verdicts(tmp_path, monkeypatch, recall_always):
     # Four servers (each its own VerdictCache on one folder) start again and again
     # at once, with a limit so low that compactions race the appends.
@@ -230,6 +231,7 @@ class SlowCheck(SourceCheck):
         return SourceCheck.error(self, path, data)
 
 
+@pytest.mark.slow
 def test_a_long_first_check_says_how_far_it_is_in_a_few_lines(tree, monkeypatch, caplog):
     monkeypatch.setattr(Promoter, "PROGRESS_AFTER", 0.1)
     monkeypatch.setattr(Promoter, "PROGRESS_EVERY", 0.3)
@@ -422,6 +424,7 @@ sys.exit(ota_promoter.main(sys.argv[1:]))
 
 
 @needs_posix
+@pytest.mark.slow
 def test_a_signal_the_system_gives_another_thread_stops_the_server(tree, tmp_path):
     write(tree, "main.py", "print(1)\n")
     driver = write(tmp_path, "driver.py", POKE % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
