@@ -26,11 +26,15 @@ The sections follow a save on its way to a board:
     The content store           ...into a Blob, its bytes kept as they were hashed
     Checking sources            a .py that does not compile is held back (mpy-cross, --mpy)
     Published versions          a new Version goes into Published, waking the long-polls
-    Boards, Connections         who asks, and the connections the server holds
+    Boards, Discovery           who asks, and what it typed for them; boards that lost
+                                the server find it by a UDP broadcast
+    Connections                 the connections the server holds
     The HTTP API, server        the board's GET /files/version?wait= answers; it fetches
                                 the manifest and the files whose checksum differs
     Status page, Static export  the page's facts (GET /boards); export() for a web server
-    The log, Command line       main() builds Published, Promoter and PromoterServer,
+    The log                     one thread writes it, so a paused terminal stalls nothing
+    The terminal's REPL         repl, exec and run: a board's REPL through the server
+    Command line                main() builds Published, Promoter and PromoterServer,
                                 and stops them in reverse
     Assets                      the status page's HTML, CSS and JS
 
