@@ -688,14 +688,18 @@ LIVE_BOARD = os.path.join(ROOT, "tests", "live_board.py")
 class SimulatedBoard:
     """tests/live_board.py in a process of its own: a board whose flash (root) holds
     boot.py and main.py as given, and the client (in client) as a port holds it in
-    flash; expect() reads what it printed (its UART, and the board's @ marks)."""
+    flash; expect() reads what it printed (its UART, and the board's @ marks). main
+    None leaves main.py to the update; free (bytes, MicroPython) is the heap left
+    free when boot.py starts (live_board.py's FREE)."""
 
-    def __init__(self, interpreter, client, root, url, boot, main, seconds=60):
-        write(root, "boot.py", boot)
-        write(root, "main.py", main)
+    def __init__(self, interpreter, client, root, url, boot, main, seconds=60, free=0):
+        write(root, "boot.py", boot)  # copied once by cable, with the client
+        if main is not None:
+            write(root, "main.py", main)
         self.root = root
-        self.process = subprocess.Popen(interpreter + [LIVE_BOARD, str(client), str(root), str(seconds), url],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            interpreter + [LIVE_BOARD, str(client), str(root), str(seconds), url] + ([str(free)] if free else []),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = Lines(self.process.stdout, quiet="^@ticks ")
         self.seen = self.lines.seen
 

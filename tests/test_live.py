@@ -13,11 +13,10 @@ import pytest
 import ota
 import ota_promoter
 import ota_http
-from helpers import ROOT, TIMEOUT, Lines, checksum, free_port, settle, until, write
+from helpers import ROOT, TIMEOUT, SimulatedBoard, checksum, free_port, settle, until, write
 from helpers import MICROPYTHON, MICROPYTHON_BITS, NO_MICROPYTHON, files, heap_for, promoted
 from proxy import FaultProxy, Relay, Trickle, is_download, is_manifest
 
-BOARD = os.path.join(ROOT, "tests", "live_board.py")
 needs_console = pytest.mark.skipif(
     not hasattr(ota_promoter, "Boards"), reason="needs the server's POST /console")
 
@@ -38,25 +37,9 @@ while True:
 """
 
 
-class Board:
-    """A simulated board running the client in a subprocess; lines() are what it printed."""
-
-    def __init__(self, interpreter, client, root, url, seconds=60, free=0, boot=BOOT):
-        self.root = root
-        write(root, "boot.py", boot)  # copied once by cable, with the client
-        self.process = subprocess.Popen(
-            interpreter + [BOARD, client, root, str(seconds), url] + ([str(free)] if free else []),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines = Lines(self.process.stdout, quiet=" tick [0-9]+$")
-        self.seen = self.lines.seen
-
-    def expect(self, pattern):
-        """The next line matching pattern (a regular expression), within TIMEOUT."""
-        return self.lines.expect(pattern)
-
-    def stop(self):
-        self.process.kill()
-        self.process.wait(TIMEOUT)
+def Board(interpreter, client, root, url, seconds=60, free=0, boot=BOOT):
+    """A simulated board running the client in a subprocess, its main.py the update's."""
+    return SimulatedBoard(interpreter, client, root, url, boot, None, seconds, free)
 
 
 @pytest.fixture
