@@ -121,10 +121,13 @@ class Writer:
         self.operations += 1
 
 
+LOAD_FOR = 15  # seconds of load: 11 to 16 versions under 200 long-polls here
+
+
 @pytest.mark.slow
 @needs_proc
 def test_load_with_edits(tree, capsys):
-    """200 long-polling boards and 20 downloaders while the folder changes for 30 s."""
+    """200 long-polling boards and 20 downloaders while the folder changes for 15 s."""
     writer = Writer(tree)
     for _ in range(40):
         writer.step()
@@ -208,7 +211,7 @@ def test_load_with_edits(tree, capsys):
         for t in threads:
             t.start()
         threads_loaded = 0
-        end = time.monotonic() + 30
+        end = time.monotonic() + LOAD_FOR
         while time.monotonic() < end:
             writer.step()
             time.sleep(writer.random.uniform(0.005, 0.06))
@@ -233,7 +236,7 @@ def test_load_with_edits(tree, capsys):
         rss_after = proc_status(server.pid, "VmRSS")
         late = [s[final] - published[final] for s in seen if final in s]
         with capsys.disabled():
-            print("\n  load: %d writer operations, %d versions published in 30 s" % (writer.operations, len(order)))
+            print("\n  load: %d writer operations, %d versions published in %d s" % (writer.operations, len(order), LOAD_FOR))
             print("  served: %s" % ", ".join("%d %s" % (n, what) for what, n in counts.items()))
             print("  errors: %d" % len(errors))
             print("  long-pollers that reached the final version: %d of 200, worst wake-up %.0f ms, median %.0f ms"
