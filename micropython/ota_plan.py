@@ -132,7 +132,8 @@ def _state(path, old):
         return None
     try:
         with open(path, "rb") as f:
-            if not old or f.readline(_LINE) != old.encode() + b"\n":
+            line = f.readline(160)  # "<version>\n", or signed "<version> <release> <rollout> <signature>\n"
+            if not old or line[:40] != old.encode() or line[40:41] not in (b" ", b"\n") or line[-1:] != b"\n":
                 raise ValueError("no version line")
             entry = [0, 0, ""]
             while entry:

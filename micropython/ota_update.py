@@ -61,9 +61,11 @@ def _drop():
 
 
 def _installed(root):
-    # The version .ota's first line names: "" if there is no .ota, or if that line
-    # is not one (damaged). A failure to read it (no memory) is raised: .ota is not
-    # damaged then, and taking it for so would forget what this client installed.
+    # The version .ota's first line names (its first 40 characters, then a space
+    # before a signed release's fields, or the line's end): "" if there is no .ota,
+    # or if that line is not one (damaged). A failure to read it (no memory) is
+    # raised: .ota is not damaged then, and taking it for so would forget what this
+    # client installed.
     # Not open() of a missing file: on the unix port of 1.20 its object is left with
     # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
     path = root + "/" + STATE
@@ -72,12 +74,12 @@ def _installed(root):
     except OSError:
         return ""
     with open(path, "rb") as f:
-        line = f.readline(42)  # bounded: erased flash reads as one endless line
+        line = f.readline(160)  # bounded: erased flash reads as one endless line
     try:
         binascii.unhexlify(line[:40])  # safe in a header line
     except ValueError:
         return ""
-    return line[:40].decode() if len(line) == 41 and line[40] == 10 else ""
+    return line[:40].decode() if len(line) > 40 and (line[40] == 10 or line[40] == 32) and line[-1] == 10 else ""
 
 
 def hex40(value):
