@@ -5,7 +5,7 @@
 # steps of an update; each step's code is imported for it and dropped before the
 # next, so that an update of any size runs in a 20 KB heap:
 #   ota_commit.py the switch through the journal; recover()
-#   ota_plan.py   the plan: the manifest merged with .ota, every path checked
+#   ota_plan.py   the plan: the manifest (its signature first, with a key) merged with .ota
 #   ota_check.py  the version the server names; its manifest, saved
 #   ota_fetch.py  the downloads, checked as they stream
 #   ota_http.py   the HTTP client of the two above (ota_tls.py for https)

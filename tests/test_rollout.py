@@ -13,7 +13,7 @@ import pytest
 import ota
 import ota_check
 import ota_promoter
-from helpers import KEY, CPythonBoard, assert_user_error, files, give_key, publish, run, write
+from helpers import KEY, TIMEOUT, CPythonBoard, assert_user_error, files, give_key, publish, run, write
 from ota_promoter import Promoter, rollout_bucket, signed_fields
 
 V1 = {"main.py": "print('v1')\n", "lib/x.py": "X = 1\n"}
@@ -40,15 +40,17 @@ def running(board):
     return files(board)[".ota"][:40].decode()
 
 
-def test_the_board_and_the_server_compute_the_same_buckets(board_id):
-    version = "5d6e7f8" + "0" * 33
+def test_the_board_and_the_server_compute_the_same_buckets(board_id, tmp_path, static_host):
+    old, new = "1a2b3c4" + "0" * 33, "5d6e7f8" + "0" * 33
+    write(tmp_path, "files/version", json.dumps({"version": old, "next": new, "rollout": 10}))
+    url = static_host(tmp_path).url
     buckets = []
     for i in range(100):
         board_id(unique_id(i))
-        buckets.append(ota_check._bucket(version))
-        assert buckets[-1] == rollout_bucket(binascii.hexlify(unique_id(i)).decode(), version)
+        buckets.append(rollout_bucket(binascii.hexlify(unique_id(i)).decode(), new))
+        named = ota_check.version((url, None, TIMEOUT, "", None, bytearray(512)))
+        assert named == (new if buckets[-1] < 10 else old), i
     assert 3 <= sum(b < 10 for b in buckets) <= 20  # a hash: about a tenth
-    assert rollout_bucket("unknown", version) == rollout_bucket("unknown", version) < 100
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import types
 import pytest
 
 import ota
-import ota_check
 import ota_http
+import ota_plan
 import ota_promoter
 from helpers import (
     KEY, CPythonBoard, assert_user_error, checksum, files, give_key, promoted, publish, request, run, slow_except,
@@ -46,10 +46,18 @@ def test_the_signature_is_the_hmac_of_the_header_and_every_line_and_the_board_co
     assert signature == hmac.new(key, message, hashlib.sha256).hexdigest().encode()
     assert signed_fields(first) == (1764000000, 10)
     assert signed_fields(b"a" * 40) is None
+
+
+@pytest.mark.parametrize("key", [KEY, b"k" * 16, b"long-key-" * 20], ids=["64 bytes", "16 bytes", "180 bytes"])
+def test_the_board_computes_the_same_hmac_through_its_small_buffer(key, tmp_path):
+    lines = b"".join(b"%s %d lib/module_%03d.py\n" % (b"b" * 40, i, i) for i in range(30))  # 2 KB: 4 reads
+    write(tmp_path, ".ota-new/state", sign_manifest(key, b"a" * 40 + b"\n" + lines, 1764000000))
+    write(tmp_path, ".ota-key", b"\t" + key + b" \r\n")
+    assert ota_plan._signed(str(tmp_path), "", bytearray(512)) is None
+    write(tmp_path, ".ota-key", key[:-1] + b"!")
+    with pytest.raises(ota.OTAError, match="^bad signature on the manifest of aaaaaaa$"):
+        ota_plan._signed(str(tmp_path), "", bytearray(512))
     # The board's HMAC, a few lines without the hmac module, as it streams.
-    inner, pad = ota_check._inner(key, message[:58])
-    inner.update(message[58:])
-    assert ota_check._outer(inner, pad) == signature
 
 
 def test_without_a_key_the_manifests_are_as_they_were(tree):
@@ -165,7 +173,8 @@ def unsigned(promoter):
 def flip(data, at):
     """data with the byte at `at` changed to another of the same kind (a digit, a hex digit, a letter)."""
     old = data[at:at + 1]
-    new = b"1" if old == b"0" else b"0" if old.isdigit() else b"x" if old != b"x" else b"y"
+    new = b"1" if old == b"0" else b"0" if old.isdigit() else b"b" if old == b"a" else b"a" if old in b"bcdef" else \
+        b"x" if old != b"x" else b"y"
     return data[:at] + new + data[at + 1:]
 
 
@@ -252,7 +261,8 @@ def a_byte_flipped_in_a_file(s):
 BAD = "^bad signature on the manifest of {v2}$"
 TAMPERED = [
     (without_signature, "^unsigned release {v2}: this board has a key and takes only signed releases$"),
-    (another_key, BAD), (flipped_in_the_header, BAD), (flipped_in_the_rollout, BAD), (flipped_in_the_version, BAD),
+    (another_key, BAD), (flipped_in_the_header, BAD), (flipped_in_the_rollout, BAD),
+    (flipped_in_the_version, "^127.0.0.1:[0-9]+: /files/{v2_40} is not the manifest of that version$"),
     (flipped_in_a_file_line, BAD), (flipped_in_a_size, BAD), (flipped_in_the_signature, BAD), (a_line_added, BAD),
     (a_line_removed, BAD), (a_byte_flipped_in_a_file, "^main.py: checksum mismatch, damaged in transfer$"),
 ]
@@ -265,7 +275,7 @@ def test_a_manifest_or_a_file_changed_in_any_byte_is_refused_and_the_board_keeps
     s = signed_site
     before = files(s.board.root)
     tamper(s)
-    with pytest.raises(ota.OTAError, match=message.format(v2=s.v2[:7])):
+    with pytest.raises(ota.OTAError, match=message.format(v2=s.v2[:7], v2_40=s.v2)):
         s.board.update(s.url)
     assert files(s.board.root) == before  # .ota, .ota-key and secrets.py included
     assert sorted(os.listdir(str(s.board.root))) == [".ota", ".ota-key", "lib", "main.py", "secrets.py"]
