@@ -19,6 +19,8 @@ each board can download just the files whose checksum differs:
     GET /boards/<id>/console    a board's console bytes from ?from=<offset>; ?wait=S long-polls
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
+With --key, a text manifest's first line is "<version> <release> <rollout> <signature>",
+an HMAC-SHA256 that boards holding the key check (Signed releases, after Checksums).
 
 The sections follow a save on its way to a board:
     Reaching files, Scanning    a quick look or a full scan (Scanner) sees a new stat
@@ -48,7 +50,8 @@ __version__ = "1.0.0"
 __all__ = [
     "PromoterError", "Refused", "Promoter", "Published", "Version", "Blob", "ContentStore", "SourceCheck",
     "Boards", "PromoterServer", "Handler", "scan", "compile_ignore", "walk_key", "diff", "fat_clashes",
-    "file_checksum", "version_of", "looks_like_text", "sign_manifest", "signed_fields", "rollout_bucket", "load_key", "mpy_path", "status", "export", "check_site",
+    "file_checksum", "version_of", "looks_like_text", "sign_manifest", "signed_fields", "rollout_bucket", "load_key",
+    "mpy_path", "status", "export", "check_site",
     "build_parser", "main",
 ]
 

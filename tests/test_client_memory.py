@@ -19,8 +19,8 @@ import pytest
 import ota
 import ota_update
 from helpers import (
-    KEY, CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard, files, heap_for,
-    give_key, needs_micropython, promoted, publish, slow_except, write,
+    KEY, CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard,
+    files, give_key, heap_for, needs_micropython, promoted, publish, slow_except, write,
 )
 from ota_promoter import Promoter
 

@@ -63,7 +63,8 @@ def test_the_board_computes_the_same_hmac_through_its_small_buffer(key, tmp_path
 def test_without_a_key_the_manifests_are_as_they_were(tree):
     write(tree, "main.py", "print(1)\n")
     version = Promoter(str(tree), interval=3600).current
-    assert version.files_text == b"%s\n%s 9 main.py\n" % (version.id.encode(), checksum("print(1)\n", "main.py").encode())
+    assert version.files_text == b"%s\n%s 9 main.py\n" % (
+        version.id.encode(), checksum("print(1)\n", "main.py").encode())
     assert version.text_etag == '"%s-text"' % version.id and version.release is None
 
 
@@ -113,7 +114,8 @@ def test_a_board_with_the_key_installs_what_the_server_signs_and_the_key_never_t
     assert v2.release > v1.release
     assert keyed.update(server.url) is True and keyless.update(server.url) is True
     for board in (keyed, keyless):
-        assert files(board.root, own=False) == dict(promoted(tree), **({"secrets.py": b"mine"} if board is keyed else {}))
+        mine = {"secrets.py": b"mine"} if board is keyed else {}
+        assert files(board.root, own=False) == dict(promoted(tree), **mine)
         assert signed_fields(head(files(board.root)[".ota"])) == (v2.release, 100)
     assert keyed.update(server.url) is False
     # A board holding another key refuses; the key is in no request, page or answer.
