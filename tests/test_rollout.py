@@ -130,6 +130,16 @@ def test_a_staged_rollout_to_100_boards_on_nginx_reaches_exactly_its_share(
     os.remove(os.path.join(str(boards[out]), ".ota-key"))
     assert ota.update(url, root=str(boards[out]), reset=False) is True and running(boards[out]) == v2
 
+    # Exported for every board (no --rollout): V2 is the release all take.
+    export(tree, site, key_file)
+    assert json.load(open(str(site / "files" / "version"))) == {"version": v2}
+    assert open(str(site / "files" / "manifest.txt"), "rb").read() == open(str(site / "files" / v2), "rb").read()
+    assert signed_fields(open(str(site / "files" / v2), "rb").readline()) == (release[0], 100)
+    for i, board in enumerate(boards):
+        board_id(unique_id(i))
+        ota.update(url, root=str(board), reset=False)
+    assert {running(b) for b in boards} == {v2}
+
     # The key is in no file of the site.
     for path, data in files(site).items():
         assert KEY[:16] not in data, path

@@ -99,7 +99,8 @@ def test_a_board_with_the_key_installs_what_the_server_signs_and_the_key_never_t
     assert signed_fields(head(signed)) == (v1.release, 100)
     assert head(signed)[:40] == v1.id.encode()
     for path in ("/files?format=text", "/files/" + v1.id):
-        assert request(server.url, path).body == signed
+        answer = request(server.url, path)
+        assert answer.body == signed and answer.headers["ETag"] == '"%s-%d-text"' % (v1.id, v1.release)
     assert request(server.url, "/files").json()["version"] == v1.id
     recorded = Recorded()
     monkeypatch.setattr(ota_http, "socket", recorded)
