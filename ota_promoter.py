@@ -214,8 +214,8 @@ def looks_like_text(head):
 # boards that take it, and every file's checksum, size and path. A file's checksum
 # (sha1 of its bytes and path) chains its bytes to a signed line. A board holding
 # the same key (.ota-key) checks it before it downloads a file, and refuses a
-# release older than the one it runs (micropython/ota_check.py); the rest of the
-# manifest is as without a key, and with no key nothing changes at all.
+# release older than the one it runs (micropython/ota_plan.py, _signed); the rest
+# of the manifest is as without a key, and with no key nothing changes at all.
 
 MIN_KEY = 16  # bytes a key has at least, its surrounding ASCII whitespace stripped
 _SIGNED = re.compile(rb"[0-9a-f]{40} ([1-9][0-9]{0,14}) ([1-9][0-9]?|100) [0-9a-f]{64}")
