@@ -1315,8 +1315,15 @@ class Version:
 
     @functools.cached_property
     def files_text(self):
-        """The /files?format=text body: the version id, then "<checksum> <size>
-        <path>" per file, each on a line; signed (sign_manifest()) if sign() was called.
+        """The /files?format=text body: unsigned_text(), signed (sign_manifest())
+        if sign() was called."""
+        if self._key is not None:
+            return sign_manifest(self._key, self.unsigned_text(), self.release)
+        return self.unsigned_text()
+
+    def unsigned_text(self):
+        """The text manifest without a signature: the version id, then "<checksum>
+        <size> <path>" per file, each on a line. Made on each call (the export signs it).
 
         For devices: sorted by path so that a client can merge it with its own
         sorted state without holding either in memory.
@@ -1325,8 +1332,6 @@ class Version:
         body.write((self.id + "\n").encode("utf-8"))
         for b in sorted(self.blobs, key=_by_path):
             body.write(("%s %d %s\n" % (b.checksum, b.size, b.path)).encode("utf-8"))
-        if self._key is not None:
-            return sign_manifest(self._key, body.getvalue(), self.release)
         return body.getvalue()
 
 
@@ -4062,7 +4067,7 @@ def _export(promoter, site, files, keep, key, rollout):
                                 % (rollout, version.id[:7], site))
     text = version.files_text
     if key is not None:
-        text = sign_manifest(key, text, _next_release(files, record + dropped, version.id), rollout)
+        text = sign_manifest(key, version.unsigned_text(), _next_release(files, record + dropped, version.id), rollout)
     for folder in (site, files):
         for name in os.listdir(folder):
             if _OUR_TEMPORARY.fullmatch(name):

@@ -130,6 +130,12 @@ def test_a_board_with_the_key_installs_what_the_server_signs_and_the_key_never_t
         assert KEY[:16] not in sent
     for path in ("/", "/boards", "/files", "/files/version"):
         assert KEY[:16] not in request(server.url, path).body
+    # A signing server's version exported with the key: signed once, by the export.
+    export(publish_to, str(tmp_path / "site"), key=KEY)
+    with open(str(tmp_path / "site" / "files" / "manifest.txt"), "rb") as f:
+        exported = f.read()
+    assert exported.split(b"\n", 1)[1] == v2.files_text.split(b"\n", 1)[1]
+    assert signed_fields(head(exported))[1] == 100
 
 
 def test_a_board_with_a_key_refuses_an_unsigned_server_and_an_empty_key(tree, serve, tmp_path):
@@ -170,7 +176,7 @@ def test_the_server_process_never_logs_the_key(tree, key_file, running, tmp_path
 
 
 def unsigned(promoter):
-    return Promoter(promoter.root, interval=3600).current.files_text
+    return promoter.current.unsigned_text()
 
 
 def flip(data, at):
