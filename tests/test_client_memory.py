@@ -19,9 +19,10 @@ import pytest
 import ota
 import ota_update
 from helpers import (
-    CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard, files, heap_for,
-    needs_micropython, promoted, publish, slow_except, write,
+    KEY, CLIENT_FILES, MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard,
+    files, give_key, heap_for, needs_micropython, promoted, publish, slow_except, write,
 )
+from ota_promoter import Promoter
 
 # The client's modules that touch files or the network, whichever this client has
 # (ota_update alone before it was cut in parts). Imported here, they stay loaded
@@ -154,33 +155,49 @@ def fresh(folder, heap, script):
 HUNDRED = {"pkg%d/module_%03d.py" % (i % 7, i): "N = %d\n" % i for i in range(100)}
 
 
+def signing(promoter, serve, signed, device):
+    """promoter, or with signed a Promoter of the same tree signing with KEY, served,
+    and the board in device given the key: (its url, the Promoter)."""
+    if not signed:
+        return promoter.url, promoter
+    signer = Promoter(promoter.root, interval=3600, key=KEY)
+    give_key(device)
+    return serve(signer).url, signer
+
+
 @pytest.mark.slow
 @needs_micropython
-def test_an_update_of_100_files_and_a_1_mb_file_runs_in_a_20_kb_heap(tree, promoter, tmp_path, board_dir):
-    publish(promoter, tree, dict(HUNDRED, **{"assets/big.bin": os.urandom(1024 * 1024)}))
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_an_update_of_100_files_and_a_1_mb_file_runs_in_a_20_kb_heap(tree, promoter, tmp_path, board_dir, serve,
+                                                                      signed):
     device = tmp_path / "device"
     device.mkdir()
+    url, promoter = signing(promoter, serve, signed, device)
+    publish(promoter, tree, dict(HUNDRED, **{"assets/big.bin": os.urandom(1024 * 1024)}))
     out = fresh(board_dir, heap_for("20k", "30k"), (
         "import ota\nprint(ota.update(%r, root=%r, reset=False))\n"
         "import sys\nprint(sorted(name for name in sys.modules if name.startswith('ota')))\n"
-    ) % (promoter.url, str(device)))
+    ) % (url, str(device)))
     assert out.returncode == 0, out.stdout + out.stderr
     # Installed, and every part of the update dropped afterwards: only ota.py stays.
     assert out.stdout.splitlines()[-2:] == ["True", "['ota']"], out.stdout
     assert files(device, own=False) == promoted(tree)
-    assert version_on(device) == promoter.version
-    assert sorted(os.listdir(str(device))) == [".ota", "assets", "pkg0", "pkg1", "pkg2", "pkg3", "pkg4", "pkg5",
-                                                "pkg6"]
+    assert version_on(device)[:40] == promoter.version
+    assert (" 100 " in version_on(device)) == signed
+    assert sorted(os.listdir(str(device))) == [".ota"] + [".ota-key"] * signed + [
+        "assets", "pkg0", "pkg1", "pkg2", "pkg3", "pkg4", "pkg5", "pkg6"]
 
 
 @pytest.mark.slow
 @needs_micropython
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_where_the_heap_is_too_small_the_update_raises_otaerror_and_leaves_every_byte(
-        tree, promoter, tmp_path, mpy_dir):
+        tree, promoter, tmp_path, mpy_dir, serve, signed):
     board = MicroPythonBoard(tmp_path / "device", mpy_dir)
     write(board.root, "secrets.py", "mine")
+    url, promoter = signing(promoter, serve, signed, board.root)
     publish(promoter, tree, V1)
-    assert board.update(promoter.url) is True
+    assert board.update(url) is True
     publish(promoter, tree, dict(V2, **{"assets/big.bin": os.urandom(64 * 1024)}))
     before = files(board.root)
     failures = []
@@ -191,7 +208,7 @@ def test_where_the_heap_is_too_small_the_update_raises_otaerror_and_leaves_every
     for kb in range(*heap_for((12, 24, 1), (17, 40, 2))):
         board.heap = "%dk" % kb
         try:
-            assert board.update(promoter.url) is True
+            assert board.update(url) is True
             break
         except ota.OTAError as e:
             failures.append(str(e))
@@ -201,7 +218,7 @@ def test_where_the_heap_is_too_small_the_update_raises_otaerror_and_leaves_every
     assert len(failures) >= 5, failures
     assert all("emory" in message for message in failures), failures  # MemoryError(...), not enough memory
     assert files(board.root, own=False) == dict(promoted(tree), **{"secrets.py": b"mine"})
-    assert version_on(board.root) == promoter.version
+    assert version_on(board.root)[:40] == promoter.version
 
 
 # -- A damaged .ota: taken as absent, so every file is installed again, none deleted -----
