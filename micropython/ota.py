@@ -68,6 +68,7 @@ def reset():
 # if it has not run, and waits for a version other than the one it named.
 _named = False
 _live = None  # live mode's state, once armed
+_trial = None  # the watcher of a version on trial (ota_trial.py), while it is armed
 
 
 def _run(name, args, kw):
@@ -104,7 +105,7 @@ def _scrub(n):
 def update(*args, **kw):
     """Install the files that changed on the server; True if any did."""
     global _named
-    _named = None
+    kw["boot"], _named = _named is False, None  # the first since the start counts a trial's start
     return _run("update", args, kw)
 
 
@@ -116,6 +117,12 @@ def recover(*args, **kw):
 def watch(*args, **kw):
     """Update on every new version the server publishes, forever (for development)."""
     return _run("watch", args, kw)
+
+
+def confirm():
+    """Keep the version on trial for good, now: a rename (nothing if none is)."""
+    if _trial:
+        _trial.confirm()
 
 
 def live(*args, **kw):
@@ -159,6 +166,8 @@ class _Live(IOBase):
         # not being sent. It never waits and never raises: os.dupterm drops for good a
         # stream whose write() raises (extmod/os_dupterm.c), MemoryError included, and
         # a KeyboardInterrupt that lands here (checks press Ctrl-C until it stops the app).
+        if _trial:  # a version on trial: its watcher notes it too, and never raises
+            _trial.write(data)
         n = len(data)
         buf = self.buf
         held = self.n
@@ -222,6 +231,8 @@ class _Live(IOBase):
 
     def tick(self, timer=None):
         """One step of each task: returns at once, never raises."""
+        if _trial:  # it never raises either
+            _trial.tick()
         try:
             if self.checks is False:
                 self.checks = self._checks(1000)

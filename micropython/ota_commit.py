@@ -70,11 +70,15 @@ sync = getattr(os, "sync", lambda: None)  # on boards; not on the unix port
 def _clean(path):
     # Empties and removes the stage, path. Staged files are numbered from 0 in
     # download order, so no listing is held; the last goes first, so that a power
-    # cut leaves them numbered from 0 still.
+    # cut leaves them numbered from 0 still. A trial's files (trial, the old files
+    # aside, starts, crash) stay while it lasts: the stage is not removed then.
     i = 0
     while _kind(path + str(i)):
         i += 1
-    for name in [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state"]:
+    names = [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state", "guard"]
+    if not _kind(path + "trial"):
+        names += ["starts", "crash"]
+    for name in names:
         try:
             os.remove(path + name)
         except OSError:
@@ -123,7 +127,9 @@ def commit(root, plan=False):
     """Roll the journal forward; if a step fails (a folder in the way, a full file
     system), roll it back: the board gets all the new files or all the old ones.
     With plan, the update staged (.ota-new/plan and its files) is committed first.
-    Returns True if it rolled a journal forward, the error that made one roll
+    A switch staged with .ota-new/guard (update(guard=...)) ends as .ota-new/trial,
+    its old files kept aside until the version is confirmed (ota_guard.py), instead
+    of done, which deletes them. Returns True if it rolled a journal forward, the error that made one roll
     back, or None."""
     stage = root + "/.ota-new/"
     journal = root + "/.ota-journal"
@@ -154,8 +160,10 @@ def commit(root, plan=False):
                     if new:
                         _mkdirs(root, path)
                         os.rename(new, dst)
+            if _kind(root + "/.ota-refused"):
+                os.remove(root + "/.ota-refused")  # another version is installed: refused no more
             sync()
-            os.rename(journal, done)
+            os.rename(journal, stage + "trial" if _kind(stage + "guard") else done)
             why = True
         except OSError as e:
             why = e

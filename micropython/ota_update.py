@@ -43,7 +43,7 @@ def _call(module, name, *args):
     # that use it). The caller drops them (_drop) once this frame is gone: a stale
     # slot of a frame still running (a method's self, say) would keep a part's
     # functions, and so all of it, in memory. So a part takes and returns plain values.
-    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find"):
+    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find", "ota_guard"):
         if p not in sys.modules and p not in _mine:
             _mine.append(p)
     return getattr(__import__(module), name)(*args)
@@ -78,6 +78,14 @@ def _installed(root):
     except ValueError:
         return ""
     return line[:40].decode() if len(line) == 41 and line[40] == 10 else ""
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
 
 
 def hex40(value):
@@ -125,44 +133,87 @@ def recover(root="/"):
         _drop()
 
 
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
+def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None, guard=None, resets=3,
+           boot=False):
     """Install the files that changed on the server; True if any did.
 
     Resets the board after a change when reset is true. Deletes files the server
     no longer has only if this client installed them (and delete is true).
     Raises OTAError, with the board's files as they were, if anything fails.
+    guard: None (off), or the seconds a version this call installs is on trial
+    (micropython/README.md, "The boot guard"); resets: the resets it is given
+    before it is rolled back. boot: the first call since the board started
+    (ota.update says), which counts a start of the version on trial.
     """
-    return _update(url, root, token, reset, delete, timeout, ca)[1] > 0
+    return _update(url, root, token, reset, delete, timeout, ca, None, 0, guard, resets, boot)[1] > 0
 
 
-def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
+def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, guard=None, resets=3, boot=False):
     # update(), returning (the version the server named, the changes installed).
     # Nothing is written when the server names, or its manifest lists, the
     # installed version (a site whose export was killed may name an older one).
     # With since, the version request is a long-poll of up to wait seconds, and
     # nothing is installed unless the server names another version (watch()).
     root = root.rstrip("/")
+    trial = root + "/.ota-new/trial"
     try:
         # A commit an earlier call left (a power cut, no memory to finish) counts as
         # a change: the app that runs still has the old files, and must restart.
         changes = 1 if _finish(root) is True else 0
         _drop()
         installed = _version(root)  # "" if damaged: as if there were no .ota (ota_plan.py says it)
+        # The boot guard, before any request (so that a start counts with the server
+        # down too): a version on trial counted, confirmed or rolled back; and the
+        # version this board refused. ota_guard.py is loaded only while there is one.
+        refused = report = None
+        back = 0  # changes that were rollbacks
+        if _exists(trial) or _exists(root + "/.ota-refused"):
+            refused, report, said = _call("ota_guard", "start", root, installed, guard, resets, boot)
+            _drop()
+            _finish(root)  # a rollback's undo, or a confirmed version's old files deleted
+            if ota._trial and not _exists(trial):
+                ota._trial.stop()
+            if said:  # rolled back: said once the files are back, then a reset, as after an update
+                installed = _version(root)
+                changes += 1
+                back = 1
+                print(said)
+                if reset:
+                    _reset()
         # The one buffer of every step, allocated while the heap is whole: the
         # network's, and the plan's table of paths FAT names otherwise.
         buf = bytearray(512)
-        server = (url, token, timeout, installed, ca, buf)
+        server = (url, token, timeout, installed, ca, buf, report)
         version = None
         try:
-            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf), since, wait)
+            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, report), since, wait)
             ota._named = named  # live mode: what this boot tried
-            if named != installed and named != since:
-                version = _call("ota_check", "manifest", server, named, root)
+            if named == refused:
+                if named != since:
+                    print("ota: %s was rolled back on this board: waiting for a newer version" % named[:7])
+            elif named != installed and named != since:
+                if _exists(trial):  # another version during a trial: first back to the known-good files
+                    os.rename(trial, root + "/.ota-new/undo")
+                    if ota._trial:
+                        ota._trial.stop()
+                    _drop()
+                    _finish(root)
+                    print("ota: %s was not confirmed: back to %s before installing %s" % (
+                        installed[:7], _version(root)[:7] or "none", named[:7]))
+                    installed = _version(root)
+                    changes += 1
+                    back += 1
+                    server = (url, token, timeout, installed, ca, buf, report)
+                if named != installed:
+                    version = _call("ota_check", "manifest", server, named, root)
             _drop()
             if version:
                 changes += _call("ota_plan", "plan", root, installed, delete, buf)
                 _drop()
                 _call("ota_fetch", "fetch", server, root)
+                if guard is not None:  # the switch then ends in a trial (ota_commit.commit)
+                    with open(root + "/.ota-new/guard", "wb"):
+                        pass
         except BaseException as e:
             buf = server = None  # room for the cleanup
             _drop()
@@ -182,8 +233,9 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
                 raise why if isinstance(why, OTAError) else OTAError("update failed, nothing changed: %r" % why)
         if changes:
             try:  # the switch is done: nothing may hide it now
-                print("ota: version %s installed, %d change%s" % (
-                    (version or installed)[:7], changes, "" if changes == 1 else "s"))
+                if changes > back:
+                    print("ota: version %s installed, %d change%s" % (
+                        (version or installed)[:7], changes - back, "" if changes - back == 1 else "s"))
             except Exception:
                 pass
             if reset:
@@ -236,7 +288,8 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
 # Run once each, so kept out of ota.py, which stays in memory beside the app.
 
 
-def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND):
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
+         resets=3):
     # ota.live(): update() first if it has not run since boot, then the state of
     # ota._Live, the console stream and the Timer.
     if ota._live:
@@ -244,7 +297,7 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     root = root.rstrip("/")
     if ota._named is False:  # update() has not run since boot
         try:
-            ota.update(url, root, token, timeout=timeout)
+            ota.update(url, root, token, timeout=timeout, guard=guard, resets=resets)
         except OTAError as e:
             print("ota: no update: %s" % e)
     where, host, port, family, prefix, tls = _call("ota_http", "parse", url)
@@ -269,7 +322,9 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # server named at this boot's update (also one that failed): the long-poll
     # waits for another, so a version that cannot be installed is tried once.
     live.version = _installed(root)
-    live.head = _call("ota_http", "head", where, live.version, token)
+    report = _call("ota_guard", "refused", root)[1] if _exists(root + "/.ota-refused") else None
+    live.head = _call("ota_http", "head", where, live.version, token, report)
+    live.guard = guard  # what restart() installs with
     # update()'s first three, once the app has stopped (restart: the url where the
     # server is now); where to look for it after 15 s without it, and what to ask the
     # one given (ota_find.look): one tuple, as each name live mode holds costs a
@@ -288,6 +343,10 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     live.timer = None
     ota._live = live
     _drop()
+    trial = ota._trial
+    if trial and trial.timer:  # a version on trial: live mode's timer and stream tick and feed its watcher
+        trial.timer.deinit()
+        trial.timer = None
     print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
     try:
         from machine import Timer
@@ -314,7 +373,7 @@ def restart(live):
         live.stop()
         return _reset()
     try:
-        update(*live.args[:3], reset=False, timeout=live.ms / 1000)
+        update(*live.args[:3], reset=False, timeout=live.ms / 1000, guard=live.guard)
     except Exception as e:
         try:
             print("ota: %s; restarting: boot.py installs it" % (

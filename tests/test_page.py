@@ -107,7 +107,8 @@ def fake_machine(monkeypatch, unique_id):
 # -- GET /boards -----------------------------------------------------------------------
 
 
-QUIET = {"partial": "", "listening": False, "input": {"queued": 0, "dropped": 0}}  # no REPL in use
+QUIET = {"partial": "", "listening": False, "input": {"queued": 0, "dropped": 0},  # no REPL in use
+         "rolled_back": None}  # no version rolled back
 
 
 def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
