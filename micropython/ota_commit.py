@@ -71,14 +71,11 @@ def _clean(path):
     # Empties and removes the stage, path. Staged files are numbered from 0 in
     # download order, so no listing is held; the last goes first, so that a power
     # cut leaves them numbered from 0 still. A trial's files (trial, the old files
-    # aside, starts, crash) stay while it lasts: the stage is not removed then.
+    # aside, starts, crash) are not among these: the stage is not removed then.
     i = 0
     while _kind(path + str(i)):
         i += 1
-    names = [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state", "guard"]
-    if not _kind(path + "trial"):
-        names += ["starts", "crash"]
-    for name in names:
+    for name in [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state", "guard"]:
         try:
             os.remove(path + name)
         except OSError:
@@ -133,6 +130,7 @@ def commit(root, plan=False):
     back, or None."""
     stage = root + "/.ota-new/"
     journal = root + "/.ota-journal"
+    trial = root + "/.ota-new/trial"  # not stage + "trial": a name interned for good (micropython/README.md)
     undo = stage + "undo"
     done = stage + "done"
     if plan and _kind(stage + "plan"):
@@ -163,7 +161,7 @@ def commit(root, plan=False):
             if _kind(root + "/.ota-refused"):
                 os.remove(root + "/.ota-refused")  # another version is installed: refused no more
             sync()
-            os.rename(journal, stage + "trial" if _kind(stage + "guard") else done)
+            os.rename(journal, trial if _kind(stage + "guard") else done)
             why = True
         except OSError as e:
             why = e
@@ -189,5 +187,9 @@ def commit(root, plan=False):
                 _prune(root, path)
         sync()
         os.remove(done)
+    if not _kind(trial):  # what the boot guard noted of a trial (ota_guard.py), once it is over
+        for name in "starts crash".split():  # one name to intern, not two (micropython/README.md: names matter)
+            if _kind(stage + name):
+                os.remove(stage + name)
     _clean(stage)
     return why

@@ -45,38 +45,36 @@ def _first(path):
         return _line(f)
 
 
-def refused(root):
-    """(the version .ota-refused names, its report as a header may carry it: printable
-    ASCII, others ?, at most 200 bytes), or (None, None) if there is none."""
-    path = root + "/.ota-refused"
-    if not _kind(path):
-        return None, None
-    with open(path, "rb") as f:
-        return _line(f)[:40], _line(f)
-
-
-def start(root, installed, guard, resets, boot):
-    """The guard's step, at the start of update(): returns (the refused version or
-    None, the report or None, what to say once ota_update has finished the trial's
-    end, or None). A trial pending ends here: rolled back (renamed undo) if
-    .ota-refused names it (a restore a power cut interrupted), if main.py crashed,
-    or at the start after the resets-th reset; confirmed (renamed done) if guard is
-    None. Else, at the first update() of a boot (boot), the start is counted and
-    the watcher armed (ota_trial.py)."""
+def start(root, installed=None, guard=None, resets=3, boot=False):
+    """The guard's step, at the start of update(): returns (the version .ota-refused
+    names, or None; the header line that carries its report on every request, as
+    head() takes it, or None; the line that says the version is refused; what to
+    say once ota_update has finished the trial's end, or None). Without installed,
+    only reads .ota-refused (live mode's header). A trial pending ends here: rolled
+    back (renamed undo) if .ota-refused names it (a restore a power cut
+    interrupted), if main.py crashed, or at the start after the resets-th reset;
+    confirmed (renamed done) if guard is None. Else, at the first update() of a
+    boot (boot), the start is counted and the watcher armed (ota_trial.py)."""
     stage = root + "/.ota-new/"
-    version, report = refused(root)
-    if not _kind(stage + "trial"):
-        return version, report, None
+    trial = stage + "trial"
+    path = root + "/.ota-refused"
+    version = report = None
+    if _kind(path):
+        with open(path, "rb") as f:
+            version = _line(f)[:40]
+            report = _line(f)
+    if installed is None or not _kind(trial):
+        return _said(version, report, None)
     x = installed[:7] or "none"
     if version == installed:  # written, then the power failed: roll back again
-        os.rename(stage + "trial", stage + "undo")
-        return version, report, "ota: " + report
+        os.rename(trial, stage + "undo")
+        return _said(version, report, "ota: " + report)
     if guard is None:  # the guard is off: nothing stays aside for ever
-        os.rename(stage + "trial", stage + "done")
+        os.rename(trial, stage + "done")
         print("ota: version %s confirmed" % x)
-        return version, report, None
+        return _said(version, report, None)
     if not boot:
-        return version, report, None
+        return _said(version, report, None)
     with open(stage + "starts", "ab") as f:
         f.write(b"s")
     n = os.stat(stage + "starts")[6]
@@ -87,12 +85,27 @@ def start(root, installed, guard, resets, boot):
         import ota_trial
 
         ota_trial.arm(root, x, guard)
-        return version, report, None
+        return _said(version, report, None)
     # The restore: the refusal first (so that a power cut from here rolls back
     # again), then the undo of the switch, by ota_update, through ota_commit.
     report = ("rolled back from %s to %s: %s" % (x, _first(stage + "old")[:7] or "none", why))[:_REPORT]
-    with open(root + "/.ota-refused-new", "w") as f:
+    with open(path + "-new", "w") as f:
         f.write("%s\n%s\n" % (installed, report))
-    os.rename(root + "/.ota-refused-new", root + "/.ota-refused")
+    os.rename(path + "-new", path)
+    os.rename(trial, stage + "undo")
+    return _said(installed, report, "ota: " + report)
+
+
+def _said(version, report, said):
+    return (version, report and "X-OTA-Rolled-Back: %s\r\n" % report,
+            "ota: %s was rolled back on this board: waiting for a newer version" % (version or "")[:7], said)
+
+
+def stop(root, installed, named):
+    """Ends the trial of installed without a refusal, as another version (named) is
+    to be installed on the known-good files: renamed undo, for ota_update to finish.
+    Returns what to say then."""
+    stage = root + "/.ota-new/"
     os.rename(stage + "trial", stage + "undo")
-    return installed, report, "ota: " + report
+    return "ota: %s was not confirmed: back to %s before installing %s" % (
+        installed[:7] or "none", _first(stage + "old")[:7] or "none", named[:7])

@@ -42,12 +42,11 @@ def parse(url):
     return where, host, port, family, rest[len(where) :], tls
 
 
-def head(where, version, token, report=None):
-    """The header lines every request of this client sends (live mode's too); report:
-    the line of .ota-refused that says what was rolled back (ota_guard.refused)."""
+def head(where, version, token, extra=None):
+    """The header lines every request of this client sends (live mode's too); extra:
+    more of them, whole (the boot guard's X-OTA-Rolled-Back: ota_guard.start)."""
     return "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s%s" % (
-        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "",
-        "X-OTA-Rolled-Back: %s\r\n" % report if report else "")
+        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "", extra or "")
 
 
 def _device():
@@ -60,14 +59,14 @@ def _device():
 
 
 class Server:
-    def __init__(self, url, token, timeout, version, ca, buf, report=None):
-        # buf: the update's one buffer (ota_update.py allocates it first, whole); report: head()'s
+    def __init__(self, url, token, timeout, version, ca, buf, extra=None):
+        # buf: the update's one buffer (ota_update.py allocates it first, whole); extra: head()'s
         self.where, self.host, self.port, self.family, self.prefix, self.https = parse(url)
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
         self.mv = memoryview(buf)
-        self.head = head(self.where, version, token, report)
+        self.head = head(self.where, version, token, extra)
 
     def get(self, path, extra=""):
         # Sends a request and reads the answer's head: (status, length, target) of a

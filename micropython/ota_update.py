@@ -80,7 +80,8 @@ def _installed(root):
     return line[:40].decode() if len(line) == 41 and line[40] == 10 else ""
 
 
-def _exists(path):
+def _kind(path):
+    # True if there is something at path (named as ota_commit's: a name interned once)
     try:
         os.stat(path)
         return True
@@ -165,13 +166,13 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
         # The boot guard, before any request (so that a start counts with the server
         # down too): a version on trial counted, confirmed or rolled back; and the
         # version this board refused. ota_guard.py is loaded only while there is one.
-        refused = report = None
+        refused = extra = None
         back = 0  # changes that were rollbacks
-        if _exists(trial) or _exists(root + "/.ota-refused"):
-            refused, report, said = _call("ota_guard", "start", root, installed, guard, resets, boot)
+        if _kind(trial) or _kind(root + "/.ota-refused"):
+            refused, extra, waiting, said = _call("ota_guard", "start", root, installed, guard, resets, boot)
             _drop()
             _finish(root)  # a rollback's undo, or a confirmed version's old files deleted
-            if ota._trial and not _exists(trial):
+            if ota._trial and not _kind(trial):
                 ota._trial.stop()
             if said:  # rolled back: said once the files are back, then a reset, as after an update
                 installed = _version(root)
@@ -183,27 +184,26 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
         # The one buffer of every step, allocated while the heap is whole: the
         # network's, and the plan's table of paths FAT names otherwise.
         buf = bytearray(512)
-        server = (url, token, timeout, installed, ca, buf, report)
+        server = (url, token, timeout, installed, ca, buf, extra)
         version = None
         try:
-            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, report), since, wait)
+            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, extra), since, wait)
             ota._named = named  # live mode: what this boot tried
             if named == refused:
                 if named != since:
-                    print("ota: %s was rolled back on this board: waiting for a newer version" % named[:7])
+                    print(waiting)
             elif named != installed and named != since:
-                if _exists(trial):  # another version during a trial: first back to the known-good files
-                    os.rename(trial, root + "/.ota-new/undo")
+                if _kind(trial):  # another version during a trial: first back to the known-good files
+                    said = _call("ota_guard", "stop", root, installed, named)
                     if ota._trial:
                         ota._trial.stop()
                     _drop()
                     _finish(root)
-                    print("ota: %s was not confirmed: back to %s before installing %s" % (
-                        installed[:7], _version(root)[:7] or "none", named[:7]))
+                    print(said)
                     installed = _version(root)
                     changes += 1
                     back += 1
-                    server = (url, token, timeout, installed, ca, buf, report)
+                    server = (url, token, timeout, installed, ca, buf, extra)
                 if named != installed:
                     version = _call("ota_check", "manifest", server, named, root)
             _drop()
@@ -212,7 +212,7 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
                 _drop()
                 _call("ota_fetch", "fetch", server, root)
                 if guard is not None:  # the switch then ends in a trial (ota_commit.commit)
-                    with open(root + "/.ota-new/guard", "wb"):
+                    with open(trial[:-5] + "guard", "wb"):  # .ota-new/guard (a name interned already)
                         pass
         except BaseException as e:
             buf = server = None  # room for the cleanup
@@ -322,8 +322,8 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # server named at this boot's update (also one that failed): the long-poll
     # waits for another, so a version that cannot be installed is tried once.
     live.version = _installed(root)
-    report = _call("ota_guard", "refused", root)[1] if _exists(root + "/.ota-refused") else None
-    live.head = _call("ota_http", "head", where, live.version, token, report)
+    extra = _call("ota_guard", "start", root)[1] if _kind(root + "/.ota-refused") else ""
+    live.head = _call("ota_http", "head", where, live.version, token, extra)
     live.guard = guard  # what restart() installs with
     # update()'s first three, once the app has stopped (restart: the url where the
     # server is now); where to look for it after 15 s without it, and what to ask the
