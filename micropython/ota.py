@@ -147,8 +147,8 @@ class _Live(IOBase):
     than the one installed (which the app runs) and the one the server named when
     nothing could be installed is confirmed with a plain GET /files/version (what
     update() reads), then the app is stopped (Ctrl-C through the console stream),
-    and ota_update installs it while the REPL idles and restarts main.py (ota_update.restart).
-    Its state is set by ota_update.live, once (see there).
+    and ota_update installs it while the REPL idles and restarts main.py (ota_live.restart).
+    Its state is set by ota_live.live, once (see there).
     """
 
     # Set only once the app is being stopped, or input comes: until then the instance
@@ -400,7 +400,7 @@ class _Live(IOBase):
                 fails = min(fails + 1, 5)  # 5: 15 s of failures
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
-        # restarts main.py (ota_update.restart).
+        # restarts main.py (ota_live.restart).
         import os
 
         began = ticks_ms()

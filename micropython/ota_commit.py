@@ -72,10 +72,18 @@ def _clean(path):
     # download order, so no listing is held; the last goes first, so that a power
     # cut leaves them numbered from 0 still. A trial's files (trial, the old files
     # aside, starts, crash) are not among these: the stage is not removed then.
+    # One at a time, no list of their names: a rollback puts back a whole version's
+    # files here (ota_guard.py), in a heap as small as the update's.
     i = 0
     while _kind(path + str(i)):
         i += 1
-    for name in [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state", "guard"]:
+    while i:
+        i -= 1
+        try:
+            os.remove(path + str(i))
+        except OSError:
+            pass  # a folder in the way: left, as the stage is
+    for name in ("plan", "state", "guard"):
         try:
             os.remove(path + name)
         except OSError:

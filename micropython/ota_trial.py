@@ -21,7 +21,7 @@ _HEAD = b"Traceback (most recent call last):"
 
 
 class Watcher(IOBase):
-    timer = None  # its own machine.Timer; None once live mode owns the tick
+    timer = None  # its own machine.Timer; None once live mode ticks it (ota._Live.tick)
     prior = None  # what had os.dupterm slot 0 (WebREPL), given back at the end
     line = b""  # the start of the line being written in a traceback, at most 200 bytes
     error = None  # None: no traceback; b"": in one; then the line that names its exception
@@ -70,6 +70,10 @@ class Watcher(IOBase):
         """Acts on what write() noted, or on the time; returns at once, never raises."""
         if ota._trial is not self:
             return
+        if ota._live and timer:  # live mode armed: from now its timer and stream tick and feed this one
+            self.stop(False)
+            ota._trial = self
+            return
         try:
             error = self.error
             if self.prompt:
@@ -98,14 +102,26 @@ class Watcher(IOBase):
             return  # ended already
         print("ota: version %s confirmed" % self.version)
 
-    def stop(self):
-        """Disarm: the timer off, the console slot given back, this module dropped."""
+    def stop(self, drop=True):
+        """Disarm: the timer off, the console slot given back (unless live mode
+        took it), this module dropped."""
         if self.timer:
             self.timer.deinit()
             self.timer = None
-            os.dupterm(self.prior, 0)
+            if not ota._live:
+                os.dupterm(self.prior, 0)
         ota._trial = None
+        if not drop:
+            return
         sys.modules.pop("ota_trial", None)
+        # The scheduler's queue (8 slots, py/scheduler.c) keeps the callbacks it ran,
+        # the timer's and the prompt's (self.tick): a slot this one holds would keep
+        # the watcher, and this module, in memory for good. Refilled with a builtin.
+        try:
+            for _ in range(8):
+                schedule(id, None)
+        except Exception:  # full: those pending refill the slots
+            pass
 
 
 def arm(root, version, guard):
@@ -117,7 +133,7 @@ def arm(root, version, guard):
         return w  # CPython and the unix port: tests call write() and tick()
     if hasattr(os, "dupterm"):
         w.prior = os.dupterm(w, 0)  # ESP8266: slot 0, as slot 1 is the UART (and live mode's)
-        # -1: a virtual timer on ESP8266 and RP2040, and ESP32 since 1.21 (ota_update.live)
+        # -1: a virtual timer on ESP8266 and RP2040, and ESP32 since 1.21 (ota_live.live)
         w.timer = Timer(-1)
         w.timer.init(period=1000, mode=Timer.PERIODIC, callback=w.tick)
     return w

