@@ -20,7 +20,7 @@ _INPUT = const(64)  # bytes of an input answer live mode takes (in=): its checks
 def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
          resets=3):
     # ota.live(): update() first if it has not run since boot, then the state of
-    # ota._Live, the console stream and the Timer.
+    # ota._Live; ota_update.live arms it.
     if ota._live:
         ota._live.stop()
     root = root.rstrip("/")
@@ -65,23 +65,12 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # through it.
     live.buf = bytearray(_CONSOLE if console else 0)
     live.n = live.dropped = live.sending = 0  # key and prompt: ota._Live's, until the app is stopped
-    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
-        os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
     live.checks = live._checks(0)
     live.posts = live._posts() if console else None
     live.timer = None
     ota._live = live
     _drop()
-    print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
-    try:
-        from machine import Timer
-    except ImportError:
-        return live  # CPython and the unix port: tests call tick()
-    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
-    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
-    live.timer = Timer(-1)
-    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
-    return live
+    return live  # armed by ota_update.live: the console stream and the Timer
 
 
 def restart(live):

@@ -283,9 +283,24 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
 # -- Live mode: in ota_live.py ----------------------------------------------------------
 
 
-def live(*args, **kw):
-    # ota.live(): ota_live.py's, loaded for it.
-    return _live("live", args, kw)
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
+         resets=3):
+    # ota.live(): the state of ota._Live, set by ota_live.py (loaded for it), then
+    # armed here: the console stream and the Timer. (Here, as its arguments, so that
+    # their names are interned with this module, as before, not beside the app.)
+    live = _live("live", (url, root, token, console, wait, timeout, period, find, guard, resets), {})
+    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
+        os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
+    print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
+    try:
+        from machine import Timer
+    except ImportError:
+        return live  # CPython and the unix port: tests call tick()
+    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
+    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
+    live.timer = Timer(-1)
+    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
+    return live
 
 
 def restart(live):
@@ -301,4 +316,6 @@ def _live(name, args, kw):
 
         return getattr(ota_live, name)(*args, **kw)
     finally:
-        sys.modules.pop("ota_live", None)
+        part = sys.modules.pop("ota_live", None)
+        if part:
+            part.__dict__.clear()  # as _drop() does: a stale pointer to it then keeps no more
