@@ -119,6 +119,10 @@ def watch(*args, **kw):
     return _run("watch", args, kw)
 
 
+# The boot guard's one call here: the rest is in ota_guard.py (at the start) and in
+# ota_trial.py (the watcher, resident only while a version is on trial).
+
+
 def confirm():
     """Keep the version on trial for good, now: a rename (nothing if none is)."""
     if _trial:

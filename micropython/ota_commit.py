@@ -70,10 +70,10 @@ sync = getattr(os, "sync", lambda: None)  # on boards; not on the unix port
 def _clean(path):
     # Empties and removes the stage, path. Staged files are numbered from 0 in
     # download order, so no listing is held; the last goes first, so that a power
-    # cut leaves them numbered from 0 still. A trial's files (trial, the old files
-    # aside, starts, crash) are not among these: the stage is not removed then.
-    # One at a time, no list of their names: a rollback puts back a whole version's
-    # files here (ota_guard.py), in a heap as small as the update's.
+    # cut leaves them numbered from 0 still; one at a time, with no list of their
+    # names: a rollback puts a whole version's files back here, in a heap as small
+    # as the update's. A trial's files (trial, the old files aside, starts, crash)
+    # are not among these: the stage is not removed then.
     i = 0
     while _kind(path + str(i)):
         i += 1
@@ -134,8 +134,8 @@ def commit(root, plan=False):
     With plan, the update staged (.ota-new/plan and its files) is committed first.
     A switch staged with .ota-new/guard (update(guard=...)) ends as .ota-new/trial,
     its old files kept aside until the version is confirmed (ota_guard.py), instead
-    of done, which deletes them. Returns True if it rolled a journal forward, the error that made one roll
-    back, or None."""
+    of done, which deletes them. Returns True if it rolled a journal forward, the
+    error that made one roll back, or None."""
     stage = root + "/.ota-new/"
     journal = root + "/.ota-journal"
     trial = root + "/.ota-new/trial"  # not stage + "trial": a name interned for good (micropython/README.md)

@@ -10,7 +10,8 @@
 #   ota_fetch.py  the downloads, checked as they stream
 #   ota_http.py   the HTTP client of the two above (ota_tls.py for https)
 #   ota_guard.py  the boot guard's step, only while a version is on trial or refused
-# and, for ota.live() and live mode's restart, ota_live.py. The steps: finish what an earlier call left; the version; the manifest, saved as
+# and, for ota.live() and live mode's restart, ota_live.py. The steps: finish
+# what an earlier call left; the boot guard's step; the version; the manifest, saved as
 # .ota-new/state; the plan, .ota-new/plan; the changed files, to .ota-new/0, 1,
 # ...; then the switch through the journal, .ota-journal, which can be rolled
 # forward after a power cut, or back if a step fails. A failure before the switch
