@@ -2397,7 +2397,8 @@ class _Board:
     """What the server knows of one board."""
 
     __slots__ = ("device", "address", "version", "last_seen", "fetched", "error", "error_time", "traceback",
-                 "lines", "partial", "cut", "dropped", "ring", "input", "holds", "listened", "drop_timer", "entered")
+                 "lines", "partial", "cut", "dropped", "ring", "input", "holds", "listened", "drop_timer", "entered",
+                 "rolled_back")
 
     def __init__(self, device, lines, ring):
         self.device = device
@@ -2418,6 +2419,7 @@ class _Board:
         self.listened = 0.0  # when its last live long-poll ended
         self.drop_timer = None  # a threading.Timer to drop its input, once due
         self.entered = 0.0  # time.monotonic() an Enter was handed over, until a prompt comes back
+        self.rolled_back = None  # its boot guard's report (X-OTA-Rolled-Back), escaped, while it sends one
 
     def listening(self, now, grace):
         return bool(self.holds) or now - self.listened <= grace
@@ -2442,9 +2444,13 @@ class Boards:
     a log line. console_bytes() reads (and waits for) the console's raw bytes.
 
     Any thread may call every method; those that change it take its lock.
+    A board whose boot guard rolled a version back says so on every request
+    (X-OTA-Rolled-Back: "rolled back from <x7> to <y7>: <reason>") until it
+    installs another version: kept per board, logged once.
+
     Tunables, class attributes set on an instance: limit, CONSOLE_LINES,
     CONSOLE_LINE, CONSOLE_BYTES, MAX_DEVICE_ID, SILENT_AFTER, UPDATING_FOR,
-    PAGE_LINES, PAGE_FILES, INPUT_QUEUE, INPUT_PACE, LISTEN_FOR.
+    PAGE_LINES, PAGE_FILES, INPUT_QUEUE, INPUT_PACE, LISTEN_FOR, MAX_REPORT.
     """
 
     #: Boards remembered; the least recently seen is forgotten first.
@@ -2457,6 +2463,8 @@ class Boards:
     CONSOLE_BYTES = 16 * 1024
     #: Characters of X-OTA-Device and X-OTA-Version kept.
     MAX_DEVICE_ID = 64
+    #: Characters of X-OTA-Rolled-Back kept (a board sends at most 200 bytes).
+    MAX_REPORT = 200
     #: Seconds without a request before a board is shown silent: past the longest long-poll.
     SILENT_AFTER = 90.0
     #: Seconds a board is shown updating after it fetched a manifest or a file of the version.
@@ -2539,11 +2547,22 @@ class Boards:
                            0.0 if b.holds else b.listened + self.LISTEN_FOR) if t > now]
         return min(turns) if turns else None
 
-    def seen(self, device, address, version, fetch=False):
+    def seen(self, device, address, version, fetch=False, rolled_back=False):
         """Record a request from device at address, running version; fetch: for a
-        manifest or a file."""
+        manifest or a file; rolled_back: its X-OTA-Rolled-Back header, None if it
+        sent none (False: not known from this request)."""
         with self._lock:
-            self._seen(device, address, version, fetch)
+            board = self._seen(device, address, version, fetch)
+            if rolled_back is False:
+                return
+            if rolled_back is not None:
+                rolled_back = printable(rolled_back[:self.MAX_REPORT])
+            if rolled_back == board.rolled_back:
+                return
+            board.rolled_back = rolled_back
+            self._bump()
+        if rolled_back is not None:
+            log.info("[%s] %s", board.device[:12], rolled_back)
 
     def _seen(self, device, address, version, fetch=False):
         device = printable(device[:self.MAX_DEVICE_ID])
@@ -2636,7 +2655,7 @@ class Boards:
         last_seen, fetched, error_time (seconds since the epoch), error, dropped
         (bytes in all), the last `lines` lines (all that are kept if None), partial
         (the line started, escaped), listening, queued and input_dropped (bytes of
-        input waiting, and dropped in all)."""
+        input waiting, and dropped in all), rolled_back (its boot guard's report, or None)."""
         if lines is None:
             lines = self.CONSOLE_LINES
         now = time.time()
@@ -2646,7 +2665,7 @@ class Boards:
                  "last_seen": b.last_seen, "fetched": b.fetched, "error": b.error, "error_time": b.error_time,
                  "dropped": b.dropped, "lines": list(b.lines)[-lines:] if lines else [],
                  "partial": _partial_line(b.partial), "listening": b.listening(now, self.LISTEN_FOR),
-                 "queued": b.input.size, "input_dropped": b.input.dropped}
+                 "queued": b.input.size, "input_dropped": b.input.dropped, "rolled_back": b.rolled_back}
                 for b in reversed(self._boards.values())
             ]
 
@@ -3209,7 +3228,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._console(device or "unknown")  # it records the board with what it printed
             if device:
                 fetch = route.startswith("/files") and route != "/files/version"
-                self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch)
+                self.server.boards.seen(device, self.client_address[0], self.headers.get("X-OTA-Version"), fetch,
+                                        self.headers.get("X-OTA-Rolled-Back"))
         if handler == "_login":
             return self._login()  # the page's form brings the token, in its body
         if handler == "_board_input":
@@ -3939,7 +3959,7 @@ def status(published, boards, lines=None, input_from="loopback"):
             "last_seen": round(b["last_seen"], 3), "silent": now - b["last_seen"] > boards.SILENT_AFTER,
             "error": None if b["error"] is None else {"text": b["error"], "time": round(b["error_time"], 3)},
             "dropped": b["dropped"], "lines": b["lines"], "partial": b["partial"], "listening": b["listening"],
-            "input": {"queued": b["queued"], "dropped": b["input_dropped"]},
+            "input": {"queued": b["queued"], "dropped": b["input_dropped"]}, "rolled_back": b["rolled_back"],
         })
     return {
         "state": state,
@@ -5623,6 +5643,7 @@ function renderBoards(d) {
       err.append(b.error.text + " (", when(b.error.time), ")");
       fact(dl, "last error", err);
     }
+    if (b.rolled_back) fact(dl, "boot guard", el("span", "error", b.rolled_back));
     if (b.dropped) fact(dl, "dropped", b.dropped + " bytes of console output");
     if (b.input.dropped) fact(dl, "input dropped", b.input.dropped + " bytes: it did not listen");
     card.appendChild(dl);

@@ -68,6 +68,7 @@ def reset():
 # if it has not run, and waits for a version other than the one it named.
 _named = False
 _live = None  # live mode's state, once armed
+_trial = None  # the watcher of a version on trial (ota_trial.py), while it is armed
 
 
 def _run(name, args, kw):
@@ -104,7 +105,7 @@ def _scrub(n):
 def update(*args, **kw):
     """Install the files that changed on the server; True if any did."""
     global _named
-    _named = None
+    kw["boot"], _named = _named is False, None  # the first since the start counts a trial's start
     return _run("update", args, kw)
 
 
@@ -116,6 +117,16 @@ def recover(*args, **kw):
 def watch(*args, **kw):
     """Update on every new version the server publishes, forever (for development)."""
     return _run("watch", args, kw)
+
+
+# The boot guard's one call here: the rest is in ota_guard.py (at the start) and in
+# ota_trial.py (the watcher, resident only while a version is on trial).
+
+
+def confirm():
+    """Keep the version on trial for good, now: a rename (nothing if none is)."""
+    if _trial:
+        _trial.confirm()
 
 
 def live(*args, **kw):
@@ -140,8 +151,8 @@ class _Live(IOBase):
     than the one installed (which the app runs) and the one the server named when
     nothing could be installed is confirmed with a plain GET /files/version (what
     update() reads), then the app is stopped (Ctrl-C through the console stream),
-    and ota_update installs it while the REPL idles and restarts main.py (ota_update.restart).
-    Its state is set by ota_update.live, once (see there).
+    and ota_update installs it while the REPL idles and restarts main.py (ota_live.restart).
+    Its state is set by ota_live.live, once (see there).
     """
 
     # Set only once the app is being stopped, or input comes: until then the instance
@@ -159,6 +170,8 @@ class _Live(IOBase):
         # not being sent. It never waits and never raises: os.dupterm drops for good a
         # stream whose write() raises (extmod/os_dupterm.c), MemoryError included, and
         # a KeyboardInterrupt that lands here (checks press Ctrl-C until it stops the app).
+        if _trial:  # a version on trial: its watcher notes it too, and never raises
+            _trial.write(data)
         n = len(data)
         buf = self.buf
         held = self.n
@@ -222,6 +235,8 @@ class _Live(IOBase):
 
     def tick(self, timer=None):
         """One step of each task: returns at once, never raises."""
+        if _trial:  # it never raises either
+            _trial.tick()
         try:
             if self.checks is False:
                 self.checks = self._checks(1000)
@@ -389,7 +404,7 @@ class _Live(IOBase):
                 fails = min(fails + 1, 5)  # 5: 15 s of failures
         # Stop the app as a remote REPL does: Ctrl-C through the console stream. Once
         # the REPL shows its prompt, or after 3 s, ota_update installs the version and
-        # restarts main.py (ota_update.restart).
+        # restarts main.py (ota_live.restart).
         import os
 
         began = ticks_ms()

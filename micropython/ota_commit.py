@@ -70,11 +70,20 @@ sync = getattr(os, "sync", lambda: None)  # on boards; not on the unix port
 def _clean(path):
     # Empties and removes the stage, path. Staged files are numbered from 0 in
     # download order, so no listing is held; the last goes first, so that a power
-    # cut leaves them numbered from 0 still.
+    # cut leaves them numbered from 0 still; one at a time, with no list of their
+    # names: a rollback puts a whole version's files back here, in a heap as small
+    # as the update's. A trial's files (trial, the old files aside, starts, crash)
+    # are not among these: the stage is not removed then.
     i = 0
     while _kind(path + str(i)):
         i += 1
-    for name in [str(n) for n in range(i - 1, -1, -1)] + ["plan", "state"]:
+    while i:
+        i -= 1
+        try:
+            os.remove(path + str(i))
+        except OSError:
+            pass  # a folder in the way: left, as the stage is
+    for name in ("plan", "state", "guard"):
         try:
             os.remove(path + name)
         except OSError:
@@ -123,10 +132,13 @@ def commit(root, plan=False):
     """Roll the journal forward; if a step fails (a folder in the way, a full file
     system), roll it back: the board gets all the new files or all the old ones.
     With plan, the update staged (.ota-new/plan and its files) is committed first.
-    Returns True if it rolled a journal forward, the error that made one roll
-    back, or None."""
+    A switch staged with .ota-new/guard (update(guard=...)) ends as .ota-new/trial,
+    its old files kept aside until the version is confirmed (ota_guard.py), instead
+    of done, which deletes them. Returns True if it rolled a journal forward, the
+    error that made one roll back, or None."""
     stage = root + "/.ota-new/"
     journal = root + "/.ota-journal"
+    trial = root + "/.ota-new/trial"  # not stage + "trial": a name interned for good (micropython/README.md)
     undo = stage + "undo"
     done = stage + "done"
     if plan and _kind(stage + "plan"):
@@ -154,8 +166,10 @@ def commit(root, plan=False):
                     if new:
                         _mkdirs(root, path)
                         os.rename(new, dst)
+            if _kind(root + "/.ota-refused"):
+                os.remove(root + "/.ota-refused")  # another version is installed: refused no more
             sync()
-            os.rename(journal, done)
+            os.rename(journal, trial if _kind(stage + "guard") else done)
             why = True
         except OSError as e:
             why = e
@@ -181,5 +195,9 @@ def commit(root, plan=False):
                 _prune(root, path)
         sync()
         os.remove(done)
+    if not _kind(trial):  # what the boot guard noted of a trial (ota_guard.py), once it is over
+        for name in "starts crash".split():  # one name to intern, not two (micropython/README.md: names matter)
+            if _kind(stage + name):
+                os.remove(stage + name)
     _clean(stage)
     return why

@@ -72,7 +72,7 @@ def wait(token, to):
 
 
 def look(live):
-    """Live mode's look (ota._Live, its state as ota_update.live sets it): back to the
+    """Live mode's look (ota._Live, its state as ota_live.live sets it): back to the
     url it was given if it asks elsewhere (tried at the next retry); else on to the
     url of a server that answers ask(), without the given url's path: True then, as
     that one is tried at once."""

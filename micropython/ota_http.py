@@ -42,10 +42,11 @@ def parse(url):
     return where, host, port, family, rest[len(where) :], tls
 
 
-def head(where, version, token):
-    """The header lines every request of this client sends (live mode's too)."""
-    return "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s" % (
-        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "")
+def head(where, version, token, extra=None):
+    """The header lines every request of this client sends (live mode's too); extra:
+    more of them, whole (the boot guard's X-OTA-Rolled-Back: ota_guard.start)."""
+    return "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s%s" % (
+        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "", extra or "")
 
 
 def _device():
@@ -58,14 +59,14 @@ def _device():
 
 
 class Server:
-    def __init__(self, url, token, timeout, version, ca, buf):
-        # buf: the update's one buffer (ota_update.py allocates it first, whole)
+    def __init__(self, url, token, timeout, version, ca, buf, extra=None):
+        # buf: the update's one buffer (ota_update.py allocates it first, whole); extra: head()'s
         self.where, self.host, self.port, self.family, self.prefix, self.https = parse(url)
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
         self.mv = memoryview(buf)
-        self.head = head(self.where, version, token)
+        self.head = head(self.where, version, token, extra)
 
     def get(self, path, extra=""):
         # Sends a request and reads the answer's head: (status, length, target) of a

@@ -9,7 +9,9 @@
 #   ota_check.py  the version the server names; its manifest, saved
 #   ota_fetch.py  the downloads, checked as they stream
 #   ota_http.py   the HTTP client of the two above (ota_tls.py for https)
-# The steps: finish what an earlier call left; the version; the manifest, saved as
+#   ota_guard.py  the boot guard's step, only while a version is on trial or refused
+# and, for ota.live() and live mode's restart, ota_live.py. The steps: finish
+# what an earlier call left; the boot guard's step; the version; the manifest, saved as
 # .ota-new/state; the plan, .ota-new/plan; the changed files, to .ota-new/0, 1,
 # ...; then the switch through the journal, .ota-journal, which can be rolled
 # forward after a power cut, or back if a step fails. A failure before the switch
@@ -20,20 +22,16 @@
 import binascii
 import gc
 import os
-import socket
 import sys
 import time
 
 import ota
-from ota import OTAError, const, ticks_diff, ticks_ms
+from ota import OTAError, ticks_diff, ticks_ms
 from ota import reset as _reset  # reset is also update()'s argument
 
 # What the parts take from here (the rest comes from ota): STATE (ota_plan.py and
 # ota_commit.py) and hex40() (ota_check.py and ota_plan.py).
 STATE = ".ota"  # under the device root: the version installed, and every file this client put there
-_CONSOLE = const(512)  # bytes of console output live mode holds for the server
-_SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
-_INPUT = const(64)  # bytes of an input answer live mode takes (in=): its checks' buffer (ota._Live._checks)
 _FIND = ("255.255.255.255", 9090)  # where live mode and watch() ask for a server that moved (ota_find.py)
 _mine = []  # the parts this call imported, to drop (a test imports them first, to patch them)
 
@@ -43,7 +41,7 @@ def _call(module, name, *args):
     # that use it). The caller drops them (_drop) once this frame is gone: a stale
     # slot of a frame still running (a method's self, say) would keep a part's
     # functions, and so all of it, in memory. So a part takes and returns plain values.
-    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find"):
+    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find", "ota_guard"):
         if p not in sys.modules and p not in _mine:
             _mine.append(p)
     return getattr(__import__(module), name)(*args)
@@ -80,6 +78,30 @@ def _installed(root):
     except ValueError:
         return ""
     return line[:40].decode() if len(line) > 40 and (line[40] == 10 or line[40] == 32) and line[-1] == 10 else ""
+
+
+def _kind(path):
+    # True if there is something at path (named as ota_commit's: a name interned once)
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def _back(root, said, reset=False):
+    # The end of a trial ota_guard.py began (renamed done, or undo): ota_commit, as
+    # for any update, deletes the old files, or puts them back (a power cut at any
+    # step: the next call goes on); said, once they are back; then the reset, as
+    # after an update, before any request (the files put back may be ota*.py, or
+    # modules boot.py imported).
+    _drop()
+    _finish(root)
+    _drop()
+    if said:
+        print(said)
+        if reset:
+            _reset()
 
 
 def hex40(value):
@@ -127,44 +149,72 @@ def recover(root="/"):
         _drop()
 
 
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None):
+def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None, guard=None, resets=3,
+           boot=False):
     """Install the files that changed on the server; True if any did.
 
     Resets the board after a change when reset is true. Deletes files the server
     no longer has only if this client installed them (and delete is true).
     Raises OTAError, with the board's files as they were, if anything fails.
+    guard: None (off), or the seconds a version this call installs is on trial
+    (micropython/README.md, "The boot guard"); resets: the resets it is given
+    before it is rolled back. boot: the first call since the board started
+    (ota.update says), which counts a start of the version on trial.
     """
-    return _update(url, root, token, reset, delete, timeout, ca)[1] > 0
+    return _update(url, root, token, reset, delete, timeout, ca, None, 0, guard, resets, boot)[1] > 0
 
 
-def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
+def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, guard=None, resets=3, boot=False):
     # update(), returning (the version the server named, the changes installed).
     # Nothing is written when the server names, or its manifest lists, the
     # installed version (a site whose export was killed may name an older one).
     # With since, the version request is a long-poll of up to wait seconds, and
     # nothing is installed unless the server names another version (watch()).
     root = root.rstrip("/")
+    trial = root + "/.ota-new/trial"
     try:
         # A commit an earlier call left (a power cut, no memory to finish) counts as
         # a change: the app that runs still has the old files, and must restart.
         changes = 1 if _finish(root) is True else 0
         _drop()
         installed = _version(root)  # "" if damaged: as if there were no .ota (ota_plan.py says it)
+        # The boot guard, before any request (so that a start counts with the server
+        # down too): a version on trial counted, confirmed or rolled back; and the
+        # version this board refused. ota_guard.py is loaded only while there is one.
+        refused = extra = said = None
+        if _kind(trial) or _kind(root + "/.ota-refused"):
+            refused, extra, waiting, said = _call("ota_guard", "start", root, installed, guard, resets, boot)
+            _back(root, said, reset)  # the trial's end: its old files deleted, or put back
+            if said:  # rolled back (and reset): the change of this call; the next one asks the server
+                return None, changes + 1
+            installed = _version(root)
         # The one buffer of every step, allocated while the heap is whole: the
         # network's, and the plan's table of paths FAT names otherwise.
         buf = bytearray(512)
-        server = (url, token, timeout, installed, ca, buf)
-        version = None
+        server = version = None
         try:
-            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf), since, wait)
+            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, extra), since, wait)
             ota._named = named  # live mode: what this boot tried
-            if named != installed and named != since:
-                version = _call("ota_check", "manifest", server, named, root)
+            if named == refused:
+                if named != since:
+                    print(waiting)
+            elif named != installed and named != since:
+                if _kind(trial):  # another version during a trial: first back to the known-good files
+                    _drop()
+                    said = _call("ota_guard", "stop", root, installed, named)
+                    _back(root, said)
+                    installed = _version(root)
+                server = (url, token, timeout, installed, ca, buf, extra)
+                if named != installed:
+                    version = _call("ota_check", "manifest", server, named, root)
             _drop()
             if version:
                 changes += _call("ota_plan", "plan", root, installed, delete, buf)
                 _drop()
                 _call("ota_fetch", "fetch", server, root)
+                if guard is not None:  # the switch then ends in a trial (ota_commit.commit)
+                    with open(trial[:-5] + "guard", "wb"):  # .ota-new/guard (a name interned already)
+                        pass
         except BaseException as e:
             buf = server = None  # room for the cleanup
             _drop()
@@ -188,9 +238,9 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0):
                     (version or installed)[:7], changes, "" if changes == 1 else "s"))
             except Exception:
                 pass
-            if reset:
-                _reset()
-        return named, changes
+        if reset and changes + (said is not None):
+            _reset()
+        return named, changes + (said is not None)
     finally:
         _drop()
 
@@ -233,63 +283,17 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
             time.sleep(1)  # answered at once (a static host, a server ignoring wait): never hammer it
 
 
-# -- Live mode: arming it, and installing once the app has stopped -------------------
-#
-# Run once each, so kept out of ota.py, which stays in memory beside the app.
+# -- Live mode: in ota_live.py ----------------------------------------------------------
 
 
-def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND):
-    # ota.live(): update() first if it has not run since boot, then the state of
-    # ota._Live, the console stream and the Timer.
-    if ota._live:
-        ota._live.stop()
-    root = root.rstrip("/")
-    if ota._named is False:  # update() has not run since boot
-        try:
-            ota.update(url, root, token, timeout=timeout)
-        except OTAError as e:
-            print("ota: no update: %s" % e)
-    where, host, port, family, prefix, tls = _call("ota_http", "parse", url)
-    if tls:
-        raise OTAError("live mode speaks http:// only, for the bench: give the server's http:// url")
-    live = ota._Live()
-    # The requests: the long-poll, the plain version check, the console's post; a
-    # long-poll is given up (a half-open connection) 3 s after its wait
-    wait = max(int(wait), 1)
-    # The version requests in HTTP/1.0 (their connection is not kept; an answer to
-    # 1.1 could come chunked), the posts in 1.1, kept alive.
-    live.lines = ("GET %s/files/version?wait=%d&in=%d HTTP/1.0" % (prefix, wait, _INPUT),
-                  "GET %s/files/version HTTP/1.0" % prefix, "POST %s/console HTTP/1.1" % prefix)
-    live.held = wait * 1000 + _SLACK
-    live.ms = int(timeout * 1000)
-    live.host = host, port, family  # what getaddrinfo takes
-    try:  # a name is looked up here, where waiting is free; else at a tick (micropython/README.md)
-        live.address = socket.getaddrinfo(host, port, family)[0][-1]
-    except Exception:
-        live.address = None
-    # version: what the board has installed, and the app runs; named: what the
-    # server named at this boot's update (also one that failed): the long-poll
-    # waits for another, so a version that cannot be installed is tried once.
-    live.version = _installed(root)
-    live.head = _call("ota_http", "head", where, live.version, token)
-    # update()'s first three, once the app has stopped (restart: the url where the
-    # server is now); where to look for it after 15 s without it, and what to ask the
-    # one given (ota_find.look): one tuple, as each name live mode holds costs a
-    # slot of its table (ota._Live)
-    live.args = url, root, token, find, (live.host, live.lines, live.head, url)
-    live.named = ota._named or live.version
-    # The console: what the REPL prints, held for the server (the oldest is dropped
-    # and counted). Attached even without console: the restart presses its keys
-    # through it.
-    live.buf = bytearray(_CONSOLE if console else 0)
-    live.n = live.dropped = live.sending = 0  # key and prompt: ota._Live's, until the app is stopped
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
+         resets=3):
+    # ota.live(): the state of ota._Live, set by ota_live.py (loaded for it), then
+    # armed here: the console stream and the Timer. (Here, as its arguments, so that
+    # their names are interned with this module, as before, not beside the app.)
+    live = _live("live", (url, root, token, console, wait, timeout, period, find, guard, resets), {})
     if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
         os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
-    live.checks = live._checks(0)
-    live.posts = live._posts() if console else None
-    live.timer = None
-    ota._live = live
-    _drop()
     print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
     try:
         from machine import Timer
@@ -303,39 +307,18 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
 
 
 def restart(live):
-    # The app has stopped (live mode pressed Ctrl-C, and the REPL shows its prompt):
-    # install the version, waiting on the network as an update does, as nothing
-    # runs; let the console send what that printed; then Ctrl-D, a soft reset that
-    # runs boot.py and the new main.py. If the update fails here (no room beside
-    # what the app left in memory, the server), the restart still comes, and
-    # boot.py's update() installs it in a fresh heap before main.py. An app that
-    # did not stop, or a port that cannot be handed keys: machine.reset().
-    c = live  # the console stream
-    if c.prompt != 1:  # not at the >>> prompt, its line empty
-        print("ota: the app did not stop: resetting the board, boot.py installs the update")
-        live.stop()
-        return _reset()
+    # Installs once live mode has stopped the app (ota._Live): ota_live.py's, loaded for it.
+    return _live("restart", (live,), {})
+
+
+def _live(name, args, kw):
+    # ota_live's function of that name, the module dropped after: an update's steps
+    # never hold its code (micropython/README.md: the 20 KB heap).
     try:
-        update(*live.args[:3], reset=False, timeout=live.ms / 1000)
-    except Exception as e:
-        try:
-            print("ota: %s; restarting: boot.py installs it" % (
-                "not enough memory beside the app" if isinstance(e, MemoryError) or "memory" in str(e) else e))
-        except MemoryError:
-            pass
-    if live.posts:  # a post begun afresh, whatever the last one met
-        live.posts.close()
-        live.posts = live._posts()
-    began = ticks_ms()
-    while live.posts and c.n and ticks_diff(ticks_ms(), began) < 1000:
-        try:
-            next(live.posts)
-        except Exception:
-            break
-        time.sleep(0.01)
-    live.stop()
-    notify = getattr(os, "dupterm_notify", None)
-    if not notify:
-        return _reset()
-    c.key = 4
-    notify(None)
+        import ota_live
+
+        return getattr(ota_live, name)(*args, **kw)
+    finally:
+        part = sys.modules.pop("ota_live", None)
+        if part:
+            part.__dict__.clear()  # as _drop() does: a stale pointer to it then keeps no more

@@ -43,12 +43,14 @@ def own_cache_folder(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_boot():
     """Each test starts as a board does after a reset: no update() has run since boot
-    (ota.live() then runs one first), and no live mode is armed."""
+    (ota.live() then runs one first), and no live mode or trial's watcher is armed."""
     ota._named = False
     yield
     if ota._live:
         ota._live.stop()
         ota._live = None
+    if ota._trial:
+        ota._trial.stop()
 
 
 @pytest.fixture

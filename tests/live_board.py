@@ -12,7 +12,8 @@ to the REPL), the REPL (shared/runtime/pyexec.c): the friendly one runs a line
 ending in Enter in __main__'s globals and prints its value, Ctrl-C starts a new
 line, Ctrl-D at an empty line soft-resets (boot.py and main.py again); Ctrl-A
 enters the raw REPL (code, then Ctrl-D, runs it: OK, its output, \x04, the
-exception's text, \x04, >), Ctrl-B leaves it; and machine.reset (a hard reset).
+exception's text, \x04, >), Ctrl-B leaves it; and machine.reset (a hard reset),
+machine.WDT (a hard reset when not fed in time; several Timers may be armed).
 A soft reset with the timer still armed is reported as an error: a real ESP8266
 would crash.
 
@@ -36,6 +37,7 @@ prints, stdout gets these marks:
   @main N MS      main.py starts, MS after this program started
   @ticks N MS     N timer callbacks so far, the slowest MS long (every 10, at prompts and boots)
   @heap N         bytes of heap free when boot.py starts (MicroPython)
+  @wdt            the watchdog was not fed in time: a hard reset follows
 """
 
 import builtins
@@ -70,9 +72,8 @@ class HardReset(BaseException):
 
 
 class Board:
-    timer = None  # the armed callback
-    period = 100
-    due = 0
+    timers = []  # the Timers armed, each with its callback, period and when it is due
+    wdt = None  # [timeout, when it bites] of the watchdog once started (machine.WDT): only a hard reset stops it
     stream = None
     interrupt = False
     busy = False  # a callback runs: the scheduler is locked
@@ -104,6 +105,8 @@ def scheduled():
         function, arg = Board.pending.pop(0)
         try:
             function(arg)
+        except HardReset:
+            raise  # machine.reset() does not return on a board
         except BaseException as e:
             out(traceback_text(e))
 
@@ -115,24 +118,31 @@ def schedule(function, arg):
 
 
 def fire():
-    """The scheduler runs the callbacks scheduled, and the timer's if it is due; then a pending Ctrl-C."""
+    """The watchdog bites if it was not fed in time; the scheduler runs the callbacks
+    scheduled, and each timer's that is due; then a pending Ctrl-C."""
+    if Board.wdt and ticks_diff(ticks_ms(), Board.wdt[1]) >= 0:
+        Board.wdt = None
+        uart("@wdt")
+        raise HardReset
     if Board.busy:
         return
-    due = Board.timer is not None and ticks_diff(ticks_ms(), Board.due) >= 0
+    due = [t for t in Board.timers if ticks_diff(ticks_ms(), t.due) >= 0]
     if due and ticks_diff(ticks_ms(), START) > seconds * 1000:
         raise SystemExit(0)
     Board.busy = True  # the scheduler is locked while a callback runs
     try:
         scheduled()
-        if due:
+        for timer in due:
+            if timer not in Board.timers:
+                continue  # disarmed by a callback before it
             began = ticks_ms()
             try:
-                Board.timer(None)
+                timer.callback(timer)
             finally:
                 took = ticks_diff(ticks_ms(), began)
                 Board.ticks += 1
                 Board.slowest = max(Board.slowest, took)
-                Board.due = ticks_ms() + Board.period
+                timer.due = ticks_ms() + timer.period
                 if Board.ticks % 10 == 0:
                     uart("@ticks %d %d" % (Board.ticks, Board.slowest))
             scheduled()
@@ -145,6 +155,8 @@ def fire():
 
 
 class Timer:
+    """A virtual timer (ESP8266's Timer(-1)): as many as armed."""
+
     PERIODIC = 1
 
     def __init__(self, id):
@@ -152,16 +164,32 @@ class Timer:
             raise ValueError("Timer doesn't exist")
 
     def init(self, period, mode, callback):
-        Board.period = period
-        Board.due = ticks_ms() + period
-        Board.timer = callback
+        self.period = period
+        self.due = ticks_ms() + period
+        self.callback = callback
+        if self not in Board.timers:
+            Board.timers.append(self)
 
     def deinit(self):
-        Board.timer = None
+        if self in Board.timers:
+            Board.timers.remove(self)
+
+
+class WDT:
+    """machine.WDT: once started, a hard reset unless fed within timeout ms (checked
+    at each SIGALRM under CPython; under the unix port, when the board prints)."""
+
+    def __init__(self, id=0, timeout=5000):
+        Board.wdt = [timeout, ticks_ms() + timeout]
+
+    def feed(self):
+        if Board.wdt:
+            Board.wdt[1] = ticks_ms() + Board.wdt[0]
 
 
 class Machine:
     Timer = Timer
+    WDT = WDT
 
     def unique_id(self):
         return b"\xa4\xcf\x12\xf3\xe9\xb1"
@@ -180,7 +208,8 @@ class PortOS:
     def dupterm(self, stream, index=0):
         if index != 0:
             raise ValueError("slot 1 carries the UART")
-        Board.stream = stream
+        prior, Board.stream = Board.stream, stream
+        return prior
 
     def dupterm_notify(self, _):
         b = bytearray(1)
@@ -426,9 +455,10 @@ how = "power"
 while True:
     boots += 1
     for name in ("ota", "ota_update", "ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls",
-                 "ota_find"):
+                 "ota_find", "ota_live", "ota_guard", "ota_trial"):
         sys.modules.pop(name, None)  # a reset starts a new heap
-    Board.stream = Board.timer = None
+    Board.stream = None
+    Board.timers = []
     Board.stdin = []
     Board.pending = []
     main = None
@@ -465,10 +495,11 @@ while True:
         except BaseException as e:  # pyexec_file prints it, KeyboardInterrupt too
             out(traceback_text(e))
         repl(main)
-        if Board.timer is not None:
-            uart("@error: soft reset with the timer armed")
+        if Board.timers:
+            uart("@error: soft reset with a timer armed")
             raise SystemExit(3)
         out("MPY: soft reboot\r\n")
         how = "soft"
     except HardReset:
         how = "hard"
+        Board.wdt = None

@@ -4,7 +4,6 @@ It runs under CPython here; with MICROPYTHON naming a MicroPython unix
 interpreter, the end-to-end tests also run it there with a 38 KB heap.
 """
 
-import errno
 import json
 import os
 import queue
@@ -24,8 +23,8 @@ import ota_plan
 import ota_update
 import ota_promoter
 from helpers import (
-    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, MicroPythonBoard,
-    Running, files, folders, free_port, promoted, publish, request, settle, slow_except, through, until, write,
+    APP, CLIENT_FILES, MICROPYTHON, NO_MICROPYTHON, NO_MPY_CROSS, ROOT, TIMEOUT, CPythonBoard, CutAfterTheCommitPoint, Flash,
+    MicroPythonBoard, PowerCut, Running, files, folders, free_port, promoted, publish, request, settle, slow_except, through, until, write,
 )
 from proxy import FaultProxy, Reset, is_download, is_manifest, set_header, split
 
@@ -400,68 +399,6 @@ def test_bad_url(device):
 
 
 # -- Power loss at every step ------------------------------------------------------
-
-
-class PowerCut(BaseException):
-    """The power failed: nothing after this reaches the flash."""
-
-
-class Flash:
-    """Counts the client's writing file-system operations and cuts the power at
-    operation number `cut_at`; after that, every write fails, as on a dead board.
-    Operation number `fail_at` fails once with ENOSPC instead, as on a full board.
-    Records the number of the operation that puts the journal in place."""
-
-    WRITES = ("rename", "remove", "mkdir", "rmdir")
-
-    def __init__(self, cut_at=None, fail_at=None):
-        self.cut_at = cut_at
-        self.fail_at = fail_at
-        self.count = 0
-        self.commit_point = None
-
-    def step(self):
-        self.count += 1
-        if self.cut_at is not None and self.count >= self.cut_at:
-            raise PowerCut()
-        if self.count == self.fail_at:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        real = getattr(os, name)
-        if name not in self.WRITES:
-            return real
-
-        def write_op(*args):
-            self.step()
-            if name == "rename" and args[1].endswith("/.ota-journal"):
-                self.commit_point = self.count
-            return real(*args)
-
-        return write_op
-
-    def open(self, path, mode="r", *args):
-        f = open(path, mode, *args)
-        if "r" in mode:
-            return f
-        self.step()
-        flash = self
-
-        class File:
-            def write(self, data):
-                flash.step()
-                return f.write(data)
-
-            def __getattr__(self, name):
-                return getattr(f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                f.close()
-
-        return File()
 
 
 @pytest.fixture

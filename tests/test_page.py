@@ -107,7 +107,8 @@ def fake_machine(monkeypatch, unique_id):
 # -- GET /boards -----------------------------------------------------------------------
 
 
-QUIET = {"partial": "", "listening": False, "input": {"queued": 0, "dropped": 0}}  # no REPL in use
+QUIET = {"partial": "", "listening": False, "input": {"queued": 0, "dropped": 0},  # no REPL in use
+         "rolled_back": None}  # no version rolled back
 
 
 def test_boards_json_after_a_scripted_sequence_of_board_requests(tree, serve):
@@ -578,7 +579,8 @@ def test_screenshot_py_works_as_the_readme_writes_it(tmp_path):
 @needs_browser
 def test_what_a_board_sends_is_shown_as_text_never_run(server, browser):
     evil = "<img src=x onerror=alert(1)>"
-    board_request(server, "/files/version", evil, '<img src=y onerror="window.__xss=2">')
+    rolled = "rolled back from 1a2b3c4 to 5d6e7f8: ValueError: <i onmouseover=alert(5)>x</i>"  # its boot guard's report
+    board_request(server, "/files/version", evil, '<img src=y onerror="window.__xss=2">', {"X-OTA-Rolled-Back": rolled})
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT)
     conn.request("POST", "/console", body=b"<script>window.__xss=3</script>\n<b onmouseover=alert(4)>bold</b>\n",
                  headers={"X-OTA-Device": evil})
@@ -589,8 +591,9 @@ def test_what_a_board_sends_is_shown_as_text_never_run(server, browser):
     assert shown["id"] == evil
     assert shown["facts"]["version"] == '<img src=y onerror="window.__xss=2">'
     assert shown["console"] == "<script>window.__xss=3</script>\n<b onmouseover=alert(4)>bold</b>"
+    assert shown["facts"]["boot guard"] == rolled
     assert browser.execute_script(
-        "return [window.__xss, document.querySelectorAll('img, b, main script').length]") == [None, 0]
+        "return [window.__xss, document.querySelectorAll('img, b, i, main script').length]") == [None, 0]
     from selenium.common.exceptions import NoAlertPresentException
 
     with pytest.raises(NoAlertPresentException):
