@@ -19,6 +19,9 @@ would crash.
 
     live_board.py [--flash] CLIENT_DIR ROOT SECONDS URL [FREE]
 
+The board's id (machine.unique_id()) is a4cf12f3e9b1, or the hex in the environment
+variable OTA_BOARD_ID: a fleet's boards each have their own.
+
 With --flash, ROOT is the board's whole flash: a path from / (the client's default
 root, as a boot.py that calls ota.update(url) uses it) is that path in ROOT, and
 secrets.py in ROOT is imported as from a port's current folder.
@@ -40,6 +43,7 @@ prints, stdout gets these marks:
   @wdt            the watchdog was not fed in time: a hard reset follows
 """
 
+import binascii
 import builtins
 import os
 import sys
@@ -187,12 +191,15 @@ class WDT:
             Board.wdt[1] = ticks_ms() + Board.wdt[0]
 
 
+BOARD_ID = binascii.unhexlify(os.getenv("OTA_BOARD_ID") or "a4cf12f3e9b1")
+
+
 class Machine:
     Timer = Timer
     WDT = WDT
 
     def unique_id(self):
-        return b"\xa4\xcf\x12\xf3\xe9\xb1"
+        return BOARD_ID
 
     def reset(self):
         raise HardReset
