@@ -4,12 +4,14 @@ runs on. The fixtures are in conftest.py; the tests import these by name."""
 
 import contextlib
 import errno
+import glob
 import hashlib
 import http.client
 import http.server
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -835,3 +837,74 @@ def another_site(handler):
         site.shutdown()
         site.server_close()
         thread.join(TIMEOUT)
+
+
+# -- mpremote, its cable a folder (the README's quick start and Fleets walk-through) ---
+
+try:
+    import mpremote.main as mpremote_main
+    from mpremote.transport import Transport
+except ImportError:  # a test tool: the tests that run it skip without it (importorskip)
+    mpremote_main, Transport = None, object
+
+
+class Cable(Transport):
+    """mpremote's link to a board, with a folder for the board's flash: a path on
+    the board (/lib/ota.py, or ota.mpy from its root) is that path in the folder.
+    What the README's mpremote lines use of it (cp, mip, reset), for mpremote()."""
+
+    mounted = in_raw_repl = False
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.resets = []
+
+    def _path(self, path):
+        return os.path.join(self.folder, path.lstrip("/"))
+
+    def enter_raw_repl(self, soft_reset=True):
+        self.in_raw_repl = True
+        self.resets += ["soft"] if soft_reset else []
+
+    def exit_raw_repl(self):
+        self.in_raw_repl = False
+
+    def close(self):
+        pass
+
+    def exec(self, command, data_consumer=None):
+        assert command == "import sys", command
+        return b""
+
+    def eval(self, expression, parse=True):
+        assert expression == "sys.path", expression
+        return ["", ".frozen", "/lib"]  # an ESP8266's and an ESP32's
+
+    def exec_raw_no_follow(self, command):
+        assert "machine.reset()" in command, command
+        self.resets.append("hard")
+
+    def fs_stat(self, src):
+        return os.stat(self._path(src))
+
+    def fs_writefile(self, dest, data, chunk_size=256, progress_callback=None):
+        with open(self._path(dest), "wb") as f:
+            f.write(data)
+
+    def fs_mkdir(self, path):
+        os.mkdir(self._path(path))
+
+    def fs_hashfile(self, path, algo, chunk_size=256):
+        with open(self._path(path), "rb") as f:
+            return hashlib.new(algo, f.read()).digest()
+
+
+def mpremote(line, cable, monkeypatch):
+    """A line of the README that runs mpremote, run by mpremote's own command line, the
+    shell's globs expanded as the shell does, to the board behind cable (a Cable)."""
+    monkeypatch.setattr(mpremote_main, "do_connect", lambda state, args=None: setattr(state, "transport", cable))
+    args = []
+    for word in shlex.split(line)[1:]:
+        args += sorted(glob.glob(word)) if "*" in word else [word]
+    monkeypatch.setattr(sys, "argv", ["mpremote"] + args)
+    assert mpremote_main.main() == 0

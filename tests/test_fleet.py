@@ -12,23 +12,20 @@ its fix are exported for every board (the same line). That a board with a refusa
 sends X-OTA-Rolled-Back is shown against the server (tests/test_guard.py): nginx's
 log format here does not name it."""
 
-import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, TIMEOUT, Lines, files, write
+from helpers import ROOT, TIMEOUT, Cable, Lines, files, mpremote, write
 from ota_promoter import file_checksum, rollout_bucket, signed_fields, version_of
 
-mpremote_main = pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
-                                    "pip install -r requirements-dev.txt")
-from mpremote.transport import Transport  # noqa: E402
+pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
+                    "pip install -r requirements-dev.txt")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the walk-through's commands are for a POSIX shell")
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
@@ -56,48 +53,6 @@ def in_readme(text):
     text = re.sub(r"\b[0-9a-f]{7}\b", "V", text)
     text = re.sub(r"release \d+", "release N", text)
     return re.sub(r"in \d+\.\d\d s$", "in S s", text)
-
-
-class Cable(Transport):
-    """mpremote's link to a board, with a folder for the board's flash: what
-    `mpremote cp FILE :NAME` uses of it (tests/test_quickstart.py has the same, for
-    more commands)."""
-
-    mounted = in_raw_repl = False
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def _path(self, path):
-        return os.path.join(self.folder, path.lstrip("/"))
-
-    def enter_raw_repl(self, soft_reset=True):
-        self.in_raw_repl = True
-
-    def exit_raw_repl(self):
-        self.in_raw_repl = False
-
-    def close(self):
-        pass
-
-    def fs_stat(self, src):
-        return os.stat(self._path(src))
-
-    def fs_writefile(self, dest, data, chunk_size=256, progress_callback=None):
-        with open(self._path(dest), "wb") as f:
-            f.write(data)
-
-    def fs_hashfile(self, path, algo, chunk_size=256):
-        with open(self._path(path), "rb") as f:
-            return hashlib.new(algo, f.read()).digest()
-
-
-def mpremote(line, flash, monkeypatch):
-    """A line of the README that runs mpremote, by mpremote's own command line, the
-    board's flash in the folder flash."""
-    monkeypatch.setattr(mpremote_main, "do_connect", lambda state, args=None: setattr(state, "transport", Cable(flash)))
-    monkeypatch.setattr(sys, "argv", ["mpremote"] + shlex.split(line)[1:])
-    assert mpremote_main.main() == 0
 
 
 class Board:
@@ -217,7 +172,7 @@ def test_the_fleet_walk_through_runs_as_the_readme_writes_it(tmp_path, nginx, mo
     assert re.fullmatch(rb"[0-9a-f]{64}\n", key)
     monkeypatch.chdir(work)
     for board in fleet:
-        mpremote(steps[1][0][1].strip().splitlines()[1], board.flash, monkeypatch)
+        mpremote(steps[1][0][1].strip().splitlines()[1], Cable(str(board.flash)), monkeypatch)
         assert files(board.flash) == {".ota-key": key}
 
     # 2. boot.py with the boot guard, against the site nginx serves (copied with the

@@ -11,7 +11,6 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -19,11 +18,10 @@ import zipfile
 
 import pytest
 
-from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT, Lines
+from helpers import MICROPYTHON, NO_MICROPYTHON, ROOT, TIMEOUT, Cable, Lines, mpremote
 
-mpremote_main = pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
-                                    "pip install -r requirements-dev.txt")
-from mpremote.transport import Transport  # noqa: E402
+pytest.importorskip("mpremote.main", reason="mpremote is a test tool: "
+                    "pip install -r requirements-dev.txt")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the quick start's commands are for a POSIX shell")
 BOARD = os.path.join(ROOT, "tests", "live_board.py")
@@ -120,67 +118,6 @@ def wheels(folder, names):
             whl.writestr(info + "/RECORD", "\n".join(record + [info + "/RECORD,,"]) + "\n")
 
 
-class Flash(Transport):
-    """mpremote's link to a board, with a folder for the board's flash: a path on
-    the board (/lib/ota.py, or ota.mpy from its root) is that path in the folder."""
-
-    mounted = in_raw_repl = False
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.resets = []
-
-    def _path(self, path):
-        return os.path.join(self.folder, path.lstrip("/"))
-
-    def enter_raw_repl(self, soft_reset=True):
-        self.in_raw_repl = True
-        self.resets += ["soft"] if soft_reset else []
-
-    def exit_raw_repl(self):
-        self.in_raw_repl = False
-
-    def close(self):
-        pass
-
-    def exec(self, command, data_consumer=None):
-        assert command == "import sys", command
-        return b""
-
-    def eval(self, expression, parse=True):
-        assert expression == "sys.path", expression
-        return ["", ".frozen", "/lib"]  # an ESP8266's and an ESP32's
-
-    def exec_raw_no_follow(self, command):
-        assert "machine.reset()" in command, command
-        self.resets.append("hard")
-
-    def fs_stat(self, src):
-        return os.stat(self._path(src))
-
-    def fs_writefile(self, dest, data, chunk_size=256, progress_callback=None):
-        with open(self._path(dest), "wb") as f:
-            f.write(data)
-
-    def fs_mkdir(self, path):
-        os.mkdir(self._path(path))
-
-    def fs_hashfile(self, path, algo, chunk_size=256):
-        with open(self._path(path), "rb") as f:
-            return hashlib.new(algo, f.read()).digest()
-
-
-def mpremote(line, flash, monkeypatch):
-    """A line of the README that runs mpremote, run by mpremote's own command line, the
-    shell's globs expanded as the shell does, the board's flash in the folder flash."""
-    monkeypatch.setattr(mpremote_main, "do_connect", lambda state, args=None: setattr(state, "transport", flash))
-    args = []
-    for word in shlex.split(line)[1:]:
-        args += sorted(glob.glob(word)) if "*" in word else [word]
-    monkeypatch.setattr(sys, "argv", ["mpremote"] + args)
-    assert mpremote_main.main() == 0
-
-
 def copy_of_the_clone(clone):
     """What a clone holds of the tool and its client (not what a run made here: .mpy files,
     a secrets.py, caches)."""
@@ -247,7 +184,7 @@ def test_the_quick_start_runs_as_the_readme_writes_it(tmp_path, monkeypatch):
         result = shell(activate + steps[3][0])
         assert result.returncode == 0, result.stderr
         monkeypatch.chdir(clone)
-        cable = Flash(str(flash))
+        cable = Cable(str(flash))
         for line in steps[3][1:]:
             mpremote(line, cable, monkeypatch)
         assert sorted(os.listdir(str(flash))) == sorted(
@@ -309,7 +246,7 @@ def test_a_board_that_compiles_the_client_boots_from_its_sources(tmp_path, monke
     with open(os.path.join(ROOT, "micropython", "README.md"), encoding="utf-8") as f:
         assert "\n%s\n" % line in f.read()
     monkeypatch.chdir(ROOT)
-    mpremote(line, Flash(str(flash)), monkeypatch)
+    mpremote(line, Cable(str(flash)), monkeypatch)
     names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "micropython", "ota*.py")))
     assert sorted(os.listdir(str(flash / where))) == names
     for name in names:
