@@ -180,7 +180,10 @@ def commit(root, plan=False):
         for new, path, dst, aside in _steps(root, undo, "sgd"):
             if new:
                 if not _kind(new):
-                    os.rename(dst, new)
+                    if _kind(dst):
+                        os.rename(dst, new)
+                    else:  # deleted since (by the app, during a trial): a stand-in, so that the
+                        open(new, "wb").close()  # stage stays numbered from 0 (_clean)
                 _prune(root, path)  # the folders it made
             if _kind(aside):
                 _mkdirs(root, path)

@@ -201,6 +201,21 @@ def test_every_request_carries_the_report_while_the_refusal_stands(on_trial, pro
     assert logged == ["[unknown] " + report]  # once, though every request said it
 
 
+def test_a_rollback_restores_the_old_files_though_the_app_deleted_some_of_the_new_ones(on_trial, promoter, capsys):
+    # The app runs between the switch and the restore: it may delete a file the version
+    # on trial installed (a one-time script, a cache it shipped). The restore still
+    # puts back exactly the previous files, and does not fail at every start.
+    board, y, x, on_y = on_trial
+    os.remove(os.path.join(str(board), "data.bin"))  # changed by X: Y's waits aside
+    os.remove(os.path.join(str(board), "lib", "new", "deep.py"))  # new in X
+    with open(os.path.join(str(board), ".ota-new", "crash"), "w") as f:
+        f.write("ZeroDivisionError: divide by zero")
+    assert start(board, promoter.url) is True
+    assert own(board) == on_y
+    assert refusal(board)[0] == x
+    assert not os.path.exists(os.path.join(str(board), ".ota-new"))
+
+
 # -- A power cut at every file-system operation of the restore -------------------------
 
 
