@@ -207,6 +207,8 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
                 server = (url, token, timeout, installed, ca, buf, extra)
                 if named != installed:
                     version = _call("ota_check", "manifest", server, named, root)
+                    if refused and version == refused:  # listed by the fallback, manifest.txt, for another named
+                        raise OTAError(waiting[5:])
             _drop()
             if version:
                 changes += _call("ota_plan", "plan", root, installed, delete, buf)

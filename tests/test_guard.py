@@ -17,6 +17,7 @@ import pytest
 import ota
 from helpers import (MICROPYTHON, MICROPYTHON_BITS, ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard, files,
                      heap_for, needs_micropython, publish, request, through)
+from ota_promoter import export
 
 DEVICE = "a4cf12f3e9b1"  # the simulated board's machine.unique_id(), in hex
 
@@ -213,6 +214,27 @@ def test_a_rollback_restores_the_old_files_though_the_app_deleted_some_of_the_ne
     assert start(board, promoter.url) is True
     assert own(board) == on_y
     assert refusal(board)[0] == x
+    assert not os.path.exists(os.path.join(str(board), ".ota-new"))
+
+
+def test_a_site_that_names_another_version_cannot_bring_back_the_refused_one_through_manifest_txt(
+        on_trial, promoter, tmp_path, static_host, capsys):
+    # A site without /files/<version> gets the fallback, /files/manifest.txt, whatever
+    # version it lists: a hostile one names a version it has no manifest of, and lists
+    # the refused one there. Refused all the same; the board's files as they were.
+    board, y, x, on_y = on_trial
+    with open(os.path.join(str(board), ".ota-new", "crash"), "w") as f:
+        f.write("ZeroDivisionError: divide by zero")
+    start(board, promoter.url)
+    assert refusal(board)[0] == x and own(board) == on_y
+    site = tmp_path / "site"
+    export(promoter, str(site))  # X, the refused version
+    with open(str(site / "files" / "version"), "w") as f:
+        f.write('{"version": "%s"}' % ("e" * 40))  # a version the site has no manifest of
+    capsys.readouterr()
+    with pytest.raises(ota.OTAError, match="^%s was rolled back on this board: waiting for a newer version$" % x[:7]):
+        start(board, static_host(site).url)
+    assert own(board) == on_y
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
 
 
