@@ -4216,9 +4216,13 @@ def _site_versions(files):
 
 def _next_release(files, record, version_id):
     """The release number a signed export of version_id gets: that of the site's
-    manifest of this version if it is signed, else one above every release the
-    site has, and at least the seconds since the epoch."""
+    manifest of this version if it is signed and no other version there has a
+    later release (the same release, at another share); else one above every
+    release the site has, and at least the seconds since the epoch. So an older
+    version exported again (a release reverted, a rollout called off) is a new
+    release: the boards that took a later one would refuse its old number."""
     highest = 0
+    own = None
     for name in [v for v, _ in record] + ["manifest.txt"]:
         try:
             with open(os.path.join(files, name), "rb") as f:
@@ -4226,10 +4230,13 @@ def _next_release(files, record, version_id):
         except OSError:
             continue
         fields = signed_fields(line)
-        if fields is not None and name == version_id and line[:40].decode("ascii") == version_id:
-            return fields[0]
-        if fields is not None:
+        if fields is not None and line[:40].decode("ascii") == version_id:
+            if name == version_id:
+                own = fields[0]
+        elif fields is not None:
             highest = max(highest, fields[0])
+    if own is not None and own >= highest:
+        return own
     return max(highest + 1, int(time.time()))
 
 

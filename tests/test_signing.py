@@ -324,6 +324,20 @@ def test_the_same_release_number_on_another_version_is_refused(signed_site, tree
     assert s.board.update(s.url) is True
 
 
+def test_an_older_version_exported_again_is_a_new_release_and_boards_that_moved_on_take_it(signed_site, tree):
+    # Going back: the tree as it was at V1 (a bad V2 reverted, a staged V2 called off),
+    # exported again. The boards on V2 must take it: a new release, above V2's.
+    s = signed_site
+    assert s.board.update(s.url) is True  # V2
+    publish(s.promoter, tree, dict(V1, **{"lib/y.py": None}))
+    assert s.promoter.version == s.v1
+    export(s.promoter, str(s.site), key=KEY)
+    assert signed_fields(head(open(str(s.site / "files" / s.v1), "rb").read()))[0] > s.releases[1]
+    assert s.board.update(s.url) is True
+    assert head(files(s.board.root)[".ota"])[:40] == s.v1.encode()
+    assert files(s.board.root)["main.py"] == V1["main.py"].encode()
+
+
 def test_an_unsigned_export_is_as_it_was_and_installs_on_a_board_without_a_key(tree, tmp_path, static_host):
     publish_to = Promoter(str(tree), interval=3600)
     publish(publish_to, tree, V1)
