@@ -4241,12 +4241,15 @@ def _next_release(files, record, version_id):
 
 
 def _read_manifest(path):
-    """(version id, checksums) of an exported manifest.txt, or None if there is none."""
+    """(version id, checksums) of an exported manifest.txt, signed or not, or None
+    if there is none."""
     try:
         with open(path, "rb") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return None
+    if lines and signed_fields(lines[0]) is not None:
+        lines[0] = lines[0][:40]  # the version, before the signed fields
     if not lines or not _CHECKSUM.fullmatch(lines[0].decode("ascii", "replace")):
         return None
     return lines[0].decode("ascii"), [line[:40].decode("ascii", "replace") for line in lines[1:]]

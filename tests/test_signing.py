@@ -338,6 +338,27 @@ def test_an_older_version_exported_again_is_a_new_release_and_boards_that_moved_
     assert files(s.board.root)["main.py"] == V1["main.py"].encode()
 
 
+@pytest.mark.parametrize("key", [None, KEY], ids=["unsigned", "signed"])
+def test_the_files_of_a_signed_manifest_txt_an_export_was_killed_after_are_kept(tree, tmp_path, key):
+    # An export killed before its last rename (files/version) has published through
+    # manifest.txt already: its files are the site's, signed or not, and a staged
+    # export, which leaves manifest.txt as it is, keeps them.
+    site = tmp_path / "site"
+    publish_to = Promoter(str(tree), interval=3600)
+    publish(publish_to, tree, V1)
+    export(publish_to, str(site), key=key)
+    served = (site / "files" / "version").read_bytes()
+    publish(publish_to, tree, V2)
+    export(publish_to, str(site), key=key)
+    v2 = publish_to.version
+    write(site, "files/version", served)  # as if killed before it named V2
+    publish(publish_to, tree, {"main.py": "print('v3')\n"})
+    export(publish_to, str(site), key=key, rollout=10)
+    listed = (site / "files" / "manifest.txt").read_bytes().splitlines()
+    assert listed[0][:40] == v2.encode()  # a staged export leaves it
+    assert [line[:40] for line in listed[1:] if not (site / "files" / line[:40].decode()).exists()] == []
+
+
 def test_an_unsigned_export_is_as_it_was_and_installs_on_a_board_without_a_key(tree, tmp_path, static_host):
     publish_to = Promoter(str(tree), interval=3600)
     publish(publish_to, tree, V1)
