@@ -199,7 +199,11 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
                 if named != since:
                     print(waiting)
             elif named != installed and named != since:
-                if _kind(trial):  # another version during a trial: first back to the known-good files
+                if _kind(trial):  # another version during a trial: first back to the known-good files,
+                    # once its manifest is there and checks out against the version on trial (a
+                    # newer release, with a key): naming a version is not enough to roll one back
+                    if _call("ota_check", "manifest", (url, token, timeout, installed, ca, buf, extra), named, root):
+                        _call("ota_plan", "_signed", root, installed, buf)
                     _drop()
                     said = _call("ota_guard", "stop", root, installed, named)
                     _back(root, said)

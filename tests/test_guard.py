@@ -15,9 +15,9 @@ import sys
 import pytest
 
 import ota
-from helpers import (MICROPYTHON, MICROPYTHON_BITS, ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard, files,
-                     heap_for, needs_micropython, publish, request, through)
-from ota_promoter import export
+from helpers import (KEY, MICROPYTHON, MICROPYTHON_BITS, ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard,
+                     files, give_key, heap_for, needs_micropython, publish, request, through, write)
+from ota_promoter import Promoter, export
 
 DEVICE = "a4cf12f3e9b1"  # the simulated board's machine.unique_id(), in hex
 
@@ -236,6 +236,37 @@ def test_a_site_that_names_another_version_cannot_bring_back_the_refused_one_thr
         start(board, static_host(site).url)
     assert own(board) == on_y
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
+
+
+def test_a_trial_is_rolled_back_for_another_version_only_once_its_manifest_checks_out(tree, serve, tmp_path,
+                                                                                     static_host):
+    # A board with the key runs X on trial. Anyone on the path can name another
+    # version: one with no manifest, or Y, the previous release, whose signed manifest
+    # they replay. Neither may send the board back to Y's files: X stays, on trial.
+    signing = Promoter(str(tree), interval=3600, key=KEY)
+    url = serve(signing).url
+    board = tmp_path / "board"
+    give_key(board)
+    publish(signing, tree, Y)
+    y, replayed = signing.version, signing.current.files_text
+    assert CPythonBoard(board).update(url) is True
+    publish(signing, tree, X)
+    assert start(board, url) is True
+    on_x = own(board)
+    site = tmp_path / "site"
+    write(site, "files/version", '{"version": "%s"}' % ("e" * 40))
+    with pytest.raises(ota.OTAError, match="has no /files/manifest.txt"):
+        start(board, static_host(site).url)
+    assert own(board) == on_x and os.path.exists(os.path.join(str(board), ".ota-new", "trial"))
+    write(site, "files/version", '{"version": "%s"}' % y)
+    write(site, "files/" + y, replayed)
+    with pytest.raises(ota.OTAError, match="^release [0-9]+ of %s is older than release [0-9]+, which this board "
+                                           "runs: no downgrade$" % y[:7]):
+        start(board, static_host(site).url)
+    assert own(board) == on_x and os.path.exists(os.path.join(str(board), ".ota-new", "trial"))
+    assert start(board, url) is False  # the third start of the version on trial, which goes on
+    assert ota._trial is not None and own(board) == on_x
+    ota._trial.stop()
 
 
 # -- A power cut at every file-system operation of the restore -------------------------
