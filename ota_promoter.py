@@ -4087,7 +4087,8 @@ def _export(promoter, site, files, keep, key, rollout):
                                 % (rollout, version.id[:7], site))
     text = version.files_text
     if key is not None:
-        text = sign_manifest(key, version.unsigned_text(), _next_release(files, record + dropped, version.id), rollout)
+        text = sign_manifest(key, version.unsigned_text(), _next_release(files, record + dropped, version.id, key),
+                             rollout)
     for folder in (site, files):
         for name in os.listdir(folder):
             if _OUR_TEMPORARY.fullmatch(name):
@@ -4214,22 +4215,29 @@ def _site_versions(files):
         return None, None
 
 
-def _next_release(files, record, version_id):
+def _next_release(files, record, version_id, key):
     """The release number a signed export of version_id gets: that of the site's
     manifest of this version if it is signed and no other version there has a
     later release (the same release, at another share); else one above every
     release the site has, and at least the seconds since the epoch. So an older
     version exported again (a release reverted, a rollout called off) is a new
-    release: the boards that took a later one would refuse its old number."""
+    release: the boards that took a later one would refuse its old number.
+    Only the manifests key signed count: whoever can write to the site could plant
+    a release number no later export could go above."""
     highest = 0
     own = None
     for name in [v for v, _ in record] + ["manifest.txt"]:
         try:
             with open(os.path.join(files, name), "rb") as f:
-                line = f.readline(256)
+                line, _, rest = f.read().partition(b"\n")
         except OSError:
             continue
         fields = signed_fields(line)
+        if fields is not None:
+            mac = hmac.new(key, line[:-65] + b"\n", hashlib.sha256)
+            mac.update(rest)
+            if not hmac.compare_digest(mac.hexdigest().encode("ascii"), line[-64:]):
+                fields = None  # not ours: another key's, or forged
         if fields is not None and line[:40].decode("ascii") == version_id:
             if name == version_id:
                 own = fields[0]

@@ -359,6 +359,20 @@ def test_the_files_of_a_signed_manifest_txt_an_export_was_killed_after_are_kept(
     assert [line[:40] for line in listed[1:] if not (site / "files" / line[:40].decode()).exists()] == []
 
 
+def test_an_export_takes_no_release_number_from_a_manifest_the_key_did_not_sign(signed_site, tree):
+    # Whoever can write to the site can plant a manifest with a huge release number:
+    # unchecked, the next export would sign a release above it (16 digits at the
+    # top), after which every later export would be refused as a downgrade.
+    s = signed_site
+    forged = b"%s 999999999999999 100 %s\n" % (s.v1.encode(), b"0" * 64)
+    edit(str(s.site / "files" / s.v1), lambda data: forged + data.split(b"\n", 1)[1])
+    publish(s.promoter, tree, {"main.py": "print('v3')\n"})
+    export(s.promoter, str(s.site), key=KEY)
+    release = signed_fields(head(open(str(s.site / "files" / s.promoter.version), "rb").read()))[0]
+    assert s.releases[1] < release < 10 ** 11
+    assert s.board.update(s.url) is True
+
+
 def test_an_unsigned_export_is_as_it_was_and_installs_on_a_board_without_a_key(tree, tmp_path, static_host):
     publish_to = Promoter(str(tree), interval=3600)
     publish(publish_to, tree, V1)
