@@ -9,7 +9,6 @@
 import os
 
 from ota import OTAError, const
-from ota_update import STATE
 
 _LINE = const(256)  # longest manifest line, so journal lines up to 258 bytes
 _EEXIST = const(17)
@@ -116,11 +115,12 @@ def _ops(path):
 def _steps(root, path, mode):
     # Each step of a journal as (staged file or None, path, its place on the board,
     # where its old file waits): "d" deletions, "g" new files, "s" the state.
-    # mode: the order of the phases.
+    # mode: the order of the phases ("dgs", or reversed for an undo: one string, one
+    # name interned, micropython/README.md).
     stage = root + "/.ota-new/"
     for phase in mode:
         if phase == "s":
-            yield stage + "state", STATE, root + "/" + STATE, stage + "old"
+            yield stage + "state", ".ota", root + "/" + ".ota", stage + "old"
         i = 0
         for op in _ops(path):
             if op[0] == phase:
@@ -177,7 +177,7 @@ def commit(root, plan=False):
     elif _kind(journal):
         os.remove(journal)  # cut short (a flash fault): never committed, nothing was moved
     if _kind(undo):
-        for new, path, dst, aside in _steps(root, undo, "sgd"):
+        for new, path, dst, aside in _steps(root, undo, "dgs"[::-1]):
             if new:
                 if not _kind(new):
                     os.rename(dst, new)
