@@ -115,8 +115,7 @@ def _ops(path):
 def _steps(root, path, mode):
     # Each step of a journal as (staged file or None, path, its place on the board,
     # where its old file waits): "d" deletions, "g" new files, "s" the state.
-    # mode: the order of the phases ("dgs", or reversed for an undo: one string, one
-    # name interned, micropython/README.md).
+    # mode: the order of the phases.
     stage = root + "/.ota-new/"
     for phase in mode:
         if phase == "s":
@@ -177,7 +176,7 @@ def commit(root, plan=False):
     elif _kind(journal):
         os.remove(journal)  # cut short (a flash fault): never committed, nothing was moved
     if _kind(undo):
-        for new, path, dst, aside in _steps(root, undo, "dgs"[::-1]):
+        for new, path, dst, aside in _steps(root, undo, "sgd"):
             if new:
                 if not _kind(new):
                     os.rename(dst, new)

@@ -180,6 +180,7 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
     trial = root + "/.ota-new/trial"
     boot = ota._named is False  # the first call since the board started: it counts a trial's start
     ota._named = None
+    watch = None  # the version on trial whose watcher this call arms once it is over (ota_trial.py)
     try:
         # A commit an earlier call left (a power cut, no memory to finish) counts as
         # a change: the app that runs still has the old files, and must restart.
@@ -191,11 +192,11 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         # version this board refused. ota_guard.py is loaded only while there is one.
         refused = extra = said = None
         if _kind(trial) or _kind(root + "/.ota-refused"):
-            refused, extra, waiting, said = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
+            refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
             _back(root, said, reset)  # the trial's end: its old files deleted, or put back
             if said:  # rolled back (and reset): the change of this call; the next one asks the server
                 return None, changes + 1
-            installed = _version(root)
+            installed = trying = _version(root)
         # The one buffer of every step, allocated while the heap is whole: the
         # network's, and the plan's table of paths FAT names otherwise.
         buf = bytearray(512)
@@ -251,6 +252,11 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         return named, changes + (said is not None)
     finally:
         _drop()
+        # The watcher of the version on trial, armed last, with the update's parts gone
+        # (its steps never run beside it: the 20 KB heap), whatever the update met (the
+        # server down too); not if this call ended that trial (another version installed).
+        if watch and _kind(trial) and _version(root) == trying:
+            __import__("ota_" + trial[-5:]).arm(root, watch, guard)  # ota_trial: "trial" is no new name
 
 
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, find=("255.255.255.255", 9090)):
