@@ -190,6 +190,10 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         # The boot guard, before any request (so that a start counts with the server
         # down too): a version on trial counted, confirmed or rolled back; and the
         # version this board refused. ota_guard.py is loaded only while there is one.
+        # The one buffer of every step, allocated while the heap is whole (before the
+        # boot guard's step, whose strings would split it): the network's, and the
+        # plan's table of paths FAT names otherwise.
+        buf = bytearray(512)
         refused = extra = said = None
         if _kind(trial) or _kind(root + "/.ota-refused"):
             refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
@@ -197,9 +201,6 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
             if said:  # rolled back (and reset): the change of this call; the next one asks the server
                 return None, changes + 1
             installed = trying = _version(root)
-        # The one buffer of every step, allocated while the heap is whole: the
-        # network's, and the plan's table of paths FAT names otherwise.
-        buf = bytearray(512)
         server = version = None
         try:
             named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, extra), old, wait)
@@ -215,6 +216,9 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
                     installed = _version(root)
                 server = (url, token, timeout, installed, ca, buf, extra)
                 if named != installed:
+                    # Loaded again, after what the version step left is collected: the
+                    # manifest step is the update's largest, and needs its heap whole.
+                    _drop()
                     version = _call("ota_check", "manifest", server, named, root)
             _drop()
             if version:
