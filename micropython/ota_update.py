@@ -187,13 +187,13 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         changes = 1 if _finish(root) is True else 0
         _drop()
         installed = _version(root)  # "" if damaged: as if there were no .ota (ota_plan.py says it)
-        # The boot guard, before any request (so that a start counts with the server
-        # down too): a version on trial counted, confirmed or rolled back; and the
-        # version this board refused. ota_guard.py is loaded only while there is one.
         # The one buffer of every step, allocated while the heap is whole (before the
         # boot guard's step, whose strings would split it): the network's, and the
         # plan's table of paths FAT names otherwise.
         buf = bytearray(512)
+        # The boot guard, before any request (so that a start counts with the server
+        # down too): a version on trial counted, confirmed or rolled back; and the
+        # version this board refused. ota_guard.py is loaded only while there is one.
         refused = extra = said = None
         if _kind(trial) or _kind(root + "/.ota-refused"):
             refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
