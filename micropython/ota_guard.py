@@ -56,11 +56,12 @@ def start(root, version=None, guard=None, resets=3, boot=False):
     its report on every request, as head() takes it, or None; the line that says
     that version is refused; what to say once ota_update has rolled the trial back
     (ota_update._back), or None; the version's first 7 hex if ota_update is to arm
-    the watcher, ota_trial.py, once the update is over, or None). Without version, only reads .ota-refused (live
-    mode's header). A trial pending ends here: rolled back if .ota-refused names it
-    (a restore a power cut interrupted), if main.py crashed, or at the start after
-    the resets-th reset; confirmed if guard is None. Else, at the first update() of
-    a boot (boot), the start is counted, and the watcher is to be armed."""
+    the watcher, ota_trial.py, once the update is over, or None). Without version,
+    only reads .ota-refused (live mode's header). A trial pending ends here: rolled
+    back if .ota-refused names it (a restore a power cut interrupted), if main.py
+    crashed, or at the start after the resets-th reset; confirmed if guard is None.
+    Else, at the first update() of a boot (boot), the start is counted, and the
+    watcher is to be armed."""
     stage = root + "/.ota-new/"
     trial = stage + "trial"
     path = root + "/.ota-refused"

@@ -196,7 +196,8 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         # version this board refused. ota_guard.py is loaded only while there is one.
         refused = extra = said = None
         if _kind(trial) or _kind(root + "/.ota-refused"):
-            refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
+            refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets,
+                                                         boot)
             _back(root, said, reset)  # the trial's end: its old files deleted, or put back
             if said:  # rolled back (and reset): the change of this call; the next one asks the server
                 return None, changes + 1
