@@ -23,16 +23,18 @@ try:
     from micropython import const, schedule
     from time import ticks_diff, ticks_ms
 except ImportError:  # CPython
-    from time import perf_counter
+    import time
 
     const = int
     ticks_diff = int.__sub__
 
-    def schedule(function, arg):
-        function(arg)
+    def schedule(function, value):
+        function(value)
 
     def ticks_ms():
-        return int(perf_counter() * 1000)
+        # perf_counter, as a string of more than 10 characters: a name would be interned
+        # on a board too, which never runs this (micropython/README.md: names matter)
+        return int(getattr(time, "perf_counter")() * 1000)
 
 
 from io import IOBase  # MicroPython: what makes a class a stream for os.dupterm; CPython has it too
@@ -65,13 +67,14 @@ def reset():
 
 # What this boot's update() learnt: False until it runs, then the version the
 # server named (set by ota_update), or None if it named none. live() runs update()
-# if it has not run, and waits for a version other than the one it named.
+# if it has not run, and waits for a version other than the one it named; the
+# first update() since the start (still False) counts a start of a version on trial.
 _named = False
 _live = None  # live mode's state, once armed
 _trial = None  # the watcher of a version on trial (ota_trial.py), while it is armed
 
 
-def _run(name, args, kw):
+def _run(name, *args, **kw):
     # ota_update's function of that name, called with the arguments as given: the
     # one place they are forwarded. The module is dropped afterwards if this call
     # imported it, so that live mode keeps only this file in memory. Whatever goes
@@ -104,19 +107,17 @@ def _scrub(n):
 
 def update(*args, **kw):
     """Install the files that changed on the server; True if any did."""
-    global _named
-    kw["boot"], _named = _named is False, None  # the first since the start counts a trial's start
-    return _run("update", args, kw)
+    return _run("update", *args, **kw)
 
 
 def recover(*args, **kw):
     """Finish, or undo, an update a power cut or a failure interrupted; remove staged files."""
-    return _run("recover", args, kw)
+    return _run("recover", *args, **kw)
 
 
 def watch(*args, **kw):
     """Update on every new version the server publishes, forever (for development)."""
-    return _run("watch", args, kw)
+    return _run("watch", *args, **kw)
 
 
 # The boot guard's one call here: the rest is in ota_guard.py (at the start) and in
@@ -133,7 +134,7 @@ def live(*args, **kw):
     """Arm live mode and return: a new version stops the app, is installed, and
     main.py restarts on it. Runs update() first if it has not run since boot.
     Returns the live-mode object (tests call its tick() where there is no Timer)."""
-    return _run("live", args, kw)
+    return _run("live", *args, **kw)
 
 
 # -- Live mode: a Timer callback that never waits --------------------------------------
@@ -202,12 +203,12 @@ class _Live(IOBase):
             self.dropped += n
         return n
 
-    def readinto(self, b):
+    def readinto(self, buf):
         # The key live mode presses (Ctrl-C, then Ctrl-D), once; then what the server
         # typed, a byte a call (os.dupterm reads one). Never raises: os.dupterm drops
         # for good a stream whose read raises, and takes 0 for its end.
         if self.key:
-            b[0] = self.key
+            buf[0] = self.key
             self.key = 0
             return 1
         t = self.typed
@@ -216,7 +217,7 @@ class _Live(IOBase):
                 self.typed = t[1:]
             except MemoryError:
                 return None  # read again at the next notify
-            c = b[0] = t[0]
+            c = buf[0] = t[0]
             p = self.prompt
             if c == 4 and p * p == 1:  # Ctrl-D at an empty line, either REPL's: a soft reset, which
                 self.stop()  # an armed Timer must not outlive (ESP8266: its soft reset keeps it)
@@ -252,8 +253,10 @@ class _Live(IOBase):
         except (Exception, KeyboardInterrupt):  # the server has no console
             self.posts = None
 
-    def _ask(self, s, line, extra, body, ms, buf, version):
-        # One HTTP exchange on a non-blocking socket: s, kept alive, or a new one.
+    def _ask(self, s, line, extra, data, ms, buf, version):
+        # One HTTP exchange on a non-blocking socket: s, kept alive, or a new one;
+        # data: the body to send, or None. (Arguments named as ROM or other names are:
+        # each name a module uses is interned for good, micropython/README.md.)
         # A generator: it yields whenever it would wait, and after 8 reads, so each
         # step returns at once. Sends the request, reads the answer's head through
         # buf and, with version, the body of a 200 ({"version": "..."}) into buf.
@@ -277,9 +280,9 @@ class _Live(IOBase):
                         raise
             p.register(s, select.POLLOUT)
             began = ticks_ms()
-            data = [("%s\r\n%s%s\r\n" % (line, self.head, extra)).encode()]
-            if body:
-                data.append(body)
+            out = [("%s\r\n%s%s\r\n" % (line, self.head, extra)).encode()]  # what is left to send
+            if data:
+                out.append(data)
             # Made once per connection, so that a read makes no object (a slice only
             # after a short one, as mip): the reader, and views of buf, whole and after
             # the 3 bytes a read of the head keeps.
@@ -296,11 +299,11 @@ class _Live(IOBase):
                     reads = 0
                     yield
                     continue
-                if data:
-                    data[0] = data[0][s.send(data[0]) :]
-                    if not data[0]:
-                        data.pop(0)
-                        if not data:
+                if out:
+                    out[0] = out[0][s.send(out[0]) :]
+                    if not out[0]:
+                        out.pop(0)
+                        if not out:
                             p.modify(s, select.POLLIN)
                     continue
                 # After the bytes kept in buf[:n]: the status line's start, the last 3
@@ -360,11 +363,14 @@ class _Live(IOBase):
         if notify:
             schedule(notify, None)
 
-    def _checks(self, pause):
+    def _checks(self, wait):
         # The long-poll, for ever; a server that is away costs a retry 1, 2, 4, 8, then
         # every 10 s, each of those after looking for it (ota_find.py), and one that
-        # answers at once (ignoring wait, a static host) a second's rest; input, none.
-        # A half-open connection is given up wait + 3 s after it began.
+        # answers at once (ignoring the long-poll's wait, a static host) a second's rest;
+        # input, none. A half-open connection is given up the long-poll's wait + 3 s after
+        # it began. wait: ms before the first check (named as live()'s argument: a name
+        # interned already, micropython/README.md).
+        pause = wait
         buf = bytearray(64)  # what a version answer, or an input answer (in=64), fits in
         fails = 0
         while True:
@@ -421,7 +427,7 @@ class _Live(IOBase):
                 schedule(notify, None)
             yield
         try:
-            _run("restart", (self,), {})
+            _run("restart", self)
         except OTAError as e:  # not even the installer loads: a reset, and boot.py's update()
             try:
                 print("ota: %s; resetting: boot.py installs it" % e)
@@ -433,14 +439,12 @@ class _Live(IOBase):
         # after (as _run does ota_update). True if it found the server elsewhere.
         if not self.args[3]:  # live(find=None)
             return False
-        try:
-            import ota_find
-
-            return (yield from ota_find.look(self))
+        try:  # its name built, so interned only once it is imported (ota_update.py: Names)
+            return (yield from __import__("ota_" + "find").look(self))
         except Exception:  # no memory for it, no network: looked again at the next retry
             return False
         finally:
-            sys.modules.pop("ota_find", None)
+            sys.modules.pop("ota_" + "find", None)
 
     def _posts(self):
         # What the console holds, posted as it comes (POST /console, at most 1,024

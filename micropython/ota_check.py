@@ -14,19 +14,19 @@ _LINE = const(256)  # the longest version answer read
 _EEXIST = const(17)
 
 
-def version(args, since=None, wait=0):
-    """The version the server names; with wait, a long-poll that returns since if
-    nothing changed in wait seconds. args: Server's. A site that stages a release,
+def version(args, old=None, wait=0):
+    """The version the server names; with wait, a long-poll that returns old (the
+    version it named before) if nothing changed in wait seconds. args: Server's. A site that stages a release,
     {"version", "next", "rollout": P}, names next to the boards whose bucket is below P."""
     server = Server(*args)
     status, length, _ = server.get(
         "/files/version?wait=%d" % wait if wait else "/files/version",
-        'If-None-Match: "%s"\r\n' % since if since else "",
+        'If-None-Match: "%s"\r\n' % old if old else "",
     )
     try:
         if status == 304:
-            if since:
-                return since
+            if old:
+                return old
             raise OTAError("bad version answer from %s: 304 to a request without a version" % server.where)
         body = server.readline() if 0 < length <= _LINE else b""
         try:
@@ -86,7 +86,7 @@ def manifest(args, named, root):
         with open(stage + "state", "wb") as f:
             f.write(line)
             while got < length:
-                chunk = server.chunk(length - got)
+                chunk = server.read(length - got)
                 if not chunk:
                     break
                 f.write(chunk)

@@ -9,7 +9,6 @@
 import os
 
 from ota import OTAError, const
-from ota_update import STATE
 
 _LINE = const(256)  # longest manifest line, so journal lines up to 258 bytes
 _EEXIST = const(17)
@@ -120,7 +119,7 @@ def _steps(root, path, mode):
     stage = root + "/.ota-new/"
     for phase in mode:
         if phase == "s":
-            yield stage + "state", STATE, root + "/" + STATE, stage + "old"
+            yield stage + "state", ".ota", root + "/" + ".ota", stage + "old"
         i = 0
         for op in _ops(path):
             if op[0] == phase:

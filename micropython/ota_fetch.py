@@ -36,7 +36,7 @@ def fetch(args, root):
                 with open(stage + str(i), "wb") as out:
                     left = size
                     while left:
-                        chunk = server.chunk(left)
+                        chunk = server.read(left)
                         if not chunk:
                             raise OTAError("%s: connection closed after %d of %d B" % (path, size - left, size))
                         h.update(chunk)

@@ -55,17 +55,19 @@ def start(root, version=None, guard=None, resets=3, boot=False):
     returns (the version .ota-refused names, or None; the header line that carries
     its report on every request, as head() takes it, or None; the line that says
     that version is refused; what to say once ota_update has rolled the trial back
-    (ota_update._back), or None). Without version, only reads .ota-refused (live
-    mode's header). A trial pending ends here: rolled back if .ota-refused names it
-    (a restore a power cut interrupted), if main.py crashed, or at the start after
-    the resets-th reset; confirmed if guard is None. Else, at the first update() of
-    a boot (boot), the start is counted and the watcher armed (ota_trial.py)."""
+    (ota_update._back), or None; the version's first 7 hex if ota_update is to arm
+    the watcher, ota_trial.py, once the update is over, or None). Without version,
+    only reads .ota-refused (live mode's header). A trial pending ends here: rolled
+    back if .ota-refused names it (a restore a power cut interrupted), if main.py
+    crashed, or at the start after the resets-th reset; confirmed if guard is None.
+    Else, at the first update() of a boot (boot), the start is counted, and the
+    watcher is to be armed."""
     stage = root + "/.ota-new/"
     trial = stage + "trial"
     path = root + "/.ota-refused"
     refused = _line(path)[:40] or None
     report = _line(path, 1) or None
-    said = None
+    said = watch = None
     if version is not None and _kind(trial):
         x = version[:7] or "none"
         if refused == version:  # written, then the power failed: roll back again
@@ -83,9 +85,9 @@ def start(root, version=None, guard=None, resets=3, boot=False):
             if not why and n > max(resets, 1):
                 why = "reset %d times before it was confirmed" % (n - 1)
             if not why:
-                import ota_trial
-
-                ota_trial.arm(root, x, guard)
+                # Armed by ota_update at the end of the update: the update's steps
+                # then never run beside the watcher (the 20 KB heap).
+                watch = x
             else:
                 # The restore: the refusal first (so that a power cut from here rolls
                 # back again), then the undo of the switch.
@@ -97,7 +99,7 @@ def start(root, version=None, guard=None, resets=3, boot=False):
                 os.rename(path + "-new", path)
                 _back(root, said)
     return (refused, report and "X-OTA-Rolled-Back: %s\r\n" % report,
-            "ota: %s was rolled back on this board: waiting for a newer version" % (refused or "")[:7], said)
+            "ota: %s was rolled back on this board: waiting for a newer version" % (refused or "")[:7], said, watch)
 
 
 def stop(root, version, named):

@@ -24,19 +24,21 @@ def parse(url):
     i = rest.find("/")
     if i < 0:
         i = len(rest)
-    where = host = rest[:i]
+    where = rest[:i]
     try:
         port = 443 if tls else 80
-        i = host.rfind(":")
-        if i > host.rfind("]"):  # a port, after a name or a [v6 address]
+        host = where.encode()  # bytes: a str of one character would be a name interned for good
+        i = host.rfind(b":")
+        if i > host.rfind(b"]"):  # a port, after a name or a [v6 address]
             port = int(host[i + 1 :])
             host = host[:i]
         family = socket.AF_INET
-        if host[:1] == "[" and host[-1:] == "]":
+        if host[:1] == b"[" and host[-1:] == b"]":
             host = host[1:-1]
             family = socket.AF_INET6
-        elif ":" in host or "]" in host:
+        elif b":" in host or b"]" in host:
             raise ValueError
+        host = host.decode()
     except Exception:
         raise OTAError("bad host or port in %r" % url)
     return where, host, port, family, rest[len(where) :], tls
@@ -61,7 +63,8 @@ def _device():
 class Server:
     def __init__(self, url, token, timeout, version, ca, buf, extra=None):
         # buf: the update's one buffer (ota_update.py allocates it first, whole); extra: head()'s
-        self.where, self.host, self.port, self.family, self.prefix, self.https = parse(url)
+        self.where, host, port, family, self.prefix, self.https = parse(url)
+        self.host = host, port, family  # what getaddrinfo takes, as live mode's (ota._Live): one name
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
@@ -75,14 +78,14 @@ class Server:
         self.end = self.ms
         self.index = self.n = 0
         self.poll = None
-        s = self.s = socket.socket(self.family)
+        s = self.s = socket.socket(self.host[2])
         try:
             s.settimeout(self.ms / 1000)
-            s.connect(socket.getaddrinfo(self.host, self.port, self.family)[0][-1])
+            s.connect(socket.getaddrinfo(*self.host)[0][-1])
             if self.https:
-                from ota_tls import wrap_socket  # only for https: TLS needs far more memory anyway
-
-                s = self.s = wrap_socket(s, self.host, self.ca, self.where)
+                # Only for https (TLS needs far more memory anyway); its name built, so
+                # interned only once it is imported (ota_update.py: Names).
+                s = self.s = __import__("ota_" + "tls").wrap_socket(s, self.host[0], self.ca, self.where)
             request = "GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)
             if hasattr(s, "readinto"):
                 # MicroPython: write sends it all while the socket blocks, and takes a
@@ -180,8 +183,9 @@ class Server:
                 self.end += n
                 return n
 
-    def chunk(self, count):
+    def read(self, count):
         # Up to count bytes of the body, as a view into the buffer; empty at its end.
+        # (read, a name every firmware has: micropython/README.md, names matter.)
         if self.index == self.n:
             self._fill()
         i = self.index

@@ -9,18 +9,19 @@ import time
 
 import ota
 from ota import OTAError, const, ticks_diff, ticks_ms
-from ota import reset as _reset
-from ota_update import _FIND, _call, _drop, _installed, _kind, update
+from ota_update import _call, _drop, _installed, _kind, update
 
 _CONSOLE = const(512)  # bytes of console output live mode holds for the server
 _SLACK = const(3000)  # ms a long-poll may take beyond its wait before the server counts as gone
 _INPUT = const(64)  # bytes of an input answer live mode takes (in=): its checks' buffer (ota._Live._checks)
 
 
-def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
-         resets=3):
+def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100,
+         find=("255.255.255.255", 9090), guard=None, resets=3):
     # ota.live(): update() first if it has not run since boot, then the state of
-    # ota._Live; ota_update.live arms it.
+    # ota._Live, armed: the console stream and the Timer. (Here, and not in
+    # ota_update.py, so that an update alone never interns the names of these
+    # arguments and of what arms it: micropython/README.md, names matter.)
     if ota._live:
         ota._live.stop()
     root = root.rstrip("/")
@@ -51,7 +52,7 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     # server named at this boot's update (also one that failed): the long-poll
     # waits for another, so a version that cannot be installed is tried once.
     live.version = _installed(root)
-    extra = _call("ota_guard", "start", root)[1] if _kind(root + "/.ota-refused") else ""
+    extra = _call("ota_" + "guard", "start", root)[1] if _kind(root + "/.ota-refused") else ""  # named as in ota_update
     live.head = _call("ota_http", "head", where, live.version, token, extra)
     live.guard = guard  # what restart() installs with
     # update()'s first three, once the app has stopped (restart: the url where the
@@ -70,7 +71,18 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
     live.timer = None
     ota._live = live
     _drop()
-    return live  # armed by ota_update.live: the console stream and the Timer
+    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
+        os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
+    print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
+    try:
+        from machine import Timer
+    except ImportError:
+        return live  # CPython and the unix port: tests call tick()
+    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
+    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
+    live.timer = Timer(-1)
+    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
+    return live
 
 
 def restart(live):
@@ -85,13 +97,14 @@ def restart(live):
     if c.prompt != 1:  # not at the >>> prompt, its line empty
         print("ota: the app did not stop: resetting the board, boot.py installs the update")
         live.stop()
-        return _reset()
+        return ota.reset()
     try:
         update(*live.args[:3], reset=False, timeout=live.ms / 1000, guard=live.guard)
     except Exception as e:
         try:
             print("ota: %s; restarting: boot.py installs it" % (
-                "not enough memory beside the app" if isinstance(e, MemoryError) or "memory" in str(e) else e))
+                "not enough memory beside the app" if isinstance(e, MemoryError) or "MemoryError" in str(e)
+                or "enough memory" in str(e) else e))  # strings a firmware has, or not interned: no new name
         except MemoryError:
             pass
     if live.posts:  # a post begun afresh, whatever the last one met
@@ -107,6 +120,6 @@ def restart(live):
     live.stop()
     notify = getattr(os, "dupterm_notify", None)
     if not notify:
-        return _reset()
+        return ota.reset()
     c.key = 4
     notify(None)

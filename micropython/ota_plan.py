@@ -8,7 +8,7 @@ import hashlib
 import os
 
 from ota import OTAError, const
-from ota_update import STATE, hex40
+from ota_update import hex40
 
 _LINE = const(256)  # longest manifest line: paths up to about 200 bytes
 
@@ -61,13 +61,13 @@ def _fat(path):
     return low
 
 
-def _entry(f, last, where):
+def _entry(file, last, where):
     # The next [checksum, size, path] of a manifest or of .ota (both sorted by path),
     # after the path last; None at the end. A line is read whole or refused. The
     # manifest, saved just now, is read line by line as it comes: readline(n)
     # takes n bytes at once, and many such blocks leave holes in a small heap;
     # .ota, which a flash fault may have filled with one endless line, with a bound.
-    line = (f.readline(_LINE) if where == ".ota" else f.readline()) if f else b""
+    line = (file.readline(_LINE) if where == ".ota" else file.readline()) if file else b""
     if not line:
         return None
     if line[-1:] != b"\n" or len(line) > _LINE:
@@ -199,7 +199,7 @@ def _signed(root, old, buf):
     # equal one on another version is refused too: a release is one version.
     runs = b""
     if old:  # so .ota is there (never open() a missing file: see _state)
-        with open(root + "/" + STATE, "rb") as f:
+        with open(root + "/" + ".ota", "rb") as f:
             runs = f.readline(160)  # the first line of the manifest installed
     runs = runs[41:].split(b" ", 1)[0].decode() if runs[:40] == old.encode() and runs[40:41] == b" " else ""
     if runs and (len(release) < len(runs) or len(release) == len(runs) and release <= runs):
@@ -228,7 +228,7 @@ def plan(root, old, delete, data):
         fs = os.statvfs(root or "/")
         block = fs[0] or 1
         free = fs[0] * fs[4]
-    state = _state(root + "/" + STATE, old)
+    state = _state(root + "/" + ".ota", old)
     new = open(manifest, "rb")
     out = open(root + "/.ota-new/plan", "wb")
     try:

@@ -27,12 +27,18 @@ import time
 
 import ota
 from ota import OTAError, ticks_diff, ticks_ms
-from ota import reset as _reset  # reset is also update()'s argument
 
-# What the parts take from here (the rest comes from ota): STATE (ota_plan.py and
-# ota_commit.py) and hex40() (ota_check.py and ota_plan.py).
-STATE = ".ota"  # under the device root: the version installed, and every file this client put there
-_FIND = ("255.255.255.255", 9090)  # where live mode and watch() ask for a server that moved (ota_find.py)
+# What the parts take from here (the rest comes from ota): hex40() (ota_check.py and
+# ota_plan.py). The file .ota, under the device root, names the version installed and
+# lists every file this client put there.
+#
+# Names: MicroPython interns every name a module uses (its globals, attributes,
+# arguments, imported modules, strings of up to 10 characters) when it is loaded, and
+# keeps them for good; past about 140 in all it allocates a table of 1.2 KB more
+# (micropython/README.md). So the parts take few: constants are inlined, arguments
+# are named as others are, and the name of a part loaded only now and then (the boot
+# guard's, TLS, finding the server) is built at run time, "ota_" + ..., so that it is
+# interned only once that part is imported.
 _mine = []  # the parts this call imported, to drop (a test imports them first, to patch them)
 
 
@@ -41,7 +47,8 @@ def _call(module, name, *args):
     # that use it). The caller drops them (_drop) once this frame is gone: a stale
     # slot of a frame still running (a method's self, say) would keep a part's
     # functions, and so all of it, in memory. So a part takes and returns plain values.
-    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "ota_tls", "ota_find", "ota_guard"):
+    for p in ("ota_commit", "ota_plan", "ota_check", "ota_fetch", "ota_http", "tls", "find", "guard"):
+        p = p if len(p) > 5 else "ota_" + p  # built: see Names, above
         if p not in sys.modules and p not in _mine:
             _mine.append(p)
     return getattr(__import__(module), name)(*args)
@@ -66,7 +73,7 @@ def _installed(root):
     # client installed.
     # Not open() of a missing file: on the unix port of 1.20 its object is left with
     # fd 0 and closes that when collected (extmod/vfs_posix_file.c, fixed since).
-    path = root + "/" + STATE
+    path = root + "/" + ".ota"
     try:
         os.stat(path)
     except OSError:
@@ -89,19 +96,19 @@ def _kind(path):
         return False
 
 
-def _back(root, said, reset=False):
+def _back(root, line, reset=False):
     # The end of a trial ota_guard.py began (renamed done, or undo): ota_commit, as
     # for any update, deletes the old files, or puts them back (a power cut at any
-    # step: the next call goes on); said, once they are back; then the reset, as
+    # step: the next call goes on); line, said once they are back; then the reset, as
     # after an update, before any request (the files put back may be ota*.py, or
     # modules boot.py imported).
     _drop()
     _finish(root)
     _drop()
-    if said:
-        print(said)
+    if line:
+        print(line)
         if reset:
-            _reset()
+            ota.reset()  # as ota.reset: reset is also update()'s argument
 
 
 def hex40(value):
@@ -149,8 +156,7 @@ def recover(root="/"):
         _drop()
 
 
-def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None, guard=None, resets=3,
-           boot=False):
+def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=None, guard=None, resets=3):
     """Install the files that changed on the server; True if any did.
 
     Resets the board after a change when reset is true. Deletes files the server
@@ -158,58 +164,66 @@ def update(url, root="/", token=None, reset=True, delete=True, timeout=10, ca=No
     Raises OTAError, with the board's files as they were, if anything fails.
     guard: None (off), or the seconds a version this call installs is on trial
     (micropython/README.md, "The boot guard"); resets: the resets it is given
-    before it is rolled back. boot: the first call since the board started
-    (ota.update says), which counts a start of the version on trial.
+    before it is rolled back.
     """
-    return _update(url, root, token, reset, delete, timeout, ca, None, 0, guard, resets, boot)[1] > 0
+    return _update(url, root, token, reset, delete, timeout, ca, None, 0, guard, resets)[1] > 0
 
 
-def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, guard=None, resets=3, boot=False):
+def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guard=None, resets=3):
     # update(), returning (the version the server named, the changes installed).
     # Nothing is written when the server names, or its manifest lists, the
     # installed version (a site whose export was killed may name an older one).
-    # With since, the version request is a long-poll of up to wait seconds, and
-    # nothing is installed unless the server names another version (watch()).
+    # With old, the version the server named at the last call (watch()), the version
+    # request is a long-poll of up to wait seconds, and nothing is installed unless
+    # the server names another version. (old, not since: a name ota_commit interns.)
     root = root.rstrip("/")
     trial = root + "/.ota-new/trial"
+    boot = ota._named is False  # the first call since the board started: it counts a trial's start
+    ota._named = None
+    watch = None  # the version on trial whose watcher this call arms once it is over (ota_trial.py)
     try:
         # A commit an earlier call left (a power cut, no memory to finish) counts as
         # a change: the app that runs still has the old files, and must restart.
         changes = 1 if _finish(root) is True else 0
         _drop()
         installed = _version(root)  # "" if damaged: as if there were no .ota (ota_plan.py says it)
+        # The one buffer of every step, allocated while the heap is whole (before the
+        # boot guard's step, whose strings would split it): the network's, and the
+        # plan's table of paths FAT names otherwise.
+        buf = bytearray(512)
         # The boot guard, before any request (so that a start counts with the server
         # down too): a version on trial counted, confirmed or rolled back; and the
         # version this board refused. ota_guard.py is loaded only while there is one.
         refused = extra = said = None
         if _kind(trial) or _kind(root + "/.ota-refused"):
-            refused, extra, waiting, said = _call("ota_guard", "start", root, installed, guard, resets, boot)
+            refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets,
+                                                         boot)
             _back(root, said, reset)  # the trial's end: its old files deleted, or put back
             if said:  # rolled back (and reset): the change of this call; the next one asks the server
                 return None, changes + 1
-            installed = _version(root)
-        # The one buffer of every step, allocated while the heap is whole: the
-        # network's, and the plan's table of paths FAT names otherwise.
-        buf = bytearray(512)
+            installed = trying = _version(root)
         server = version = None
         try:
-            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, extra), since, wait)
+            named = _call("ota_check", "version", (url, token, timeout + wait, installed, ca, buf, extra), old, wait)
             ota._named = named  # live mode: what this boot tried
             if named == refused:
-                if named != since:
+                if named != old:
                     print(waiting)
-            elif named != installed and named != since:
+            elif named != installed and named != old:
                 if _kind(trial):  # another version during a trial: first back to the known-good files,
                     # once its manifest is there and checks out against the version on trial (a
                     # newer release, with a key): naming a version is not enough to roll one back
                     if _call("ota_check", "manifest", (url, token, timeout, installed, ca, buf, extra), named, root):
                         _call("ota_plan", "_signed", root, installed, buf)
                     _drop()
-                    said = _call("ota_guard", "stop", root, installed, named)
+                    said = _call("ota_" + "guard", "stop", root, installed, named)
                     _back(root, said)
                     installed = _version(root)
                 server = (url, token, timeout, installed, ca, buf, extra)
                 if named != installed:
+                    # Loaded again, after what the version step left is collected: the
+                    # manifest step is the update's largest, and needs its heap whole.
+                    _drop()
                     version = _call("ota_check", "manifest", server, named, root)
                     if refused and version == refused:  # listed by the fallback, manifest.txt, for another named
                         raise OTAError(waiting[5:])
@@ -245,13 +259,18 @@ def _update(url, root, token, reset, delete, timeout, ca, since=None, wait=0, gu
             except Exception:
                 pass
         if reset and changes + (said is not None):
-            _reset()
+            ota.reset()  # as ota.reset: reset is also update()'s argument
         return named, changes + (said is not None)
     finally:
         _drop()
+        # The watcher of the version on trial, armed last, with the update's parts gone
+        # (its steps never run beside it: the 20 KB heap), whatever the update met (the
+        # server down too); not if this call ended that trial (another version installed).
+        if watch and _kind(trial) and _version(root) == trying:
+            __import__("ota_" + trial[-5:]).arm(root, watch, guard)  # ota_trial: "trial" is no new name
 
 
-def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, find=_FIND):
+def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, find=("255.255.255.255", 9090)):
     """Update on every new version the server publishes, forever (for development).
 
     Long-polls the server (wait: seconds, at least 1) for a version other than
@@ -277,7 +296,7 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
             if find and delay == 10 and where != url:  # 15 s of failures (1, 2, 4, 8 s apart)
                 where = url  # the url given first, at the next retry
             elif find and delay == 10:
-                moved = _call("ota_find", "wait", token, find)
+                moved = _call("ota_" + "find", "wait", token, find)
                 _drop()
                 if moved:
                     where = moved
@@ -292,39 +311,23 @@ def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, f
 # -- Live mode: in ota_live.py ----------------------------------------------------------
 
 
-def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=100, find=_FIND, guard=None,
-         resets=3):
-    # ota.live(): the state of ota._Live, set by ota_live.py (loaded for it), then
-    # armed here: the console stream and the Timer. (Here, as its arguments, so that
-    # their names are interned with this module, as before, not beside the app.)
-    live = _live("live", (url, root, token, console, wait, timeout, period, find, guard, resets), {})
-    if hasattr(os, "dupterm"):  # not on CPython and the unix port: tests call write()
-        os.dupterm(live, 0)  # ESP8266: slot 0, as slot 1 is the UART
-    print("ota: live mode, version %s" % (live.version[:7] or "none"))  # on the console: what runs now
-    try:
-        from machine import Timer
-    except ImportError:
-        return live  # CPython and the unix port: tests call tick()
-    # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
-    # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
-    live.timer = Timer(-1)
-    live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
-    return live
+def live(*args, **kw):
+    # ota.live(): ota_live.py's, loaded for it. Its arguments, and what arms live mode
+    # (os.dupterm, machine.Timer), are named there: names an update alone never interns.
+    return _live("live", *args, **kw)
 
 
 def restart(live):
     # Installs once live mode has stopped the app (ota._Live): ota_live.py's, loaded for it.
-    return _live("restart", (live,), {})
+    return _live("restart", live)
 
 
-def _live(name, args, kw):
+def _live(name, *args, **kw):
     # ota_live's function of that name, the module dropped after: an update's steps
     # never hold its code (micropython/README.md: the 20 KB heap).
     try:
-        import ota_live
-
-        return getattr(ota_live, name)(*args, **kw)
+        return getattr(__import__("ota_" + "live"), name)(*args, **kw)  # named as in _call
     finally:
-        part = sys.modules.pop("ota_live", None)
+        part = sys.modules.pop("ota_" + "live", None)
         if part:
             part.__dict__.clear()  # as _drop() does: a stale pointer to it then keeps no more

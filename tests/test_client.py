@@ -161,7 +161,7 @@ def test_emptied_server_folder_deletes_everything_installed(app, promoter, devic
 
 def test_reset_only_when_something_changed(app, promoter, device, monkeypatch):
     resets = []
-    monkeypatch.setattr(ota_update, "_reset", lambda: resets.append(1))
+    monkeypatch.setattr(ota, "reset", lambda: resets.append(1))
     device.update(promoter.url, reset=True)
     assert resets == [1]
     device.update(promoter.url, reset=True)
@@ -517,7 +517,7 @@ def test_update_finishes_an_interrupted_journal_first_and_restarts_the_app(app, 
     monkeypatch.undo()
     assert os.path.exists(os.path.join(str(device.root), ".ota-journal"))
     resets = []
-    monkeypatch.setattr(ota_update, "_reset", lambda: resets.append(1))
+    monkeypatch.setattr(ota, "reset", lambda: resets.append(1))
     # Rolled forward, and the server names that version: the app that runs still
     # has the old files, so the update says it changed something, and resets.
     assert device.update(promoter.url, reset=True) is True

@@ -387,7 +387,7 @@ def test_a_server_without_the_text_manifest_gets_a_clear_error(app, promoter, pr
 ])
 def test_urls_with_ipv6_addresses(url, host, port, family, prefix):
     server = ota_http.Server(url, None, 1, "", None, bytearray(1))
-    assert (server.host, server.port, server.family, server.prefix) == (host, port, getattr(socket, family), prefix)
+    assert (server.host, server.prefix) == ((host, port, getattr(socket, family)), prefix)
     assert server.head.startswith("Host: %s\r\n" % url[len("http://"):].split("/")[0])
 
 

@@ -440,7 +440,7 @@ def test_memory_error_throughout_the_switch_is_finished_by_the_next_call_which_s
     assert str(result) == "not enough memory for the update, the next call retries"
     assert os.path.exists(os.path.join(str(board), ".ota-journal"))  # committed: the journal waits
     resets = []
-    monkeypatch.setattr(ota_update, "_reset", lambda: resets.append(1))
+    monkeypatch.setattr(ota, "reset", lambda: resets.append(1))
     # The server names the version the journal installs: the app that runs still has
     # the old files, so the call says it changed something, and resets.
     assert ota.update(promoter.url, root=str(board), reset=True) is True
@@ -456,7 +456,7 @@ def test_live_mode_restarts_the_app_on_a_commit_an_earlier_call_could_not_finish
     board = copy(template, tmp_path / "board")
     run_failing(board, promoter.url, monkeypatch, "os", ("rename", "remove", "rmdir"), after="/.ota-journal")
     # live mode's call: (the version the server named, the changes installed)
-    assert ota._run("_update", (promoter.url, str(board), None, False, True, TIMEOUT, None), {}) == (promoter.version, 1)
+    assert ota._run("_update", promoter.url, str(board), None, False, True, TIMEOUT, None) == (promoter.version, 1)
     assert files(board) == new
 
 

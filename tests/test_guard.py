@@ -461,6 +461,10 @@ def free():
 
 a = b = c = n = w = _ = None  # the script's own names, made before it measures
 import ota
+# As at the end of an update, which arms the watcher: the names of ota_update and of a
+# part interned (else which table of names the measure allocates depends on where the
+# count stands), the modules dropped (recover() of a folder with nothing to recover).
+ota.recover(%r + "/elsewhere")
 a = free()
 w = __import__("ota_trial").arm(%r, "abcdef1", 5)  # as ota_guard arms it: no name left holding the module
 b = free()
@@ -489,7 +493,7 @@ PRINTED = "".join("n = w.write(bytearray(%r))\n" % piece for piece in (
 def test_under_micropython_the_watcher_notes_a_crash_and_leaves_nothing_resident(mpy_dir, tmp_path, capsys):
     os.makedirs(str(tmp_path / ".ota-new"))
     out = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap_for("38k", "52k"), "-c",
-                          WATCHER % (str(mpy_dir), str(tmp_path), PRINTED)], capture_output=True, text=True,
+                          WATCHER % (str(mpy_dir), str(tmp_path), str(tmp_path), PRINTED)], capture_output=True, text=True,
                          timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
@@ -530,9 +534,10 @@ def test_a_guarded_update_of_100_files_and_a_1_mb_file_and_its_rollback_run_in_a
         promoter.version[:7]), said
     assert said[-1] == "True"
     assert os.listdir(str(board)) == [".ota-refused"]  # as it was: nothing installed
-    # With a refusal on the board, its report goes with every request: the version's
-    # request needs about 0.5 KB more (20.75 KB on 1.20, 20.5 on 1.29, with this long root).
+    # With a refusal on the board, its report goes with every request: measured, this
+    # check needs 21.2 KB on 1.29 and up to 22.3 KB on 1.20 (some heaps between fail),
+    # with this long root: the flow above 20 KB that micropython/README.md states.
     said = fresh("print(ota.update(%r, root=%r, reset=False, guard=5))" % (promoter.url, str(board)),
-                 heap_for("21k", "31k"))
+                 heap_for("23k", "31k"))
     assert said == ["ota: %s was rolled back on this board: waiting for a newer version" % promoter.version[:7],
                     "False"]
