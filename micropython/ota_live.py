@@ -80,6 +80,10 @@ def live(url, root="/", token=None, console=True, wait=10, timeout=10, period=10
         return live  # CPython and the unix port: tests call tick()
     # -1: a virtual timer on ESP8266 and RP2040 and, in MicroPython 1.21+, ESP32;
     # ESP32's 1.20 takes it as hardware timer 3. Soft everywhere (mp_sched_schedule).
+    trial = ota._trial
+    if trial:  # a version on trial: from now live mode's timer ticks its watcher (ota_trial.py),
+        trial.stop(False)  # whose own goes first: on ESP32's 1.20 both are hardware timer 3
+        ota._trial = trial
     live.timer = Timer(-1)
     live.timer.init(period=period, mode=Timer.PERIODIC, callback=live.tick)
     return live

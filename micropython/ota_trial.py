@@ -82,8 +82,11 @@ class Watcher(IOBase):
                 elif error[:17] == b"KeyboardInterrupt":  # stopped: the next start counts
                     self.stop()
                 else:
-                    with open(self.stage + "crash", "wb") as f:
-                        f.write(error)
+                    try:
+                        with open(self.stage + "crash", "wb") as f:
+                            f.write(error)
+                    except OSError:  # a full flash: the reset still comes, and counts as one
+                        pass
                     if ota._live:
                         ota._live.stop()
                     self.stop()
