@@ -386,7 +386,14 @@ class Lines:
         self.lines = queue.Queue()
         self.seen = []
         self.quiet = quiet  # a pattern of lines a failure does not show (a board's ticks)
-        threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in stream], daemon=True).start()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        try:
+            for line in stream:
+                self.lines.put(line.rstrip("\n"))
+        except ValueError:  # the test closed the pipe (its process stopped): no more lines
+            pass
 
     def expect(self, pattern):
         """The next line matching pattern (a regular expression), within TIMEOUT; a line
