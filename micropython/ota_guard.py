@@ -53,9 +53,8 @@ def _line(path, n=0):
 def start(root, version=None, guard=None, resets=3, boot=False):
     """The guard's step, at the start of update(), version being the one installed:
     returns (the version .ota-refused names, or None; the header line that carries
-    its report on every request, as head() takes it, or None; the line that says
-    that version is refused; what to say once ota_update has rolled the trial back
-    (ota_update._back), or None; the version's first 7 hex if ota_update is to arm
+    its report on every request, as head() takes it, or None; what to say once ota_update has rolled the trial back
+    (ota_update._back), or None; True if ota_update is to arm
     the watcher, ota_trial.py, once the update is over, or None). Without version,
     only reads .ota-refused (live mode's header). A trial pending ends here: rolled
     back if .ota-refused names it (a restore a power cut interrupted), if main.py
@@ -87,7 +86,7 @@ def start(root, version=None, guard=None, resets=3, boot=False):
             if not why:
                 # Armed by ota_update at the end of the update: the update's steps
                 # then never run beside the watcher (the 20 KB heap).
-                watch = x
+                watch = True  # not x: no string held across the update (the 20 KB heap)
             else:
                 # The restore: the refusal first (so that a power cut from here rolls
                 # back again), then the undo of the switch.
@@ -98,8 +97,7 @@ def start(root, version=None, guard=None, resets=3, boot=False):
                     f.write(("%s\n%s\n" % (version, report)).encode())
                 os.rename(path + "-new", path)
                 _back(root, said)
-    return (refused, report and "X-OTA-Rolled-Back: %s\r\n" % report,
-            "ota: %s was rolled back on this board: waiting for a newer version" % (refused or "")[:7], said, watch)
+    return refused, report and "X-OTA-Rolled-Back: %s\r\n" % report, said, watch
 
 
 def stop(root, version, named):

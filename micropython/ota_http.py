@@ -47,8 +47,8 @@ def parse(url):
 def head(where, version, token, extra=None):
     """The header lines every request of this client sends (live mode's too); extra:
     more of them, whole (the boot guard's X-OTA-Rolled-Back: ota_guard.start)."""
-    return "Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n%s%s" % (
-        where, _device(), version or "none", "Authorization: Bearer %s\r\n" % token if token else "", extra or "")
+    return "".join(("Host: %s\r\nX-OTA-Device: %s\r\nX-OTA-Version: %s\r\n" % (where, _device(), version or "none"),
+                    "Authorization: Bearer %s\r\n" % token if token else "", extra or ""))
 
 
 def _device():
@@ -63,13 +63,18 @@ def _device():
 class Server:
     def __init__(self, url, token, timeout, version, ca, buf, extra=None):
         # buf: the update's one buffer (ota_update.py allocates it first, whole); extra: head()'s
+        # Every attribute get() sets is set here first: the table of them is then grown
+        # to its size before head() is (a table grown in get() needs its room beside it).
+        self.start = self.end = self.index = self.n = 0
+        self.poll = self.s = None
         self.where, host, port, family, self.prefix, self.https = parse(url)
         self.host = host, port, family  # what getaddrinfo takes, as live mode's (ota._Live): one name
         self.ca = ca
         self.ms = int(timeout * 1000)
         self.buf = buf
         self.mv = memoryview(buf)
-        self.head = head(self.where, version, token, extra)
+        self.extra = extra or ""  # sent after head, not copied into it (the boot guard's 200-byte report)
+        self.head = head(self.where, version, token)
 
     def get(self, path, extra=""):
         # Sends a request and reads the answer's head: (status, length, target) of a
@@ -86,18 +91,22 @@ class Server:
                 # Only for https (TLS needs far more memory anyway); its name built, so
                 # interned only once it is imported (ota_update.py: Names).
                 s = self.s = __import__("ota_" + "tls").wrap_socket(s, self.host[0], self.ca, self.where)
-            request = "GET %s%s HTTP/1.0\r\n%s%s\r\n" % (self.prefix, path, self.head, extra)
+            # The request in parts, the blank line that ends it being head's own end (a
+            # literal "\r\n" would be a name interned): never a string of it all, the
+            # largest allocation of a request (the 20 KB heap).
+            request = ("GET %s%s HTTP/1.0\r\n" % (self.prefix, path), self.head, self.extra, extra, self.head[-2:])
             if hasattr(s, "readinto"):
-                # MicroPython: write sends it all while the socket blocks, and takes a
-                # str (the 1.20 unix port has no sendall).
-                s.write(request)
+                # MicroPython: write sends each part all while the socket blocks, and
+                # takes a str (the 1.20 unix port has no sendall).
+                for part in request:
+                    s.write(part)
                 # Then readinto waits to fill the whole buffer unless the socket does
                 # not block; then it returns what has arrived.
                 s.setblocking(False)
                 self.poll = select.poll()
                 self.poll.register(s, select.POLLIN)
             else:  # CPython
-                s.sendall(request.encode())
+                s.sendall("".join(request).encode())
             line = self.readline()
             if not line:
                 raise OSError("connection closed")

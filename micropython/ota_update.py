@@ -180,7 +180,7 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
     trial = root + "/.ota-new/trial"
     boot = ota._named is False  # the first call since the board started: it counts a trial's start
     ota._named = None
-    watch = None  # the version on trial whose watcher this call arms once it is over (ota_trial.py)
+    watch = None  # True: this call arms the watcher of the version on trial once it is over (ota_trial.py)
     try:
         # A commit an earlier call left (a power cut, no memory to finish) counts as
         # a change: the app that runs still has the old files, and must restart.
@@ -195,9 +195,11 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         # down too): a version on trial counted, confirmed or rolled back; and the
         # version this board refused. ota_guard.py is loaded only while there is one.
         refused = extra = said = None
+        # The line that says a version is refused: formatted only when said (a string
+        # held across the update's steps would split its heap).
+        waiting = "ota: %s was rolled back on this board: waiting for a newer version"
         if _kind(trial) or _kind(root + "/.ota-refused"):
-            refused, extra, waiting, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets,
-                                                         boot)
+            refused, extra, said, watch = _call("ota_" + "guard", "start", root, installed, guard, resets, boot)
             _back(root, said, reset)  # the trial's end: its old files deleted, or put back
             if said:  # rolled back (and reset): the change of this call; the next one asks the server
                 return None, changes + 1
@@ -208,7 +210,7 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
             ota._named = named  # live mode: what this boot tried
             if named == refused:
                 if named != old:
-                    print(waiting)
+                    print(waiting % named[:7])
             elif named != installed and named != old:
                 if _kind(trial):  # another version during a trial: first back to the known-good files,
                     # once its manifest is there and checks out against the version on trial (a
@@ -226,7 +228,7 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
                     _drop()
                     version = _call("ota_check", "manifest", server, named, root)
                     if refused and version == refused:  # listed by the fallback, manifest.txt, for another named
-                        raise OTAError(waiting[5:])
+                        raise OTAError((waiting % version[:7])[5:])
             _drop()
             if version:
                 changes += _call("ota_plan", "plan", root, installed, delete, buf)
@@ -267,7 +269,7 @@ def _update(url, root, token, reset, delete, timeout, ca, old=None, wait=0, guar
         # (its steps never run beside it: the 20 KB heap), whatever the update met (the
         # server down too); not if this call ended that trial (another version installed).
         if watch and _kind(trial) and _version(root) == trying:
-            __import__("ota_" + trial[-5:]).arm(root, watch, guard)  # ota_trial: "trial" is no new name
+            __import__("ota_" + trial[-5:]).arm(root, trying[:7] or "none", guard)  # ota_trial: "trial" is no new name
 
 
 def watch(url, root="/", token=None, reset=True, wait=30, timeout=10, ca=None, find=("255.255.255.255", 9090)):
