@@ -16,7 +16,7 @@ import pytest
 
 import ota
 from helpers import (KEY, MICROPYTHON, MICROPYTHON_BITS, ROOT, TIMEOUT, CPythonBoard, Flash, PowerCut, SimulatedBoard,
-                     files, give_key, heap_for, needs_micropython, publish, request, through, write)
+                     files, give_key, heap_for, needs_micropython, publish, request, slow_except, through, write)
 from ota_promoter import Promoter, export
 
 DEVICE = "a4cf12f3e9b1"  # the simulated board's machine.unique_id(), in hex
@@ -63,6 +63,7 @@ def on_trial(tree, promoter, tmp_path):
     return board, y, promoter.version, on_y
 
 
+@pytest.mark.slow
 def test_a_guarded_switch_keeps_the_old_files_aside_until_the_version_is_confirmed(on_trial, promoter, capsys):
     board, y, x, on_y = on_trial
     stage = sorted(os.listdir(os.path.join(str(board), ".ota-new")))
@@ -110,6 +111,7 @@ def test_main_py_ending_in_an_exception_rolls_back_at_the_next_start(on_trial, p
     assert own(board) == on_y
 
 
+@pytest.mark.slow
 def test_a_stopped_app_leaves_the_trial_pending_and_a_returned_one_confirms_it(on_trial, promoter, capsys):
     board, y, x, on_y = on_trial
     start(board, promoter.url)
@@ -123,6 +125,7 @@ def test_a_stopped_app_leaves_the_trial_pending_and_a_returned_one_confirms_it(o
     assert "ota: version %s confirmed" % x[:7] in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_version_reset_before_it_is_confirmed_is_rolled_back_at_the_start_after_the_last_reset(
         on_trial, promoter, capsys):
     board, y, x, on_y = on_trial
@@ -138,6 +141,7 @@ def test_a_version_reset_before_it_is_confirmed_is_rolled_back_at_the_start_afte
     assert "ota: " + report in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.slow
 def test_a_version_running_guard_seconds_is_confirmed(on_trial, promoter, monkeypatch, capsys):
     board, y, x, on_y = on_trial
     start(board, promoter.url, guard=30)
@@ -152,6 +156,7 @@ def test_a_version_running_guard_seconds_is_confirmed(on_trial, promoter, monkey
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
 
 
+@pytest.mark.slow
 def test_update_without_a_guard_confirms_a_pending_trial(on_trial, promoter, capsys):
     board, y, x, on_y = on_trial
     assert ota.update(promoter.url, root=str(board), reset=False) is False
@@ -160,6 +165,7 @@ def test_update_without_a_guard_confirms_a_pending_trial(on_trial, promoter, cap
     assert files(board)[".ota"].decode().startswith(x)
 
 
+@pytest.mark.slow
 def test_another_version_during_a_trial_is_installed_on_the_known_good_files(on_trial, tree, promoter, capsys):
     board, y, x, on_y = on_trial
     publish(promoter, tree, {"main.py": "print('Z runs')\n"})
@@ -175,6 +181,7 @@ def test_another_version_during_a_trial_is_installed_on_the_known_good_files(on_
     assert sorted(os.listdir(os.path.join(str(board), ".ota-new"))) == ["d0", "g0", "g2", "old", "trial"]  # Z on trial
 
 
+@pytest.mark.slow
 def test_a_newer_version_is_installed_after_a_refusal_and_the_refusal_goes(on_trial, tree, promoter):
     board, y, x, on_y = on_trial
     with open(os.path.join(str(board), ".ota-new", "crash"), "w") as f:
@@ -187,6 +194,7 @@ def test_a_newer_version_is_installed_after_a_refusal_and_the_refusal_goes(on_tr
     assert files(board)[".ota"].decode().startswith(promoter.version)
 
 
+@pytest.mark.slow
 def test_every_request_carries_the_report_while_the_refusal_stands(on_trial, promoter, caplog):
     caplog.set_level(logging.INFO, logger="ota_promoter")
     board, y, x, on_y = on_trial
@@ -202,6 +210,7 @@ def test_every_request_carries_the_report_while_the_refusal_stands(on_trial, pro
     assert logged == ["[unknown] " + report]  # once, though every request said it
 
 
+@pytest.mark.slow
 def test_a_rollback_restores_the_old_files_though_the_app_deleted_some_of_the_new_ones(on_trial, promoter, capsys):
     # The app runs between the switch and the restore: it may delete a file the version
     # on trial installed (a one-time script, a cache it shipped). The restore still
@@ -217,6 +226,7 @@ def test_a_rollback_restores_the_old_files_though_the_app_deleted_some_of_the_ne
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
 
 
+@pytest.mark.slow
 def test_a_site_that_names_another_version_cannot_bring_back_the_refused_one_through_manifest_txt(
         on_trial, promoter, tmp_path, static_host, capsys):
     # A site without /files/<version> gets the fallback, /files/manifest.txt, whatever
@@ -238,6 +248,7 @@ def test_a_site_that_names_another_version_cannot_bring_back_the_refused_one_thr
     assert not os.path.exists(os.path.join(str(board), ".ota-new"))
 
 
+@pytest.mark.slow
 def test_a_trial_is_rolled_back_for_another_version_only_once_its_manifest_checks_out(tree, serve, tmp_path,
                                                                                      static_host):
     # A board with the key runs X on trial. Anyone on the path can name another
@@ -272,7 +283,7 @@ def test_a_trial_is_rolled_back_for_another_version_only_once_its_manifest_check
 # -- A power cut at every file-system operation of the restore -------------------------
 
 
-@pytest.mark.parametrize("why", ["crash", "resets"])
+@pytest.mark.parametrize("why", slow_except(["crash", "resets"], "crash"))
 def test_a_power_cut_at_every_step_of_the_restore_ends_on_the_old_files_with_the_refusal(
         on_trial, promoter, tmp_path, monkeypatch, why, capsys):
     board, y, x, on_y = on_trial

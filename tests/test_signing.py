@@ -48,6 +48,7 @@ def test_the_signature_is_the_hmac_of_the_header_and_every_line_and_the_board_co
     assert signed_fields(b"a" * 40) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", [KEY, b"k" * 16, b"long-key-" * 20], ids=["64 bytes", "16 bytes", "180 bytes"])
 def test_the_board_computes_the_same_hmac_through_its_small_buffer(key, tmp_path):
     lines = b"".join(b"%s %d lib/module_%03d.py\n" % (b"b" * 40, i, i) for i in range(30))  # 2 KB: 4 reads
@@ -138,6 +139,7 @@ def test_a_board_with_the_key_installs_what_the_server_signs_and_the_key_never_t
     assert signed_fields(head(exported))[1] == 100
 
 
+@pytest.mark.slow
 def test_a_board_with_a_key_refuses_an_unsigned_server_and_an_empty_key(tree, serve, tmp_path):
     write(tree, "main.py", "print(1)\n")
     promoter = Promoter(str(tree), interval=3600)
@@ -304,6 +306,7 @@ def test_a_replayed_older_release_is_a_downgrade_and_refused(signed_site):
     assert keyless.update(s.url) is True and head(files(keyless.root)[".ota"])[:40] == s.v1.encode()
 
 
+@pytest.mark.slow
 def test_the_same_release_number_on_another_version_is_refused(signed_site, tree):
     s = signed_site
     assert s.board.update(s.url) is True
@@ -324,6 +327,7 @@ def test_the_same_release_number_on_another_version_is_refused(signed_site, tree
     assert s.board.update(s.url) is True
 
 
+@pytest.mark.slow
 def test_an_older_version_exported_again_is_a_new_release_and_boards_that_moved_on_take_it(signed_site, tree):
     # Going back: the tree as it was at V1 (a bad V2 reverted, a staged V2 called off),
     # exported again. The boards on V2 must take it: a new release, above V2's.
@@ -338,6 +342,7 @@ def test_an_older_version_exported_again_is_a_new_release_and_boards_that_moved_
     assert files(s.board.root)["main.py"] == V1["main.py"].encode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", [None, KEY], ids=["unsigned", "signed"])
 def test_the_files_of_a_signed_manifest_txt_an_export_was_killed_after_are_kept(tree, tmp_path, key):
     # An export killed before its last rename (files/version) has published through
@@ -359,6 +364,7 @@ def test_the_files_of_a_signed_manifest_txt_an_export_was_killed_after_are_kept(
     assert [line[:40] for line in listed[1:] if not (site / "files" / line[:40].decode()).exists()] == []
 
 
+@pytest.mark.slow
 def test_an_export_takes_no_release_number_from_a_manifest_the_key_did_not_sign(signed_site, tree):
     # Whoever can write to the site can plant a manifest with a huge release number:
     # unchecked, the next export would sign a release above it (16 digits at the
@@ -373,6 +379,7 @@ def test_an_export_takes_no_release_number_from_a_manifest_the_key_did_not_sign(
     assert s.board.update(s.url) is True
 
 
+@pytest.mark.slow
 def test_an_unsigned_export_is_as_it_was_and_installs_on_a_board_without_a_key(tree, tmp_path, static_host):
     publish_to = Promoter(str(tree), interval=3600)
     publish(publish_to, tree, V1)
@@ -387,6 +394,7 @@ def test_an_unsigned_export_is_as_it_was_and_installs_on_a_board_without_a_key(t
 # -- --key: its mistakes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["missing", "short", "folder"])
 def test_a_bad_key_file_is_one_line_and_status_2(tree, tmp_path, what):
     path = str(tmp_path / "ota.key")
@@ -404,6 +412,7 @@ def test_a_bad_key_file_is_one_line_and_status_2(tree, tmp_path, what):
     assert not os.path.exists(str(tmp_path / "site"))
 
 
+@pytest.mark.slow
 def test_rollout_needs_export_and_a_percent(tree):
     assert_user_error(run(str(tree), "--rollout", "10"), "--rollout goes with --export (see --help)")
     result = run(str(tree), "--export", "site", "--rollout", "0")
