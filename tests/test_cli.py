@@ -14,11 +14,12 @@ import pytest
 
 import ota
 import ota_promoter
-from helpers import ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, wait_for_server, write
+from helpers import (ROOT, SCRIPT, TIMEOUT, assert_user_error, files, free_port, request, run, slow_except,
+                     wait_for_server, write)
 
 
-@pytest.mark.parametrize("args", [[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
-                                  ["--export", "site"]])
+@pytest.mark.parametrize("args", slow_except([[], ["--port", "0"], ["--host", "127.0.0.1", "--token", "abc"],
+                                              ["--export", "site"]], []))
 def test_without_a_folder_it_names_the_usage_and_publishes_nothing(tmp_path, args):
     """No default folder: "." would be whatever folder the terminal is in; in a
     clone, the server itself, its tests and the README."""
@@ -169,6 +170,7 @@ def test_the_script_runs_on_as_a_module_in_the_same_process(tree, tmp_path):
         process.stderr.close()
 
 
+@pytest.mark.slow
 def test_modules_in_the_working_folder_do_not_shadow_the_standard_library(tmp_path):
     """As for a script, the script's folder comes first on sys.path, not the
     working folder: a json.py there is not imported, nor one that the script
